@@ -1,0 +1,124 @@
+import importlib.util
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from data.tokenizer import SPECIAL_TOKENS, KoTokenizer, check_vocab_size, main, train_tokenizer
+
+TEXT = "태어나 처음으로 가슴아리는 영화였다. 20년이상 지났지만.."
+
+
+@pytest.fixture(scope="module")
+def mecab_tokenizer(tiny_corpus, tmp_path_factory):
+    pytest.importorskip("mecab")
+    out = tmp_path_factory.mktemp("tok_mecab")
+    main(["train", "--input", str(tiny_corpus), "--vocab_size", "2000", "--out", str(out), "--morpheme", "mecab"])
+    return out
+
+
+def test_special_tokens_and_exact_vocab(tiny_tokenizer, tiny_tokenizer_dir):
+    tok = tiny_tokenizer
+    assert tok.vocab_size == 2000
+    assert tok.convert_ids_to_tokens(range(6)) == SPECIAL_TOKENS
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.eod_id) == (0, 1, 2, 3, 4, 5)
+    vocab = (tiny_tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 2000 and vocab == tok.convert_ids_to_tokens(range(2000))
+    assert json.loads((tiny_tokenizer_dir / "pretokenizer.json").read_text())["morpheme"] is None
+
+
+def test_vocab_txt_is_bert_compatible(tiny_tokenizer, tiny_tokenizer_dir):
+    from transformers import BertTokenizer
+
+    bert = BertTokenizer(str(tiny_tokenizer_dir / "vocab.txt"), do_lower_case=False, strip_accents=False,
+                         tokenize_chinese_chars=False)
+    assert bert.encode(TEXT, add_special_tokens=False) == tiny_tokenizer.encode(TEXT)
+
+
+def test_never_lowercases_and_offsets(tiny_tokenizer):
+    ids, offsets = tiny_tokenizer.encode_with_offsets(TEXT)
+    assert ids == tiny_tokenizer.encode(TEXT) == tiny_tokenizer.encode_batch([TEXT])[0]
+    toks = tiny_tokenizer.convert_ids_to_tokens(ids)
+    for t, (a, b) in zip(toks, offsets):
+        if t != "[UNK]":
+            assert TEXT[a:b] == t.removeprefix("##")
+    assert tiny_tokenizer.decode(ids).replace(" ", "") == TEXT.replace(" ", "")
+
+
+def test_special_strings_in_text_are_not_special_ids(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("좋아요 [MASK] [SEP] [EOD]")
+    assert not set(ids) & {2, 3, 4, 5}
+
+
+def test_is_word_start_and_special_masks(tiny_tokenizer):
+    toks = tiny_tokenizer.convert_ids_to_tokens(range(tiny_tokenizer.vocab_size))
+    ws = tiny_tokenizer.is_word_start()
+    assert ws.shape == (2000,) and ws.dtype == bool
+    assert all(ws[i] == (not t.startswith("##")) for i, t in enumerate(toks))
+    assert tiny_tokenizer.is_special()[:6].all() and not tiny_tokenizer.is_special()[6:].all()
+
+
+def test_pads_with_unused_when_trainer_stops_short(tmp_path):
+    src = tmp_path / "small.dat"
+    src.write_text("가나 다라\n마바 사아\n\n가나 마바\n", encoding="utf-8")
+    tok = train_tokenizer([src], vocab_size=300, out_dir=tmp_path / "tok")
+    assert tok.vocab_size == 300
+    first_unused = int(np.argmax(tok.is_special()[6:])) + 6
+    assert tok.convert_ids_to_tokens([first_unused, 299]) == ["[unused0]", f"[unused{299 - first_unused}]"]
+    assert KoTokenizer.load(tmp_path / "tok").vocab_size == 300
+    assert tok.is_special().sum() > 6
+    assert tok.encode("가나 마바") and tok.unk_id not in tok.encode("가나 마바")
+
+
+def test_check_vocab_size_message(tiny_tokenizer):
+    check_vocab_size(tiny_tokenizer, 2000)
+    with pytest.raises(ValueError, match=r"2000.*vocab_size=32000.*--vocab_size 32000"):
+        check_vocab_size(tiny_tokenizer, 32000)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.dat"):
+        train_tokenizer([tmp_path / "missing.dat"], 100, tmp_path / "t")
+    empty = tmp_path / "empty.dat"
+    empty.write_bytes(b"\n\n  \n")
+    with pytest.raises(ValueError, match="no text"):
+        train_tokenizer([empty], 100, tmp_path / "t")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        KoTokenizer.load(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kiwipiepy") is not None, reason="kiwipiepy installed")
+def test_kiwi_missing_says_how_to_install(tmp_path):
+    src = tmp_path / "a.dat"
+    src.write_text("가나\n", encoding="utf-8")
+    with pytest.raises(ImportError, match="pip install kiwipiepy"):
+        train_tokenizer([src], 100, tmp_path / "t", morpheme="kiwi")
+
+
+def test_mecab_morpheme_mode(mecab_tokenizer):
+    tok = KoTokenizer.load(mecab_tokenizer)  # the pre-tokenizer comes back from pretokenizer.json
+    assert tok.morpheme == "mecab" and tok.vocab_size == 2000
+    plain_same_vocab = KoTokenizer(tok.tokenizer, None)
+    assert tok.fingerprint != plain_same_vocab.fingerprint  # the pre-tokenizer is part of the cache key
+    ids, offsets = tok.encode_with_offsets(TEXT)
+    toks = tok.convert_ids_to_tokens(ids)
+    # particles and endings are cut off their stems: 처음|##으로, 영화|##였|##다
+    assert toks[toks.index("처음") + 1] == "##으로"
+    assert toks[toks.index("영화") + 1] == "##였"
+    for t, (a, b) in zip(toks, offsets):  # offsets index the original text
+        if t != "[UNK]":
+            assert TEXT[a:b] == t.removeprefix("##")
+    assert tok.decode(ids) == TEXT
+    assert tok.encode_batch([TEXT, "좋아요"]) == [ids, tok.encode("좋아요")]
+    clone = pickle.loads(pickle.dumps(tok))  # DataLoader workers / process pools
+    assert clone.encode(TEXT) == ids
+
+
+def test_morpheme_offsets_with_odd_spacing(mecab_tokenizer):
+    tok = KoTokenizer.load(mecab_tokenizer)
+    text = "  영화가\t정말   좋았어요!!  "
+    ids, offsets = tok.encode_with_offsets(text)
+    pieces = [text[a:b] for a, b in offsets]
+    assert "".join(pieces) == "".join(text.split())
+    assert np.all(np.diff([a for a, _ in offsets]) > 0)
