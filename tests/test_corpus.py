@@ -1,0 +1,180 @@
+import json
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import data.corpus as corpus_mod
+from data.corpus import CorpusCache, build_cache, cache_dir_for, load_or_build
+from data.tokenizer import KoTokenizer
+
+
+def reference(path, tok):
+    """Documents as lists of token-id lists, parsed the obvious way."""
+    docs, cur = [], []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            ids = tok.encode(text)
+            if ids:
+                cur.append(ids)
+        elif cur:
+            docs.append(cur)
+            cur = []
+    if cur:
+        docs.append(cur)
+    return docs
+
+
+def as_docs(cache):
+    t, so, do = np.asarray(cache.tokens), cache.sent_offsets, cache.doc_offsets
+    return [[t[so[s]:so[s + 1]].tolist() for s in range(do[d], do[d + 1])] for d in range(len(do) - 1)]
+
+
+@pytest.fixture
+def corpus_copy(tiny_corpus, tmp_path):
+    p = tmp_path / "c.dat"
+    shutil.copy(tiny_corpus, p)
+    return p
+
+
+@pytest.fixture
+def count_builds(monkeypatch):
+    calls = []
+    real = corpus_mod._write_cache
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(corpus_mod, "_write_cache", counting)
+    return calls
+
+
+def test_cache_matches_reference_and_documents(corpus_copy, tiny_tokenizer):
+    cache = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    ref = reference(corpus_copy, tiny_tokenizer)
+    assert as_docs(cache) == ref
+    assert cache.path.parent == corpus_copy.parent and cache.path.name.startswith("c.dat.")
+    assert cache.path.name.endswith(".cache") and len(cache.path.name.split(".")[2]) == 12
+    assert isinstance(cache.tokens, np.memmap) and cache.tokens.dtype == np.uint16
+    c = cache.manifest["counts"]
+    assert (c["documents"], c["sentences"], c["tokens"]) == (len(ref), sum(map(len, ref)),
+                                                            sum(len(s) for d in ref for s in d))
+    assert cache.manifest["tokenizer"]["fingerprint"] == tiny_tokenizer.fingerprint
+    assert cache.manifest["skipped"] == {}
+    assert cache.tokens.max() < tiny_tokenizer.vocab_size and not set(np.unique(cache.tokens)) & {0, 2, 3, 4, 5}
+
+
+def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 8192)  # many chunks, documents cut across chunks
+    arrays = []
+    for workers in (1, 2):
+        monkeypatch.setenv(corpus_mod.CACHE_ENV, str(tmp_path / f"w{workers}"))
+        c = CorpusCache.open(build_cache(corpus_copy, tiny_tokenizer, num_workers=workers, progress=False))
+        assert c.manifest["build"]["num_workers"] == workers
+        arrays.append((np.array(c.tokens), np.array(c.sent_offsets), np.array(c.doc_offsets)))
+    for a, b in zip(*arrays):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reuse_and_invalidation(corpus_copy, tiny_tokenizer, tmp_path, count_builds):
+    first = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    again = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    assert again.path == first.path and len(count_builds) == 1
+    assert (first.path / "manifest.json").stat().st_mtime_ns == (again.path / "manifest.json").stat().st_mtime_ns
+
+    st = corpus_copy.stat()  # touch: same content, new mtime -> new cache
+    os.utime(corpus_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    assert touched.path != first.path and len(count_builds) == 2
+    with open(corpus_copy, "a", encoding="utf-8") as f:  # modified content
+        f.write("\n새로운 문서의 문장입니다\n")
+    modified = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    assert modified.path not in (first.path, touched.path)
+    assert modified.num_documents == first.num_documents + 1 and len(count_builds) == 3
+
+    from data.tokenizer import train_tokenizer
+    other_tok = train_tokenizer([corpus_copy], 1500, tmp_path / "tok1500")
+    other = load_or_build(corpus_copy, other_tok, progress=False)
+    assert other.path != modified.path and len(count_builds) == 4
+    assert first.path.exists()  # stale caches are left in place
+
+
+def test_concurrent_builders_build_once(corpus_copy, tiny_tokenizer, count_builds):
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(build_cache(corpus_copy, tiny_tokenizer, num_workers=1, progress=False))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1 and len(count_builds) == 1
+    leftovers = [p.name for p in corpus_copy.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_rank0_builds_others_wait(corpus_copy, tiny_tokenizer, count_builds):
+    barrier = threading.Barrier(2)
+    out = {}
+
+    def rank(r):
+        out[r] = load_or_build(corpus_copy, tiny_tokenizer, is_main=r == 0, barrier=barrier.wait, progress=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out[0].path == out[1].path and len(count_builds) == 1
+    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
+
+
+def test_missing_and_empty_corpus(tmp_path, tiny_tokenizer):
+    with pytest.raises(FileNotFoundError, match="nope.dat"):
+        load_or_build(tmp_path / "nope.dat", tiny_tokenizer)
+    empty = tmp_path / "empty.dat"
+    empty.write_bytes(b"\n  \n\n")
+    with pytest.raises(ValueError, match="has no tokens"):
+        load_or_build(empty, tiny_tokenizer, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no half-built cache left
+
+
+def test_non_utf8_and_overlong_lines_are_counted(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "MAX_LINE_BYTES", 200)
+    p = tmp_path / "bad.dat"
+    p.write_bytes("첫 문서 첫 문장\n".encode() + b"\xff\xfe broken \xc3\n" + "첫 문서 둘째 문장\n\n".encode()
+                  + b"\x80\n\n" + "둘째 문서\n".encode() + ("아주 긴 줄 " * 50 + "\n").encode()
+                  + "\x00\x01\n\n셋째 문서\r\n".encode())
+    cache = load_or_build(p, tiny_tokenizer, progress=False)
+    assert cache.manifest["skipped"] == {"non_utf8": 2, "too_long_line": 1, "no_tokens": 1}
+    docs = as_docs(cache)
+    assert len(docs) == 3 and [len(d) for d in docs] == [2, 1, 1]
+    assert docs[2][0] == tiny_tokenizer.encode("셋째 문서")  # \r\n handled
+
+
+def test_corrupt_cache_has_clear_error(corpus_copy, tiny_tokenizer):
+    path = build_cache(corpus_copy, tiny_tokenizer, progress=False)
+    with open(path / "tokens.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="truncated"):
+        CorpusCache.open(path)
+    mf = json.loads((path / "manifest.json").read_text())
+    assert mf["format_version"] == corpus_mod.FORMAT_VERSION
+
+
+def test_read_only_corpus_dir_falls_back(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(corpus_mod, "_writable", lambda d: False)
+    assert cache_dir_for(corpus_copy, tiny_tokenizer).is_relative_to(tmp_path / "xdg")
