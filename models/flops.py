@@ -1,0 +1,29 @@
+"""FLOP accounting for MFU: matmul/conv multiply-adds count 2 FLOPs; training = 3x forward."""
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def estimate_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float = 0.15,
+                             training: bool = True) -> float:
+    """FLOPs per input token of the encoder plus an MLM head run on `masked_fraction` of the
+    tokens (1.0 for a head over all tokens, as HF's BertForMaskedLM). Attention counts QK^T
+    and AV (4 * L * H per token per layer); a Switch layer counts one expert plus the router;
+    shared layers count once per use. Embedding lookups, norms and softmax are left out."""
+    H, Fd, D, V, L = (config.hidden_size, config.ff_dim, config.embedding_dim, config.vocab_size,
+                      seq_len)
+    flops = 2 * D * H if D != H else 0
+    for i in range(config.num_hidden_layers):
+        j = i // config.layer_group
+        if config.model_type == "mix_lm":
+            H_, n = H, config.n_experts
+            channels = [H_ // n + (1 if g < H_ % n else 0) for g in range(n)]
+            mix = sum(2 * c * k for c, k in zip(channels, config.mix_kernel_sizes()))
+            flops += mix + 2 * H * H
+        else:
+            flops += 2 * H * 3 * H + 2 * H * H + 4 * L * H
+        flops += 4 * H * Fd
+        if config.is_moe_layer(j):
+            flops += 2 * H * config.n_experts
+    flops += masked_fraction * (2 * H * D + 2 * D * V)
+    return float(3 * flops if training else flops)

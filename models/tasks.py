@@ -1,0 +1,248 @@
+"""Task models: a backbone (`.encoder`) plus task heads; forward takes the batch dict of
+docs/interfaces.md as keyword arguments and returns a dict of `loss`, scalar metrics and outputs.
+
+Shapes: B batch, L sequence length, H hidden size, V vocabulary size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .encoder import Encoder, EncoderOutput, TransformerEncoder, init_weights
+from .heads import (MLMHead, SequenceClassifierHead, SpanHead, contrastive_loss, pool)
+from .mix_lm import MixLMEncoder
+
+REGISTRY: dict[str, type[Encoder]] = {"transformer": TransformerEncoder, "mix_lm": MixLMEncoder}
+
+GatherFn = Callable[[Tensor], tuple[Tensor, int]]
+
+
+def local_only(t: Tensor) -> tuple[Tensor, int]:
+    """Default gather_fn: no other processes, the local rows start at 0."""
+    return t, 0
+
+
+class TaskModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = REGISTRY[config.model_type](config)
+
+    def init_heads(self) -> None:
+        for name, module in self.named_children():
+            if name != "encoder":
+                module.apply(lambda m: init_weights(m, self.config.initializer_range))
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               token_type_ids: Tensor | None = None) -> EncoderOutput:
+        return self.encoder(input_ids, attention_mask, token_type_ids)
+
+    @property
+    def word_embeddings(self) -> Tensor:
+        return self.encoder.embeddings.word_embeddings.weight
+
+
+class PretrainModel(TaskModel):
+    """MLM plus SOP (objective "sop"), plus ICT (objective "ict", MLM on queries and passages),
+    or MLM alone ("mlm")."""
+
+    def __init__(self, config: ModelConfig, objective: str = "sop", temperature: float = 0.05,
+                 pooling: str = "cls"):
+        super().__init__(config)
+        if objective not in ("sop", "ict", "mlm"):
+            raise ValueError(f"objective must be 'sop', 'ict' or 'mlm', got {objective!r}")
+        self.objective = objective
+        self.temperature = temperature
+        self.pooling = pooling
+        self.mlm_head = MLMHead(config)
+        self.sop_head = SequenceClassifierHead(config, 2) if objective == "sop" else None
+        self.gather_fn: GatherFn = local_only
+        self.init_heads()
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, mlm_labels: Tensor | None = None,
+                sop_labels: Tensor | None = None,
+                query_input_ids: Tensor | None = None, query_attention_mask: Tensor | None = None,
+                query_token_type_ids: Tensor | None = None, query_mlm_labels: Tensor | None = None,
+                passage_input_ids: Tensor | None = None,
+                passage_attention_mask: Tensor | None = None,
+                passage_token_type_ids: Tensor | None = None,
+                passage_mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
+        if self.objective == "ict":
+            return self._forward_ict(query_input_ids, query_attention_mask, query_token_type_ids,
+                                     query_mlm_labels, passage_input_ids, passage_attention_mask,
+                                     passage_token_type_ids, passage_mlm_labels)
+        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        out: dict[str, Tensor] = {"aux_loss": aux}
+        losses = [aux]
+        if mlm_labels is not None:
+            out.update(self.mlm_head.loss(hidden, mlm_labels, self.word_embeddings))
+            losses.append(out["mlm_loss"])
+        if self.sop_head is not None:
+            logits = self.sop_head(hidden).float()
+            out["sop_logits"] = logits
+            if sop_labels is not None:
+                out["sop_loss"] = F.cross_entropy(logits, sop_labels)
+                out["sop_acc"] = (logits.detach().argmax(-1) == sop_labels).float().mean()
+                losses.append(out["sop_loss"])
+        if len(losses) > 1:
+            out["loss"] = sum(losses)
+        return out
+
+    def _forward_ict(self, q_ids, q_mask, q_types, q_labels, p_ids, p_mask, p_types,
+                     p_labels) -> dict[str, Tensor]:
+        q_hidden, p_hidden, aux = encode_pair(self, q_ids, q_mask, q_types, p_ids, p_mask, p_types)
+        out: dict[str, Tensor] = {"aux_loss": aux}
+        q_vec, p_vec = pool(q_hidden, q_mask, self.pooling), pool(p_hidden, p_mask, self.pooling)
+        out["query_vectors"], out["passage_vectors"] = q_vec, p_vec
+        all_p, offset = self.gather_fn(p_vec)
+        out.update(contrastive_loss(q_vec, all_p, offset, self.temperature))
+        losses = [aux, out["ict_loss"]]
+        if q_labels is not None and p_labels is not None:
+            # One MLM head call over the masked rows of both sides.
+            H = q_hidden.shape[-1]
+            hidden = torch.cat([q_hidden.reshape(-1, H), p_hidden.reshape(-1, H)])
+            labels = torch.cat([q_labels.reshape(-1), p_labels.reshape(-1)])
+            out.update(self.mlm_head.loss(hidden, labels, self.word_embeddings))
+            losses.append(out["mlm_loss"])
+        out["loss"] = sum(losses)
+        return out
+
+
+def encode_pair(model: TaskModel, q_ids, q_mask, q_types, p_ids, p_mask, p_types):
+    """Queries and passages through the encoder: one call when their shapes allow."""
+    if q_ids.shape[1] == p_ids.shape[1] and (q_mask is None) == (p_mask is None) \
+            and (q_types is None) == (p_types is None):
+        B = q_ids.shape[0]
+        cat = lambda a, b: None if a is None else torch.cat([a, b])
+        hidden, aux = model.encode(cat(q_ids, p_ids), cat(q_mask, p_mask), cat(q_types, p_types))
+        return hidden[:B], hidden[B:], aux
+    q_hidden, q_aux = model.encode(q_ids, q_mask, q_types)
+    p_hidden, p_aux = model.encode(p_ids, p_mask, p_types)
+    return q_hidden, p_hidden, q_aux + p_aux
+
+
+class MRCModel(TaskModel):
+    """Extractive QA: start/end logits over the tokens of "[CLS] question [SEP] passage [SEP]"."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.span_head = SpanHead(config)
+        self.init_heads()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None) -> dict[str, Tensor]:
+        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        start, end = self.span_head(hidden, attention_mask)
+        out = {"start_logits": start, "end_logits": end, "aux_loss": aux}
+        if start_positions is not None and end_positions is not None:
+            # Positions outside the window (>= L) are ignored, as in HF.
+            L = start.shape[1]
+            sp, ep = start_positions.clamp(0, L), end_positions.clamp(0, L)
+            start_loss = F.cross_entropy(start, sp, ignore_index=L)
+            end_loss = F.cross_entropy(end, ep, ignore_index=L)
+            out["start_loss"], out["end_loss"] = start_loss, end_loss
+            s_ok, e_ok = start.detach().argmax(-1) == sp, end.detach().argmax(-1) == ep
+            out["start_acc"], out["end_acc"] = s_ok.float().mean(), e_ok.float().mean()
+            out["span_acc"] = (s_ok & e_ok).float().mean()
+            out["loss"] = (start_loss + end_loss) / 2 + aux
+        return out
+
+
+class ICTModel(TaskModel):
+    """Retrieval fine-tuning: query/passage vectors, in-batch (and gathered) negatives."""
+
+    def __init__(self, config: ModelConfig, temperature: float = 0.05, pooling: str = "cls"):
+        super().__init__(config)
+        pool(torch.zeros(1, 1, 1), None, pooling)                   # validates pooling
+        self.temperature = temperature
+        self.pooling = pooling
+        self.gather_fn: GatherFn = local_only
+
+    def forward(self, query_input_ids: Tensor, passage_input_ids: Tensor,
+                query_attention_mask: Tensor | None = None,
+                passage_attention_mask: Tensor | None = None,
+                query_token_type_ids: Tensor | None = None,
+                passage_token_type_ids: Tensor | None = None,
+                query_mlm_labels: Tensor | None = None,
+                passage_mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
+        # *_mlm_labels are accepted so that pretraining ICT batches can be reused; not used.
+        q_hidden, p_hidden, aux = encode_pair(
+            self, query_input_ids, query_attention_mask, query_token_type_ids,
+            passage_input_ids, passage_attention_mask, passage_token_type_ids)
+        q_vec = pool(q_hidden, query_attention_mask, self.pooling)
+        p_vec = pool(p_hidden, passage_attention_mask, self.pooling)
+        all_p, offset = self.gather_fn(p_vec)
+        out = {"query_vectors": q_vec, "passage_vectors": p_vec, "aux_loss": aux}
+        out.update(contrastive_loss(q_vec, all_p, offset, self.temperature))
+        out["loss"] = out["ict_loss"] + aux
+        return out
+
+
+class EncoderModel(TaskModel):
+    """One (B, H) vector per input, e.g. to precompute passage vectors for open-domain QA."""
+
+    def __init__(self, config: ModelConfig, pooling: str = "cls", normalize: bool = False):
+        super().__init__(config)
+        pool(torch.zeros(1, 1, 1), None, pooling)
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> dict[str, Tensor]:
+        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        vectors = pool(hidden, attention_mask, self.pooling)
+        if self.normalize:
+            vectors = F.normalize(vectors, dim=-1)
+        return {"vectors": vectors, "aux_loss": aux}
+
+
+class ClassifyModel(TaskModel):
+    """Sentence (pair) classification, e.g. NSMC sentiment; num_labels 1 = regression (MSE)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int = 2):
+        super().__init__(config)
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.num_labels = num_labels
+        self.classifier_head = SequenceClassifierHead(config, num_labels)
+        self.init_heads()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> dict[str, Tensor]:
+        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier_head(hidden).float()
+        out = {"logits": logits, "aux_loss": aux}
+        if labels is not None:
+            out["labels"] = labels
+            if self.num_labels == 1:
+                out["cls_loss"] = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                out["cls_loss"] = F.cross_entropy(logits, labels)
+                out["acc"] = (logits.detach().argmax(-1) == labels).float().mean()
+            out["loss"] = out["cls_loss"] + aux
+        return out
+
+
+TASKS: dict[str, type[TaskModel]] = {
+    "pretrain": PretrainModel, "mrc": MRCModel, "ict": ICTModel, "encoder": EncoderModel,
+    "classify": ClassifyModel,
+}
+
+
+def build_model(config: ModelConfig | str, task: str, **kwargs) -> TaskModel:
+    """config: a ModelConfig, a config name ("bert-base") or a JSON path. kwargs go to the task
+    model: pretrain(objective="sop"|"ict"|"mlm", temperature, pooling), ict(temperature, pooling),
+    encoder(pooling="cls"|"mean", normalize), classify(num_labels)."""
+    if not isinstance(config, ModelConfig):
+        from .config import load_config
+        config = load_config(config)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task](config, **kwargs)
