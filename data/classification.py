@@ -9,6 +9,7 @@ TSV layout (NSMC): a header line naming the columns, tab-separated, no quoting:
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 PAD_MULTIPLE = 8
+logger = logging.getLogger(__name__)
 
 
 def padded_length(longest: int, max_seq_length: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -68,7 +70,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                             limit: int | None = None) -> list[ClassificationExample]:
     """Read a TSV with a header (NSMC layout) into examples; ``limit`` reads the first N rows.
 
-    Rows with an empty text are skipped (NSMC has a few); a missing column or a non-integer
+    Rows with an empty text are skipped with a logged count (NSMC has a few); a missing column or a non-integer
     label raises ``ValueError`` naming the file and line.
     """
     path = Path(path)
@@ -77,6 +79,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                                 f"tab-separated file with a header ({id_column}, {text_column}, "
                                 f"{label_column}), e.g. ../shared/data/nsmc/sentiment_train.tsv")
     examples: list[ClassificationExample] = []
+    num_empty = 0
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
@@ -102,6 +105,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                                  f"{len(header)} ({header}); fix the row or remove it")
             text = row[col[text_column]].strip()
             if not text:
+                num_empty += 1
                 continue
             raw = row[col[label_column]].strip()
             try:
@@ -114,6 +118,8 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                                  f"class indices 0..C-1")
             ex_id = row[col[id_column]].strip() if id_column is not None else str(line_no)
             examples.append(ClassificationExample(ex_id, text, label))
+    if num_empty:
+        logger.warning("%s: skipped %d row(s) with an empty %r", path, num_empty, text_column)
     if not examples:
         raise ValueError(f"{path} holds no labelled rows after the header")
     return examples

@@ -1,0 +1,89 @@
+"""Sentiment TSV parsing (real NSMC slice), dataset/collate, padding rule, bad-input errors."""
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.classification import (ClassificationDataset, ClassificationExample, load_classification_tsv,
+                                 pad_batch, padded_length)
+
+NSMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "nsmc"
+needs_nsmc = pytest.mark.skipif(not (NSMC / "sentiment_train.tsv").exists(),
+                                reason="../shared/data/nsmc not available")
+
+
+@pytest.fixture(scope="module")
+def nsmc_slice(tmp_path_factory) -> Path:
+    """Header + first 300 rows of the real NSMC-style training file."""
+    if not (NSMC / "sentiment_train.tsv").exists():
+        pytest.skip("../shared/data/nsmc not available")
+    out = tmp_path_factory.mktemp("nsmc") / "slice.tsv"
+    with open(NSMC / "sentiment_train.tsv", "rb") as src, open(out, "wb") as dst:
+        dst.writelines(itertools.islice(src, 301))
+    return out
+
+
+def test_padded_length_rule():
+    assert padded_length(1, 128) == 8
+    assert padded_length(8, 128) == 8
+    assert padded_length(9, 128) == 16
+    assert padded_length(19, 20) == 20          # capped, not 24
+    ids, mask, cut = pad_batch([[2, 7, 3], [2, 7, 7, 7, 7, 7, 7, 7, 7, 3]], 0, 16)
+    assert ids.shape == (2, 16) and ids.dtype == torch.int64 and cut == 0
+    assert mask.sum(1).tolist() == [3, 10]
+    ids, mask, cut = pad_batch([[2, 5, 6, 7, 8, 9, 3]], 0, 4)
+    assert cut == 1 and ids.tolist() == [[2, 5, 6, 3]]   # the closing [SEP] survives the cut
+
+
+@needs_nsmc
+def test_real_nsmc_slice(nsmc_slice, tiny_tokenizer):
+    examples = load_classification_tsv(nsmc_slice)
+    assert len(examples) == 300
+    assert examples[0] == ClassificationExample("344843", "멜로의 대명사들이 모여 최악의 로멘스를 만들다", 0)
+    assert {e.label for e in examples} == {0, 1}
+    assert len(load_classification_tsv(NSMC / "sentiment_test.tsv", limit=50)) == 50
+    ds = ClassificationDataset(examples, tiny_tokenizer, max_seq_length=32)
+    assert ds.num_labels == 2 and len(ds) == 300
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=ds.collate)
+    total_truncated = 0
+    for batch in loader:
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        assert all(v.dtype == torch.int64 for v in batch.values())
+        b, length = batch["input_ids"].shape
+        assert length <= 32 and (length % 8 == 0)
+        assert batch["labels"].shape == (b,)
+        assert (batch["input_ids"][:, 0] == tiny_tokenizer.cls_id).all()
+        n = batch["attention_mask"].sum(1)
+        assert (batch["input_ids"][torch.arange(b), n - 1] == tiny_tokenizer.sep_id).all()
+        assert (batch["token_type_ids"] == 0).all()
+        total_truncated += int((n == 32).sum())
+    assert ds.num_truncated > 0                               # some reviews exceed 30 tokens
+    assert ds.num_truncated <= total_truncated
+
+
+def test_bad_input_errors(tmp_path, tiny_tokenizer):
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        load_classification_tsv(tmp_path / "missing.tsv")
+    no_label = tmp_path / "nolabel.tsv"
+    no_label.write_text("id\tdocument\n1\t좋아요\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nolabel.tsv.*lacks column\(s\) \['label'\]"):
+        load_classification_tsv(no_label)
+    bad_label = tmp_path / "badlabel.tsv"
+    bad_label.write_text("id\tdocument\tlabel\n1\t좋아요\t1\n2\t별로예요\t긍정\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"badlabel.tsv:3: label '긍정'.*not an integer"):
+        load_classification_tsv(bad_label)
+    short_row = tmp_path / "short.tsv"
+    short_row.write_text("id\tdocument\tlabel\n1\t좋아요\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"short.tsv:2: 2 tab-separated"):
+        load_classification_tsv(short_row)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.tsv is empty"):
+        load_classification_tsv(empty)
+    ok = tmp_path / "ok.tsv"
+    ok.write_text("id\tdocument\tlabel\n1\t좋아요\t2\n2\t\t0\n", encoding="utf-8")
+    exs = load_classification_tsv(ok)
+    assert [e.id for e in exs] == ["1"]                      # the empty document is skipped
+    with pytest.raises(ValueError, match="num_labels"):
+        ClassificationDataset(exs, tiny_tokenizer, num_labels=2)
