@@ -1,0 +1,278 @@
+"""Retrieval data: (query, passage) pairs for ICT / dense-retrieval fine-tuning, the KorQuAD
+retrieval evaluation set, and text reading/encoding for the ``encoder`` command.
+
+Shape letters: B batch, L padded sequence length (longest in the batch rounded up to a multiple
+of 8, never above the max length of that side), Q queries, P passages.
+
+Sequences are ``[CLS] text [SEP]`` (passages with a title: ``[CLS] title [SEP] text [SEP]``).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from data.classification import pad_batch
+from data.metrics import recall_at_k
+from data.mrc import Example, Paragraph, load_squad, load_squad_paragraphs
+
+__all__ = [
+    "Pair",
+    "RetrievalEvalSet",
+    "korquad_pairs",
+    "korquad_eval_set",
+    "split_sentences",
+    "ict_pairs_from_documents",
+    "read_dat_documents",
+    "PairDataset",
+    "read_text_file",
+    "EncodeDataset",
+]
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    passage: str
+    title: str | None = None
+
+
+@dataclass
+class RetrievalEvalSet:
+    """Deduplicated passages and the questions asking about them.
+
+    ``passage_ids[p]`` / ``passages[p]`` / ``titles[p]``: P passages; ``query_ids[q]`` /
+    ``queries[q]``: Q questions; ``gold[q]``: index into passages of the question's paragraph.
+    """
+    passage_ids: list[str]
+    passages: list[str]
+    titles: list[str]
+    query_ids: list[str]
+    queries: list[str]
+    gold: list[int]
+
+    def evaluate(self, scores, ks: Sequence[int] = (1, 5, 20, 100)) -> dict[str, float]:
+        """recall@k (and MRR) of a (Q, P) similarity matrix."""
+        return recall_at_k(scores, self.gold, ks)
+
+
+def korquad_pairs(examples: Sequence[Example] | str | Path, with_title: bool = False) -> list[Pair]:
+    """One (question, its paragraph) pair per question, for in-batch-negative fine-tuning."""
+    if isinstance(examples, (str, Path)):
+        examples = load_squad(examples)
+    return [Pair(e.question, e.context, e.title if with_title else None) for e in examples]
+
+
+def korquad_eval_set(path: str | Path, examples: Sequence[Example] | None = None) -> RetrievalEvalSet:
+    """All paragraphs of the file, deduplicated by text (ids: first occurrence, "<art>-<par>"),
+    and the questions (all of the file, or only ``examples``, e.g. an article split) with the
+    index of their gold paragraph."""
+    paragraphs: list[Paragraph] = load_squad_paragraphs(path)
+    if examples is None:
+        examples = load_squad(path)
+    index_of: dict[str, int] = {}
+    ids, texts, titles = [], [], []
+    for p in paragraphs:
+        if p.context not in index_of:
+            index_of[p.context] = len(texts)
+            ids.append(p.id)
+            texts.append(p.context)
+            titles.append(p.title)
+    gold = []
+    for e in examples:
+        if e.context not in index_of:
+            raise ValueError(f"question {e.id!r} is about a paragraph not in {path}; pass the "
+                             "examples loaded from the same file")
+        gold.append(index_of[e.context])
+    return RetrievalEvalSet(ids, texts, titles, [e.id for e in examples],
+                            [e.question for e in examples], gold)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after . ! ? followed by whitespace (good enough for Wikipedia/review prose)."""
+    return [s for s in (x.strip() for x in _SENTENCE_END.split(text)) if s]
+
+
+def ict_pairs_from_documents(documents: Iterable[Sequence[str]], sentences_per_passage: int = 6,
+                             keep_query_prob: float = 0.1, seed: int = 0,
+                             min_sentences: int = 2) -> list[Pair]:
+    """Inverse Cloze Task pairs: each document (a list of sentences) is cut into passages of
+    ``sentences_per_passage`` sentences; from each passage with at least ``min_sentences``
+    sentences one random sentence becomes the query and the passage without it the context
+    (with probability ``keep_query_prob`` the sentence stays in, as in Lee et al. 2019, so the
+    encoder also learns lexical matching). Deterministic in ``seed``."""
+    if sentences_per_passage < 2 or min_sentences < 2:
+        raise ValueError("ICT needs passages of at least 2 sentences (one query, one context)")
+    rng = random.Random(seed)
+    pairs = []
+    for doc in documents:
+        doc = [s for s in doc if s.strip()]
+        for start in range(0, len(doc), sentences_per_passage):
+            chunk = doc[start: start + sentences_per_passage]
+            if len(chunk) < min_sentences:
+                continue
+            q = rng.randrange(len(chunk))
+            keep = rng.random() < keep_query_prob
+            context = chunk if keep else chunk[:q] + chunk[q + 1:]
+            pairs.append(Pair(chunk[q], " ".join(context)))
+    return pairs
+
+
+def read_dat_documents(path: str | Path, max_documents: int | None = None) -> list[list[str]]:
+    """Read a ``.dat`` corpus (one sentence per line, a blank line between documents)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist; pass a UTF-8 text file with "
+                                "one sentence per line and a blank line between documents")
+    docs: list[list[str]] = [[]]
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                docs[-1].append(line)
+            elif docs[-1]:
+                if max_documents is not None and len(docs) >= max_documents:
+                    break
+                docs.append([])
+    return [d for d in docs if d][:max_documents]
+
+
+def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Encode texts, each distinct text once (many questions share one paragraph)."""
+    unique = list(dict.fromkeys(texts))
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    encoded = encode_batch(unique) if encode_batch else [tokenizer.encode(t) for t in unique]
+    by_text = dict(zip(unique, encoded))
+    return [by_text[t] for t in texts]
+
+
+def _wrap(tokenizer, ids: list[int], max_len: int, title_ids: list[int] | None = None
+          ) -> tuple[list[int], bool]:
+    """[CLS] (title [SEP]) ids [SEP] cut to max_len; returns (sequence, was_truncated)."""
+    head = [tokenizer.cls_id]
+    if title_ids is not None:
+        head += title_ids[: max(0, (max_len - 3) // 2)] + [tokenizer.sep_id]
+    room = max_len - len(head) - 1
+    if room < 1:
+        raise ValueError(f"max length {max_len} leaves no room for text; use at least 3 (or 5 "
+                         "with titles)")
+    return head + ids[:room] + [tokenizer.sep_id], len(ids) > room
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Tokenized (query, passage) pairs. ``collate`` gives int64 ``query_input_ids,
+    query_attention_mask (B, Lq)`` and ``passage_input_ids, passage_attention_mask (B, Lp)``.
+    Texts over the max lengths are cut, counted in ``num_truncated_queries/passages``."""
+
+    def __init__(self, pairs: Sequence[Pair], tokenizer, max_query_length: int = 64,
+                 max_passage_length: int = 384):
+        if not pairs:
+            raise ValueError("PairDataset got no pairs")
+        self.max_query_length = max_query_length
+        self.max_passage_length = max_passage_length
+        self.pad_id = tokenizer.pad_id
+        q_ids = _encode_all(tokenizer, [p.query for p in pairs])
+        p_ids = _encode_all(tokenizer, [p.passage for p in pairs])
+        t_texts = [p.title for p in pairs if p.title is not None]
+        t_iter = iter(_encode_all(tokenizer, t_texts)) if t_texts else iter(())
+        self.queries, self.passages = [], []
+        self.num_truncated_queries = self.num_truncated_passages = 0
+        for pair, q, p in zip(pairs, q_ids, p_ids):
+            seq, cut = _wrap(tokenizer, q, max_query_length)
+            self.queries.append(seq)
+            self.num_truncated_queries += cut
+            title = next(t_iter) if pair.title is not None else None
+            seq, cut = _wrap(tokenizer, p, max_passage_length, title)
+            self.passages.append(seq)
+            self.num_truncated_passages += cut
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"query": self.queries[i], "passage": self.passages[i]}
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        q, qm, _ = pad_batch([s["query"] for s in samples], self.pad_id, self.max_query_length)
+        p, pm, _ = pad_batch([s["passage"] for s in samples], self.pad_id, self.max_passage_length)
+        return {"query_input_ids": q, "query_attention_mask": qm,
+                "passage_input_ids": p, "passage_attention_mask": pm}
+
+
+def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """Read texts to encode: either one text per line (ids are 1-based line numbers) or TSV
+    ``id<TAB>text`` (decided by the first non-empty line; an ``id<TAB>text`` header is skipped).
+    Blank lines are skipped. Returns ``(ids, texts)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist; pass a UTF-8 file with one "
+                                "passage per line, or 'id<TAB>text' lines")
+    ids: list[str] = []
+    texts: list[str] = []
+    tsv: bool | None = None
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if tsv is None:
+                tsv = "\t" in line
+                if tsv and line.split("\t")[0].strip().lower() == "id":
+                    continue
+            if tsv:
+                if "\t" not in line:
+                    raise ValueError(f"{path}:{line_no}: no tab in a TSV file (the first line had "
+                                     "one); write every line as 'id<TAB>text', or use no tabs "
+                                     "at all for one passage per line")
+                pid, text = line.split("\t", 1)
+                pid, text = pid.strip(), text.strip()
+                if not pid or not text:
+                    raise ValueError(f"{path}:{line_no}: empty id or text; write 'id<TAB>text'")
+                if pid in seen:
+                    raise ValueError(f"{path}:{line_no}: duplicate id {pid!r}; ids must be unique")
+                seen.add(pid)
+            else:
+                pid, text = str(line_no), line.strip()
+            ids.append(pid)
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"{path} holds no text lines")
+    return ids, texts
+
+
+class EncodeDataset(torch.utils.data.Dataset):
+    """``[CLS] text [SEP]`` for the encoder command; ``collate`` gives int64 ``input_ids,
+    attention_mask (B, L)``. Sample i is text i (use a sequential sampler to keep the order).
+    Texts over ``max_seq_length`` are cut, counted in ``num_truncated``."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, max_seq_length: int = 384,
+                 titles: Sequence[str] | None = None):
+        if titles is not None and len(titles) != len(texts):
+            raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
+        self.max_seq_length = max_seq_length
+        self.pad_id = tokenizer.pad_id
+        encoded = _encode_all(tokenizer, list(texts))
+        t_enc = _encode_all(tokenizer, list(titles)) if titles is not None else [None] * len(encoded)
+        self.input_ids, self.num_truncated = [], 0
+        for ids, t in zip(encoded, t_enc):
+            seq, cut = _wrap(tokenizer, ids, max_seq_length, t)
+            self.input_ids.append(seq)
+            self.num_truncated += cut
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i]}
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask, _ = pad_batch([s["input_ids"] for s in samples], self.pad_id, self.max_seq_length)
+        return {"input_ids": ids, "attention_mask": mask}
