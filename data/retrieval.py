@@ -18,7 +18,7 @@ import torch
 
 from data.classification import pad_batch
 from data.metrics import recall_at_k
-from data.mrc import Example, Paragraph, load_squad, load_squad_paragraphs
+from data.mrc import Example, Paragraph, _parse_squad, load_squad
 
 __all__ = [
     "Pair",
@@ -71,9 +71,10 @@ def korquad_eval_set(path: str | Path, examples: Sequence[Example] | None = None
     """All paragraphs of the file, deduplicated by text (ids: first occurrence, "<art>-<par>"),
     and the questions (all of the file, or only ``examples``, e.g. an article split) with the
     index of their gold paragraph."""
-    paragraphs: list[Paragraph] = load_squad_paragraphs(path)
+    paragraphs: list[Paragraph]
+    paragraphs, all_examples = _parse_squad(path)
     if examples is None:
-        examples = load_squad(path)
+        examples = all_examples
     index_of: dict[str, int] = {}
     ids, texts, titles = [], [], []
     for p in paragraphs:

@@ -1,5 +1,6 @@
 """MRC data: KorQuAD parsing, article split, doc-stride windows, collate, postprocess, errors."""
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,7 @@ def test_real_korquad_slice_oracle_em_f1(mecab_tokenizer, tmp_path):
     assert feats.stats["answers_misaligned"] == 0
     assert feats.stats["answers_not_in_any_window"] == 0
     ds = MRCDataset(feats)
+    assert len(pickle.loads(pickle.dumps(ds))) == len(ds)   # safe for DataLoader workers
     loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=ds.collate)
     starts, ends = [], []
     for batch in loader:                      # logits shaped like a model's: (B, L) per batch

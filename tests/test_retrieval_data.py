@@ -1,4 +1,5 @@
 """Retrieval data: KorQuAD eval set, question-passage pairs, ICT pairs, text reader, collates."""
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,8 @@ def test_korquad_pairs(tiny_tokenizer):
     assert ds.num_truncated_passages > 0                      # KorQuAD paragraphs are long
     batch = ds.collate([ds[i] for i in range(8)])
     assert batch["passage_input_ids"].shape == (8, 128)
+    # DataLoader workers get a pickled copy: no tokenizer (mecab is unpicklable) inside
+    assert len(pickle.loads(pickle.dumps(ds))) == 50
 
 
 def test_ict_pairs_and_dat_reader(tmp_path):
