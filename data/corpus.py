@@ -263,15 +263,15 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
             if bar is not None:
                 bar.update(r["bytes"])
 
-        if num_workers <= 1:
-            _worker_init(tokenizer)
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
-            for t in tasks:
-                consume(_tokenize_range(t))
-        else:
-            old = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            try:
+        old = os.environ.get("TOKENIZERS_PARALLELISM")
+        try:
+            if num_workers <= 1:
+                _worker_init(tokenizer)
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
+                for t in tasks:
+                    consume(_tokenize_range(t))
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
                 with mp.get_context("fork").Pool(num_workers, _worker_init, (tokenizer,)) as pool:
                     window: collections.deque = collections.deque()
                     for t in tasks:
@@ -280,11 +280,11 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                             consume(window.popleft().get())
                     while window:
                         consume(window.popleft().get())
-            finally:
-                if old is None:
-                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
-                else:
-                    os.environ["TOKENIZERS_PARALLELISM"] = old
+        finally:
+            if old is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = old
         np.array([n_tok], dtype=np.int64).tofile(fsent)
         np.array([n_sent], dtype=np.int64).tofile(fdoc)
     if bar is not None:
