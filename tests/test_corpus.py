@@ -178,3 +178,16 @@ def test_read_only_corpus_dir_falls_back(corpus_copy, tiny_tokenizer, tmp_path, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(corpus_mod, "_writable", lambda d: False)
     assert cache_dir_for(corpus_copy, tiny_tokenizer).is_relative_to(tmp_path / "xdg")
+
+
+def test_morpheme_tokenizer_cache_multiprocess(tiny_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("mecab")
+    from data.tokenizer import train_tokenizer
+
+    p = tmp_path / "m.dat"
+    p.write_bytes(b"\n".join(tiny_corpus.read_bytes().split(b"\n")[:400]) + b"\n")
+    tok = train_tokenizer([p], 800, tmp_path / "tok", morpheme="mecab")
+    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 4096)
+    cache = load_or_build(p, KoTokenizer.load(tmp_path / "tok"), num_workers=2, progress=False)
+    assert cache.manifest["tokenizer"]["morpheme"] == "mecab"
+    assert as_docs(cache) == reference(p, tok)  # mecab applied inside the worker processes
