@@ -160,6 +160,11 @@ class DeepSpeedEngine(Engine):
         except ImportError as e:
             raise SystemExit(f"--engine deepspeed: cannot import deepspeed ({e}); `pip install deepspeed` "
                              f"or use --engine torch") from None
+        if args.fp16 and ctx.device.type == "cpu":
+            from deepspeed.accelerator import get_accelerator
+            if not get_accelerator().is_fp16_supported():
+                raise SystemExit("--engine deepspeed --fp16: DeepSpeed's fp16 is not supported on this CPU (it needs "
+                                 "AVX512-FP16 or a GPU); use --bf16 on the CPU, or --engine torch --fp16 (PyTorch AMP)")
         user = None
         if args.deepspeed_config:
             with open(args.deepspeed_config) as f:
