@@ -1,0 +1,1 @@
+"""The training loop, its engines, checkpoints and metrics (see docs/interfaces.md)."""

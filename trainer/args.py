@@ -1,0 +1,217 @@
+"""Every hyperparameter of the three launchers, in one parser (`get_parse_args`).
+
+`validate_args` checks what can be checked before any work starts (before the process group,
+the corpus cache or the model exist) and exits with a message that names the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+LAUNCHERS = {0: "train.py", 1: "train_zero_one.py", 2: "train_zero_two.py"}
+TRAIN_MODES = ("pretrain", "mrc", "ict", "encoder", "classify")
+ENGINES = ("torch", "deepspeed", "fairscale")
+
+
+def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
+    """The shared parser. `stage` is the launcher's ZeRO stage (0 plain, 1, 2); only used in help."""
+    p = argparse.ArgumentParser(
+        prog=LAUNCHERS.get(stage, "train.py"),
+        description="Pretrain or fine-tune a BERT-style encoder (see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--model_name", required=True, help="name of the run: its logs and checkpoints go under output_dir/model_name")
+    g.add_argument("--output_dir", default="output", help="where checkpoints, TensorBoard logs and the final weights go")
+    g.add_argument("--checkpoint", default=None,
+                   help="checkpoint to continue from: a step-N directory (or a file in it), a run directory "
+                        "(its latest step), 'auto' (latest of this run if any, else start fresh), or an exported "
+                        ".safetensors file / final directory (weights only). A checkpoint of another train_mode "
+                        "initialises the encoder weights only.")
+    g.add_argument("--seed", type=int, default=42, help="random seed; resuming reproduces the same data order")
+    g.add_argument("--engine", choices=ENGINES, default="torch", help="training backend")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+
+    g = p.add_argument_group("model and task")
+    g.add_argument("--model", default="small",
+                   help="model config: a name in configs/ (e.g. small, transformer, switch, mix_lm, bert-base, albert-base) or a JSON path")
+    g.add_argument("--train_mode", choices=TRAIN_MODES, default="pretrain", help="task (see README: Tasks)")
+    g.add_argument("--objective", choices=("sop", "ict", "mlm"), default="sop",
+                   help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")
+    g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of tokens masked for MLM")
+    g.add_argument("--whole_word_mask", action="store_true", help="mask whole words (a head piece and its ## pieces)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus_path", default=None,
+                   help="pretraining corpus: a .dat text file (one sentence per line, blank line between documents); "
+                        "a tokenized cache is built beside it on first use and reused")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json); default <corpus>.tokenizer beside the corpus, "
+                        "trained there with the model's vocab_size if missing")
+    g.add_argument("--morpheme", choices=("none", "mecab", "kiwi"), default="none",
+                   help="morpheme-aware pre-tokenization when a tokenizer is trained automatically")
+    g.add_argument("--max_seq_length", type=int, default=128,
+                   help="maximum tokens per input; must not exceed the model's max_position_embedding")
+    g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per rank (0 = in the main process)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=32,
+                   help="per-device micro-batch size; 0 (ZeRO launchers) = find the largest that fits")
+    g.add_argument("--max_memory_mb", type=int, default=0,
+                   help="with --train_batch_size 0: per-process memory budget in MB (CPU default: 80%% of RAM / local processes; GPU: device memory)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (pretraining 2e-4, fine-tuning 5e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases and LayerNorm)")
+    g.add_argument("--adam_epsilon", type=float, default=1e-6, help="AdamW epsilon")
+    g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    g.add_argument("--num_steps", type=int, default=1000, help="total optimizer steps to train")
+    g.add_argument("--scheduler_num_steps", type=int, default=0,
+                   help="length of the LR schedule (0 = num_steps); may exceed num_steps so training stops before LR reaches 0")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up from 0 to learning_rate")
+    g.add_argument("--max_steps_per_epoch", type=int, default=0,
+                   help="optimizer steps of samples one epoch draws (0 = the whole data set); "
+                        "batch x accumulation x processes x this must not exceed the data size")
+    g.add_argument("--fp16", action="store_true", help="automatic mixed precision, float16 with loss scaling")
+    g.add_argument("--bf16", action="store_true", help="automatic mixed precision, bfloat16")
+    g.add_argument("--max_bad_steps", type=int, default=5,
+                   help="stop (after saving a checkpoint) when this many consecutive steps have non-finite loss or gradients")
+
+    g = p.add_argument_group("sharding")
+    g.add_argument("--zero3", action="store_true", help="train_zero_two.py only: ZeRO stage 3 (parameters sharded too)")
+    g.add_argument("--auto_wrap", action="store_true",
+                   help="ZeRO-2/3: one FSDP unit per layer (a shared ALBERT layer group is wrapped once)")
+    g.add_argument("--deepspeed_config", default=None, help="--engine deepspeed: a DeepSpeed JSON merged over the generated one")
+    g.add_argument("--cpu_offload", action="store_true", help="--engine deepspeed (ZeRO-2/3): offload optimizer state to CPU")
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=10, help="TensorBoard / loss.tsv logging interval (optimizer steps)")
+    g.add_argument("--save_steps", type=int, default=500, help="checkpoint interval (optimizer steps; 0 = only at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="keep this many newest step-N checkpoints (0 = all)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("fine-tuning tasks (mrc, ict, encoder, classify)")
+    g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV (id, document, label)")
+    g.add_argument("--eval_file", default=None, help="held-out file for evaluation at the end (same format as train_file)")
+    g.add_argument("--eval_fraction", type=float, default=0.1,
+                   help="mrc/ict with no eval_file: fraction of train_file's articles held out for evaluation")
+    g.add_argument("--doc_stride", type=int, default=128, help="mrc: overlap stride between context windows")
+    g.add_argument("--max_query_length", type=int, default=64, help="mrc/ict: maximum question tokens")
+    g.add_argument("--temperature", type=float, default=0.05, help="ict: softmax temperature of the contrastive loss")
+    g.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="ict/encoder: how one vector is pooled per input")
+    g.add_argument("--encode_file", default=None, help="encoder: text file to encode (one passage per line, or id<TAB>text)")
+    g.add_argument("--eval_batch_size", type=int, default=64, help="batch size for evaluation and encoding")
+    return p
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.error(message)
+
+
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stage: int) -> None:
+    """Checks that need no process group; model-config checks happen in `check_model_args`."""
+    launcher = LAUNCHERS[stage]
+    nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "max_steps_per_epoch", "save_steps",
+              "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_bad_steps"]
+    positive = ["gradient_accumulation_steps", "num_steps", "max_seq_length", "logging_steps",
+                "eval_batch_size", "doc_stride", "max_query_length"]
+    for name in nonneg:
+        if getattr(args, name) < 0:
+            _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            _fail(parser, f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "adam_epsilon", "temperature"):
+        if not getattr(args, name) > 0:
+            _fail(parser, f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.mlm_probability < 1:
+        _fail(parser, f"--mlm_probability must be between 0 and 1, got {args.mlm_probability}")
+    if not 0 < args.eval_fraction < 1:
+        _fail(parser, f"--eval_fraction must be between 0 and 1, got {args.eval_fraction}")
+    if args.zero3 and stage != 2:
+        _fail(parser, f"--zero3 only works with train_zero_two.py (ZeRO-3 = ZeRO-2 + sharded parameters); "
+                      f"run `train_zero_two.py --zero3 ...` instead of {launcher}")
+    if args.fp16 and args.bf16:
+        _fail(parser, "--fp16 and --bf16 are exclusive: pick one mixed-precision type")
+    if args.train_batch_size == 0 and stage == 0:
+        _fail(parser, "--train_batch_size 0 (find the largest batch that fits) is for the ZeRO launchers "
+                      "train_zero_one.py / train_zero_two.py; give train.py a batch size > 0")
+    if args.scheduler_num_steps and args.scheduler_num_steps < args.num_steps:
+        _fail(parser, f"--scheduler_num_steps ({args.scheduler_num_steps}) must be >= --num_steps ({args.num_steps}) "
+                      f"or 0 (= num_steps)")
+    if args.warmup_steps > (args.scheduler_num_steps or args.num_steps):
+        _fail(parser, f"--warmup_steps ({args.warmup_steps}) exceeds the schedule length "
+                      f"({args.scheduler_num_steps or args.num_steps} steps)")
+    if args.auto_wrap and stage < 2 and args.engine == "torch":
+        _fail(parser, "--auto_wrap wraps layers for parameter sharding; use it with train_zero_two.py")
+    if args.cpu_offload and args.engine != "deepspeed":
+        _fail(parser, "--cpu_offload is a DeepSpeed feature: add --engine deepspeed")
+    if args.deepspeed_config and args.engine != "deepspeed":
+        _fail(parser, "--deepspeed_config needs --engine deepspeed")
+    if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
+        _fail(parser, f"--deepspeed_config {args.deepspeed_config}: no such file")
+    if args.train_mode == "pretrain":
+        if not args.corpus_path:
+            _fail(parser, "--train_mode pretrain needs --corpus_path (a .dat text file: one sentence per line, "
+                          "a blank line between documents)")
+        if not Path(args.corpus_path).is_file():
+            _fail(parser, f"--corpus_path {args.corpus_path}: no such file")
+    elif args.train_mode in ("mrc", "ict", "classify") and not args.train_file and args.num_steps > 0:
+        _fail(parser, f"--train_mode {args.train_mode} needs --train_file")
+    if args.train_mode == "encoder" and not args.encode_file:
+        _fail(parser, "--train_mode encoder needs --encode_file (one passage per line, or id<TAB>text)")
+    for name in ("train_file", "eval_file", "encode_file"):
+        value = getattr(args, name)
+        if value and not Path(value).is_file():
+            _fail(parser, f"--{name} {value}: no such file")
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
+                      f"`python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR`")
+    if args.checkpoint and args.checkpoint != "auto" and not Path(args.checkpoint).exists():
+        _fail(parser, f"--checkpoint {args.checkpoint}: no such file or directory "
+                      f"(use --checkpoint auto to resume from the latest checkpoint when there is one)")
+
+
+def parse_args(stage: int, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_parse_args(stage)
+    args = parser.parse_args(argv)
+    args.stage = 3 if (stage == 2 and args.zero3) else stage
+    args.launcher = LAUNCHERS[stage]
+    validate_args(args, parser, stage)
+    args._parser = parser
+    return args
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) / args.model_name
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    """The arguments as written to TensorBoard and checkpoints."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")} | {"argv": sys.argv, "cwd": os.getcwd()}
+
+
+def markdown_table() -> str:
+    """The flags as the README's table (`python -m trainer.args`)."""
+    parser = get_parse_args()
+    rows = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        rows.append(f"| **{group.title}** | | |")
+        for a in actions:
+            default = "required" if a.required else ("" if a.default in (None, False) else f"`{a.default}`")
+            help_text = (a.help or "").replace("%%", "%").replace("|", "\\|")
+            choices = f" ({', '.join(map(str, a.choices))})" if a.choices else ""
+            rows.append(f"| `{a.option_strings[0]}` | {default} | {help_text}{choices} |")
+    return "| flag | default | meaning |\n| --- | --- | --- |\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

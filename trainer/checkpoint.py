@@ -1,0 +1,186 @@
+"""Checkpoints: `output_dir/<model_name>/step-N/`, written atomically; the final export.
+
+A checkpoint holds the engine's model/optimizer/scheduler/scaler state (engine.save), every
+rank's RNG states, the data position and step (`meta.json`, with the run arguments and the
+model config). It is written under `.step-N.tmp` and renamed when complete, so a crash while
+writing leaves the previous checkpoints intact; `meta.json` is written last, and only
+directories named `step-N` that hold one count as checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import dist
+from trainer.sampler import TrainState
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step-N checkpoints, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / META).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(spec: str | None, run_dir: Path) -> tuple[Path | None, str]:
+    """What --checkpoint points at: (path, "step") for a resumable checkpoint, (path, "weights")
+    for an exported model, (None, "") for nothing."""
+    if not spec:
+        return None, ""
+    if spec == "auto":
+        found = list_checkpoints(run_dir)
+        return (found[-1], "step") if found else (None, "")
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return path, "weights"
+        path = path.parent
+    if (path / META).is_file():
+        return path, "step"
+    if (path / WEIGHTS).is_file():
+        return path / WEIGHTS, "weights"
+    found = list_checkpoints(path)
+    if found:
+        return found[-1], "step"
+    raise FileNotFoundError(
+        f"--checkpoint {spec}: not a checkpoint (no {META}), not a run directory with step-N checkpoints "
+        f"and not an exported model ({WEIGHTS}); point it at output_dir/model_name/step-N or use --checkpoint auto")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, state: TrainState, run_dir: Path, meta: dict, keep: int = 0) -> Path:
+    """Write step-N for the current state (collective: every rank calls it)."""
+    final = run_dir / f"step-{state.step}"
+    tmp = run_dir / f".step-{state.step}.tmp"
+    if dist.world_size() == 1 or engine.ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    engine.save(tmp)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{engine.ctx.rank}.pt")
+    dist.barrier()
+    if engine.ctx.is_main:
+        body = dict(meta, step=state.step, train_state=asdict(state), world_size=engine.ctx.world_size,
+                    engine=engine.name, stage=engine.stage)
+        with open(tmp / META, "w") as f:
+            json.dump(body, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+            old = run_dir / f".step-{state.step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        if keep:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(ckpt: Path) -> dict:
+    with open(ckpt / META) as f:
+        return json.load(f)
+
+
+def load(engine, ckpt: Path) -> TrainState:
+    """Resume everything from step-N: engine state, this rank's RNG, data position."""
+    meta = read_meta(ckpt)
+    engine.load(ckpt)
+    rng = ckpt / "rng" / f"rank{engine.ctx.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    elif engine.ctx.is_main:
+        print(f"[checkpoint] {ckpt} was written by {meta['world_size']} processes; ranks without a saved "
+              f"RNG state keep their seeded state (dropout masks differ from the original run)", flush=True)
+    return TrainState(**meta["train_state"])
+
+
+def export(engine, run_dir: Path, meta: dict, config_dict: dict, tokenizer_dir: Path | None) -> Path | None:
+    """run_dir/final/: one consolidated model.safetensors + config.json + tokenizer + args.json."""
+    weights = engine.full_state_dict()  # collective
+    out = run_dir / "final"
+    if engine.ctx.is_main:
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(weights, tmp / WEIGHTS, {"train_mode": meta.get("train_mode", ""), "step": str(meta.get("step", ""))})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2))
+        (tmp / "args.json").write_text(json.dumps(meta.get("args", {}), indent=2, default=str))
+        if tokenizer_dir is not None:
+            for name in ("tokenizer.json", "vocab.txt", "pretokenizer.json"):
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors refuses tensors that share memory (tied embeddings): store each once and
+    record the aliases in the metadata."""
+    from safetensors.torch import save_file
+
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in state_dict.items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype) if t.numel() else (name,)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata=dict(metadata, aliases=json.dumps(aliases)))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read an exported model.safetensors, restoring tied aliases."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors

@@ -1,0 +1,161 @@
+"""The PyTorch engine: DDP (stage 0), DDP + ZeroRedundancyOptimizer (1), FSDP2 (2, 3).
+
+Stage 2 is `fully_shard(reshard_after_forward=False)`: parameters stay gathered between
+forward and backward, so only gradients and optimizer state are sharded (ZeRO-2's memory,
+no second all-gather). Stage 3 reshards after forward (ZeRO-3). Checkpoints use
+`torch.distributed.checkpoint` (model and, except ZeRO-1, optimizer keyed by parameter
+name), so a run resumes on a different number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, tensor_state_bytes
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        args, ctx = self.args, self.ctx
+        model.to(ctx.device)
+        self._inner = model
+        if self.stage >= 2:
+            from torch.distributed.fsdp import fully_shard
+
+            reshard = self.stage == 3
+            if args.auto_wrap:
+                for block in model.encoder.blocks():
+                    fully_shard(block, reshard_after_forward=reshard)
+            fully_shard(model, reshard_after_forward=reshard)
+            self.model = model
+        elif ctx.world_size > 1:
+            moe = getattr(getattr(model, "config", None), "n_experts", 1) > 1
+            self.model = DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=moe and getattr(model.config, "model_type", "") == "transformer")
+        else:
+            self.model = model
+
+        groups = param_groups(model, args.weight_decay)
+        adam = dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+        if self.stage == 1:
+            self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                                     weight_decay=args.weight_decay, **adam)
+            self.optimizer.add_param_group(groups[1])
+        else:
+            self.optimizer = torch.optim.AdamW(groups, **adam)
+        total = args.scheduler_num_steps or args.num_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, total))
+        self.scaler = None
+        if args.fp16:
+            if self.stage >= 2:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+                self.scaler = ShardedGradScaler(device=ctx.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(ctx.device.type)
+        return self.model
+
+    @property
+    def module(self) -> nn.Module:
+        return self._inner
+
+    def accumulate(self, sync: bool):
+        if sync or self.ctx.world_size == 1:
+            if self.stage >= 2:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.stage >= 2:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> StepResult:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = self.finite(norm)
+        scale = 1.0
+        if self.scaler:
+            scale = float(self.scaler.get_scale())
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients are not finite
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.scheduler.step()
+        return StepResult(norm, not finite, scale)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- state -------------------------------------------------------------------------
+    def _small_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self, ckpt_dir: Path) -> None:
+        state = {"model": get_model_state_dict(self.model)}
+        if self.stage == 1:
+            self.optimizer.consolidate_state_dict(to=0)
+            if self.ctx.is_main:
+                torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer_zero1.pt")
+        else:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.save(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        if self.ctx.is_main:
+            torch.save(self._small_state(), ckpt_dir / "engine_state.pt")
+
+    def load(self, ckpt_dir: Path, weights_only: bool = False) -> None:
+        model_sd = get_model_state_dict(self.model)
+        if weights_only:
+            dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir / "dcp"),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
+            return
+        state = {"model": model_sd}
+        has_dcp_optim = not (ckpt_dir / "optimizer_zero1.pt").exists()
+        if self.stage != 1 and has_dcp_optim:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        set_model_state_dict(self.model, state["model"])
+        if "optim" in state:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        elif self.stage == 1 and not has_dcp_optim:
+            self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer_zero1.pt", map_location="cpu",
+                                                      weights_only=False))
+        elif self.ctx.is_main:
+            print(f"[checkpoint] {ckpt_dir} holds optimizer state in another stage's layout; "
+                  f"model, schedule and data position resume, AdamW moments start fresh", flush=True)
+        small = torch.load(ckpt_dir / "engine_state.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(small["scheduler"])
+        if self.scaler and small["scaler"]:
+            self.scaler.load_state_dict(small["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_bytes(self) -> int:
+        opt = self.optimizer.optim if self.stage == 1 else self.optimizer
+        return tensor_state_bytes(opt.state)

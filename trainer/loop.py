@@ -1,0 +1,240 @@
+"""The one training loop, shared by train.py, train_zero_one.py and train_zero_two.py."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from argparse import Namespace
+
+import numpy as np
+import torch
+
+from trainer import checkpoint, dist, engines, tasks
+from trainer.args import parse_args, public_args, run_dir
+from trainer.batch_size import find_batch_size
+from trainer.metrics import Logger, MetricMeter, memory_mb
+from trainer.sampler import BatchList, EpochSampler, TrainState
+
+
+class Stop(Exception):
+    """Training stops early (non-finite steps, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(stage: int, argv: list[str] | None = None) -> None:
+    args = parse_args(stage, argv)
+    ctx = dist.init(args.device)
+    try:
+        run(args, ctx)
+    except Stop as e:
+        if ctx.is_main:
+            print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        dist.shutdown()
+        sys.exit(e.code)
+    dist.shutdown()
+
+
+def log_main(ctx, message: str) -> None:
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def run(args: Namespace, ctx) -> dict:
+    rd = run_dir(args)
+    resume_path, resume_kind = checkpoint.resolve(args.checkpoint, rd)
+    resume_meta = checkpoint.read_meta(resume_path) if resume_kind == "step" else None
+    full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
+    if resume_meta is not None:
+        _check_compatible(args, resume_meta, resume_path)
+    seed_everything(args.seed)  # identical initial weights on every rank
+    task = tasks.build(args, ctx)
+    engine = engines.create(args, ctx)
+    if args.train_batch_size == 0:
+        limit = 4096
+        if task.dataset is not None:
+            limit = max(1, min(limit, len(task.dataset) // (ctx.world_size * args.gradient_accumulation_steps)))
+        args.train_batch_size = find_batch_size(args, task.model, task.make_batch, ctx.device, engine.autocast(),
+                                                limit=limit, log=lambda m: log_main(ctx, m))
+    model = engine.wrap(task.model)
+    task.attach(engine)
+
+    state = TrainState()
+    if resume_path is not None:
+        if full_resume:
+            state = checkpoint.load(engine, resume_path)
+            log_main(ctx, f"[checkpoint] resumed {resume_path} at step {state.step} "
+                          f"(epoch {state.epoch}, sample {state.samples_in_epoch})")
+        elif resume_kind == "step":
+            engine.load(resume_path, weights_only=True)
+            log_main(ctx, f"[checkpoint] initialised matching weights from {resume_path} "
+                          f"({resume_meta['args']['train_mode']} checkpoint)")
+        else:
+            _load_exported(engine, task, resume_path)
+            log_main(ctx, f"[checkpoint] initialised matching weights from {resume_path}")
+
+    meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
+            "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None}
+    logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
+                    {"args": meta["args"], "model_config": meta["model_config"]},
+                    progress=not args.no_progress)
+    try:
+        if task.dataset is not None and state.step < args.num_steps:
+            _train(args, ctx, task, engine, model, state, logger, rd, meta)
+        results = task.evaluate(engine)
+        if results:
+            logger.log(state.step, {f"eval/{k}": v for k, v in results.items()})
+            log_main(ctx, "[eval] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        if args.num_steps > 0 and task.dataset is not None:
+            out = checkpoint.export(engine, rd, dict(meta, step=state.step), task.config.to_dict(),
+                                    task.tokenizer_dir)
+            log_main(ctx, f"[export] {out}")
+    finally:
+        logger.close()
+    return {"state": state, "eval": results}
+
+
+def _check_compatible(args: Namespace, meta: dict, path) -> None:
+    from models import load_config
+
+    saved = meta["model_config"]
+    current = load_config(args.model).to_dict()
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs --model {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
+                         f"pass the same --model as the checkpoint ({meta['args'].get('model')})")
+
+
+def _load_exported(engine, task, path) -> None:
+    weights = checkpoint.load_weights(path)
+    own = engine.module.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("encoder.") for k in matched):
+        raise SystemExit(f"--checkpoint {path}: no encoder weights match this model ({task.config.model_type})")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(engine.model, matched, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
+    """This rank's micro-batches from the saved data position on, advancing it as they are consumed."""
+    dataset = task.dataset
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=BatchList(sampler.batches(state.epoch, state.samples_in_epoch)),
+            collate_fn=task.collate, num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
+            persistent_workers=False,
+            # its own generator: creating an iterator must not draw from the global RNG (dropout),
+            # or a resumed run's random stream would be shifted against the uninterrupted one
+            generator=torch.Generator().manual_seed(args.seed + state.epoch))
+        for batch in loader:
+            state.samples_in_epoch += sampler.global_micro
+            yield batch
+        state.epoch += 1
+        state.samples_in_epoch = 0
+
+
+class _Terminate:
+    """SIGTERM (slurm preemption, torchrun shutdown) asks the loop to checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, "max")
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def _optimizer_state_mb(engine) -> dict[str, float]:
+    """Optimizer state per process: the mean over processes (DDP's total / N when sharded) and the largest."""
+    mine = torch.tensor([engine.optimizer_state_bytes() / 2**20], dtype=torch.float64, device=engine.ctx.device)
+    total, largest = dist.all_reduce(mine.clone(), "sum"), dist.all_reduce(mine.clone(), "max")
+    return {"perf/optimizer_state_mb": total.item() / dist.world_size(), "perf/optimizer_state_max_mb": largest.item()}
+
+
+def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd, meta: dict) -> None:
+    try:
+        sampler = EpochSampler(len(task.dataset), args.train_batch_size, ctx.world_size, ctx.rank, args.seed,
+                               args.gradient_accumulation_steps, args.max_steps_per_epoch)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    batches = _micro_batches(args, ctx, task, sampler, state)
+    meter = MetricMeter()
+    accum = args.gradient_accumulation_steps
+    term = _Terminate()
+    engine.train()
+    last_log, last_step = time.perf_counter(), state.step
+    log_main(ctx, f"[train] {args.launcher} engine={engine.name} stage={engine.stage} processes={ctx.world_size} "
+                  f"device={ctx.device} batch={args.train_batch_size}x{accum}x{ctx.world_size} "
+                  f"samples={len(task.dataset)} steps {state.step}->{args.num_steps}")
+
+    def save():
+        return checkpoint.save(engine, state, rd, meta, keep=args.keep_checkpoints)
+
+    try:
+        while state.step < args.num_steps:
+            for micro in range(accum):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+                with engine.accumulate(sync=micro == accum - 1):
+                    with engine.autocast():
+                        out = model(**batch)
+                    engine.backward(out["loss"] / accum)
+                meter.add(out, task.count_tokens(batch), args.train_batch_size)
+                last_loss = out["loss"].detach()
+            lr = engine.lr()  # the rate this step applies
+            result = engine.step()
+            state.step += 1
+            logger.advance()
+            loss_ok = math.isfinite(float(last_loss))
+            bad = not loss_ok or (result.skipped and (not args.fp16 or result.loss_scale <= 1.0))
+            state.bad_steps = state.bad_steps + 1 if bad else 0
+
+            if state.step % args.logging_steps == 0 or state.step == args.num_steps:
+                scalars, tokens, samples = meter.reduce(ctx.device)
+                now = time.perf_counter()
+                elapsed = max(now - last_log, 1e-9)
+                scalars = {f"train/{k}": v for k, v in scalars.items()} | {
+                    "train/lr": lr, "train/grad_norm": result.grad_norm,
+                    "train/loss_scale": result.loss_scale, "train/epoch": state.epoch,
+                    "perf/tokens_per_s": tokens / elapsed, "perf/samples_per_s": samples / elapsed,
+                    "perf/step_time_s": elapsed / max(1, state.step - last_step),
+                    **_optimizer_state_mb(engine)} | memory_mb(ctx.device)
+                logger.log(state.step, scalars)
+                last_log, last_step = now, state.step
+
+            if state.bad_steps >= args.max_bad_steps:
+                path = save()
+                raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients "
+                           f"(last loss {float(last_loss)}, grad norm {result.grad_norm}); saved {path}. "
+                           f"Lower --learning_rate, raise --warmup_steps, or use --bf16 instead of --fp16, "
+                           f"then resume with --checkpoint {path}", code=3)
+            if term.agreed(ctx.device) if ctx.world_size > 1 else term.requested:
+                path = save()
+                raise Stop(f"SIGTERM at step {state.step}: saved {path}; resume with --checkpoint auto", code=143)
+            if args.save_steps and state.step % args.save_steps == 0 and state.step < args.num_steps:
+                save()
+        save()
+    finally:
+        term.restore()

@@ -1,0 +1,130 @@
+"""TensorBoard scalars, `loss.tsv` and the rank-0 progress bar.
+
+Per-micro-batch metrics stay on the device as tensors and are summed; at each logging step
+they are averaged over the interval and over processes (one all-reduce), then written.
+Tags: `train/<metric>` (loss, mlm_loss, mlm_acc, sop_acc, ...), `train/lr`, `train/grad_norm`,
+`train/loss_scale`, `perf/tokens_per_s`, `perf/samples_per_s`, `perf/step_time_s`,
+`perf/rss_mb`, `perf/cuda_max_allocated_mb`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import dist
+
+
+class MetricMeter:
+    """Sums scalar tensors per name over micro-batches without host synchronisation."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, outputs: dict, tokens: torch.Tensor | int, samples: int) -> None:
+        for k, v in outputs.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 0 and (k == "loss" or k.endswith(("_loss", "_acc"))):
+                v = v.detach().float()
+                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+        self.tokens = self.tokens + tokens
+        self.samples += samples
+
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], float, int]:
+        """(mean metrics over micro-batches and processes, global tokens, global samples); resets."""
+        names = sorted(self.sums)
+        vals = torch.stack([self.sums[n] for n in names]) / max(1, self.count) if names else torch.zeros(0, device=device)
+        tok = torch.as_tensor(self.tokens, dtype=torch.float64, device=device).reshape(1)
+        packed = torch.cat([vals.to(device=device, dtype=torch.float64), tok,
+                            torch.tensor([float(self.samples)], dtype=torch.float64, device=device)])
+        dist.all_reduce(packed, "sum")
+        world = dist.world_size()
+        out = dict(zip(names, (packed[:len(names)] / world).tolist()))
+        tokens, samples = packed[-2].item(), int(packed[-1].item())
+        self.__init__()
+        return out, tokens, samples
+
+
+def memory_mb(device: torch.device) -> dict[str, float]:
+    import psutil
+
+    out = {"perf/rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        out["perf/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+class Logger:
+    """Rank 0 writes TensorBoard events and loss.tsv and drives the progress bar."""
+
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
+                 run_info: dict, progress: bool = True):
+        self.is_main = is_main
+        self.writer = None
+        self.bar = None
+        self.tsv_path = run_dir / "loss.tsv"
+        self.last_time = time.perf_counter()
+        self.last_step = start_step
+        self.columns: list[str] | None = None
+        if not is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+        for name, value in run_info.items():
+            self.writer.add_text(name, "```\n" + json.dumps(value, indent=2, default=str) + "\n```", start_step)
+        self._truncate_tsv(start_step)
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _truncate_tsv(self, start_step: int) -> None:
+        """On resume, drop rows after the checkpoint's step (they are about to be redone)."""
+        if not self.tsv_path.is_file():
+            return
+        lines = self.tsv_path.read_text().splitlines()
+        if not lines:
+            return
+        self.columns = lines[0].split("\t")
+        kept = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) <= start_step]
+        self.tsv_path.write_text("\n".join(kept) + "\n")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        row = {"step": step, **{k.split("/", 1)[-1]: v for k, v in scalars.items()}}
+        if self.columns is None:  # fixed by the first row; later new keys go to TensorBoard only
+            self.columns = list(row)
+            self.tsv_path.write_text("\t".join(self.columns) + "\n")
+        with open(self.tsv_path, "a") as f:
+            f.write("\t".join(_fmt(row.get(c, "")) for c in self.columns) + "\n")
+        if self.bar is not None:
+            post = {k: f"{row[k]:.4g}" for k in ("loss", "mlm_acc", "lr", "tokens_per_s") if k in row}
+            self.bar.set_postfix(post, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def text(self, tag: str, value: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
