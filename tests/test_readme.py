@@ -1,0 +1,16 @@
+"""The README documents every flag of the shared parser (its table is `python -m trainer.args`)."""
+from pathlib import Path
+
+from trainer.args import get_parse_args, markdown_table
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_flag_is_in_the_readme():
+    flags = [a.option_strings[0] for a in get_parse_args()._actions if a.option_strings and a.dest != "help"]
+    missing = [f for f in flags if f"`{f}`" not in README]
+    assert not missing, f"README lacks {missing}: paste `python -m trainer.args` into its Flags section"
+
+
+def test_flags_table_is_current():
+    assert markdown_table() in README, "README's flags table is stale: paste `python -m trainer.args` into it"
