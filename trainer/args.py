@@ -96,7 +96,12 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV (id, document, label)")
     g.add_argument("--eval_file", default=None, help="held-out file for evaluation at the end (same format as train_file)")
     g.add_argument("--eval_fraction", type=float, default=0.1,
-                   help="mrc/ict with no eval_file: fraction of train_file's articles held out for evaluation")
+                   help="with no eval_file: fraction of train_file held out for evaluation (mrc/ict: whole "
+                        "articles; classify: rows)")
+    g.add_argument("--max_train_examples", type=int, default=0,
+                   help="use only the first N training examples (questions, pairs or rows; 0 = all), for short runs")
+    g.add_argument("--max_eval_examples", type=int, default=0,
+                   help="evaluate only the first N held-out examples (questions or rows; 0 = all)")
     g.add_argument("--doc_stride", type=int, default=128, help="mrc: overlap stride between context windows")
     g.add_argument("--max_query_length", type=int, default=64, help="mrc/ict: maximum question tokens")
     g.add_argument("--temperature", type=float, default=0.05, help="ict: softmax temperature of the contrastive loss")
@@ -114,7 +119,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     """Checks that need no process group; model-config checks happen in `check_model_args`."""
     launcher = LAUNCHERS[stage]
     nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "max_steps_per_epoch", "save_steps",
-              "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_bad_steps"]
+              "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_bad_steps", "max_train_examples",
+              "max_eval_examples"]
     positive = ["gradient_accumulation_steps", "num_steps", "max_seq_length", "logging_steps",
                 "eval_batch_size", "doc_stride", "max_query_length"]
     for name in nonneg:

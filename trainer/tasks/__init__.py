@@ -16,7 +16,10 @@ def build(args: Namespace, ctx: DistContext) -> Task:
     if args.train_mode == "pretrain":
         from trainer.tasks.pretrain import PretrainTask
         return PretrainTask(args, ctx)
-    raise SystemExit(f"--train_mode {args.train_mode} is not available yet")
+    if args.train_mode == "classify":
+        from trainer.tasks.classify import ClassifyTask
+        return ClassifyTask(args, ctx)
+    raise SystemExit(f"--train_mode {args.train_mode} is not available")
 
 
 __all__ = ["Task", "build"]

@@ -1,9 +1,14 @@
-"""Shared pieces of the tasks: model config checks, tokenizer resolution, token counting."""
+"""Shared pieces of the tasks: model config checks, checkpoint/tokenizer matching, token
+counting, and `predict` (sharded inference through the wrapped model) for the evaluations."""
 from __future__ import annotations
 
+import json
+import math
 from argparse import Namespace
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,6 +35,8 @@ class Task:
                 f"{self.config.max_position_embedding} ({args.model}); lower --max_seq_length or use a config "
                 f"with a larger max_position_embedding")
         self.tokenizer_dir: Path | None = None
+        self.checkpoint_tokenizer: Path | None = None
+        self._check_checkpoint()
 
     # -- hooks -------------------------------------------------------------------------
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -51,15 +58,76 @@ class Task:
         masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
         return sum(m.sum() for m in masks) if masks else 0
 
-    # -- tokenizer ---------------------------------------------------------------------
+    # -- checkpoint and tokenizer ------------------------------------------------------
+    def _check_checkpoint(self) -> None:
+        """An exported checkpoint (final/) must have been trained with this model config (the loop
+        checks step-N checkpoints); remember the checkpoint's tokenizer for `load_tokenizer`."""
+        from trainer import checkpoint
+        from trainer.args import run_dir
+
+        args = self.args
+        try:
+            path, kind = checkpoint.resolve(args.checkpoint, run_dir(args))
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+        if path is None:
+            return
+        if kind == "step":
+            meta = checkpoint.read_meta(path)
+            recorded = meta.get("tokenizer")
+            if recorded:
+                tok = Path(recorded)
+                if not tok.is_absolute() and not (tok / "tokenizer.json").is_file():
+                    tok = Path(meta.get("args", {}).get("cwd", ".")) / tok
+                self.checkpoint_tokenizer = tok
+            return
+        folder = path.parent
+        if (folder / "config.json").is_file():
+            saved = json.loads((folder / "config.json").read_text())
+            current = self.config.to_dict()
+            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            if diff:
+                shown = ", ".join(f"{k}: checkpoint {a!r} vs --model {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
+                                 f"pass --model {folder / 'config.json'} (the checkpoint's config)")
+        if (folder / "tokenizer.json").is_file():
+            self.checkpoint_tokenizer = folder
+
+    def _tokenizer_path(self) -> Path | None:
+        """--tokenizer if given (it must be the checkpoint's, when there is a checkpoint), else the
+        checkpoint's tokenizer, else None."""
+        from data.tokenizer import KoTokenizer
+
+        args, ckpt_tok = self.args, self.checkpoint_tokenizer
+        if ckpt_tok is not None and not (ckpt_tok / "tokenizer.json").is_file():
+            if not args.tokenizer:
+                raise SystemExit(f"--checkpoint {args.checkpoint} was trained with the tokenizer {ckpt_tok}, which "
+                                 f"no longer exists; pass that tokenizer with --tokenizer DIR")
+            if self.ctx.is_main:
+                print(f"[tokenizer] cannot check --tokenizer {args.tokenizer} against the checkpoint's "
+                      f"{ckpt_tok} (gone)", flush=True)
+            return Path(args.tokenizer)
+        if not args.tokenizer:
+            return ckpt_tok
+        given = Path(args.tokenizer)
+        if ckpt_tok is not None:
+            mine, theirs = KoTokenizer.load(given), KoTokenizer.load(ckpt_tok)
+            if mine.fingerprint != theirs.fingerprint:
+                raise SystemExit(
+                    f"--tokenizer {given} (vocab {mine.vocab_size}, fingerprint {mine.fingerprint}) is not the "
+                    f"tokenizer --checkpoint {args.checkpoint} was trained with ({ckpt_tok}: vocab "
+                    f"{theirs.vocab_size}, fingerprint {theirs.fingerprint}); token ids would not match the "
+                    f"trained embeddings. Leave out --tokenizer to use the checkpoint's, or pass --tokenizer {ckpt_tok}")
+        return given
+
     def load_tokenizer(self, train_inputs: list[str] | None = None):
-        """--tokenizer, else <corpus>.tokenizer beside the corpus, trained there (rank 0) if missing."""
+        """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
+        trained there (rank 0) if missing."""
         from data.tokenizer import KoTokenizer, check_vocab_size, train_tokenizer
 
         args = self.args
-        if args.tokenizer:
-            path = Path(args.tokenizer)
-        elif train_inputs:
+        path = self._tokenizer_path()
+        if path is None and train_inputs:
             first = Path(train_inputs[0])
             path = first.with_name(first.name + ".tokenizer")
             if self.ctx.is_main and not (path / "tokenizer.json").is_file():
@@ -68,8 +136,9 @@ class Task:
                 train_tokenizer(train_inputs, self.config.vocab_size, path,
                                 morpheme=None if args.morpheme == "none" else args.morpheme)
             dist.barrier()
-        else:
-            raise SystemExit("no tokenizer: pass --tokenizer DIR (a tokenizer.json directory)")
+        elif path is None:
+            raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
+                             f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")
         tok = KoTokenizer.load(path)
         try:
             check_vocab_size(tok, self.config.vocab_size)
@@ -77,3 +146,71 @@ class Task:
             raise SystemExit(f"{e} (tokenizer {path}, model {args.model})") from None
         self.tokenizer_dir = path
         return tok
+
+    # -- data limits and inference ---------------------------------------------------
+    def limit(self, items: list, flag: str) -> list:
+        """The first --max_train_examples / --max_eval_examples items (0 = all)."""
+        n = getattr(self.args, flag, 0) or 0
+        return items[:n] if n else items
+
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    def predict(self, engine, dataset, indices: Sequence[int], keys: Sequence[str], desc: str = "eval",
+                **forward_kwargs) -> dict[str, list[np.ndarray]] | None:
+        """Run the wrapped model without gradients over `dataset[i] for i in indices` (this
+        process's share) in batches of --eval_batch_size; on rank 0 return, per output key, the
+        per-batch float arrays of every process in rank order (None on other ranks).
+
+        Every process makes the same number of forward calls (FSDP and ZeRO-3 gather parameters
+        inside each call): a process with fewer rows repeats dataset[0] and drops the result.
+        """
+        bs = self.args.eval_batch_size
+        count = torch.tensor([math.ceil(len(indices) / bs)], dtype=torch.int64, device=self.ctx.device)
+        num_batches = int(dist.all_reduce(count, "max").item())
+        model, dev = engine.model, self.ctx.device
+        outputs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        bar = None
+        if self.ctx.is_main and not self.args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=num_batches, desc=desc, dynamic_ncols=True)
+        engine.train(False)
+        try:
+            with torch.no_grad():
+                for b in range(num_batches):
+                    rows = list(indices[b * bs:(b + 1) * bs])
+                    batch = dataset.collate([dataset[i] for i in (rows or [0])])
+                    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()} | forward_kwargs
+                    with engine.autocast():
+                        out = model(**batch)
+                    if rows:
+                        for k in keys:
+                            outputs[k].append(out[k].detach().float().cpu().numpy())
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            engine.train(True)
+            if bar is not None:
+                bar.close()
+        return gather_to_main(outputs, self.ctx)
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous block [lo, hi) of n items that process `rank` of `world` takes."""
+    per = math.ceil(n / world)
+    lo = min(n, rank * per)
+    return lo, min(n, lo + per)
+
+
+def gather_to_main(outputs: dict[str, list], ctx: DistContext) -> dict[str, list] | None:
+    """Per-key lists of every process concatenated in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return outputs
+    parts = [None] * tdist.get_world_size() if ctx.is_main else None
+    tdist.gather_object(outputs, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    return {k: [a for p in parts for a in p[k]] for k in outputs}
