@@ -164,7 +164,7 @@ class ICTModel(TaskModel):
         self.pooling = pooling
         self.gather_fn: GatherFn = local_only
 
-    def forward(self, query_input_ids: Tensor, passage_input_ids: Tensor,
+    def forward(self, query_input_ids: Tensor, passage_input_ids: Tensor | None = None,
                 query_attention_mask: Tensor | None = None,
                 passage_attention_mask: Tensor | None = None,
                 query_token_type_ids: Tensor | None = None,
@@ -172,6 +172,10 @@ class ICTModel(TaskModel):
                 query_mlm_labels: Tensor | None = None,
                 passage_mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
         # *_mlm_labels are accepted so that pretraining ICT batches can be reused; not used.
+        if passage_input_ids is None:
+            # Encode one side only (evaluation: queries and passages share the encoder).
+            hidden, aux = self.encode(query_input_ids, query_attention_mask, query_token_type_ids)
+            return {"query_vectors": pool(hidden, query_attention_mask, self.pooling), "aux_loss": aux}
         q_hidden, p_hidden, aux = encode_pair(
             self, query_input_ids, query_attention_mask, query_token_type_ids,
             passage_input_ids, passage_attention_mask, passage_token_type_ids)
