@@ -6,6 +6,8 @@ the corpus cache or the model exist) and exits with a message that names the fix
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import os
 import sys
 from pathlib import Path
@@ -119,9 +121,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     """Checks that need no process group; model-config checks happen in `check_model_args`."""
     launcher = LAUNCHERS[stage]
     nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "max_steps_per_epoch", "save_steps",
-              "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_bad_steps", "max_train_examples",
+              "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_train_examples",
               "max_eval_examples"]
-    positive = ["gradient_accumulation_steps", "num_steps", "max_seq_length", "logging_steps",
+    positive = ["gradient_accumulation_steps", "num_steps", "max_seq_length", "logging_steps", "max_bad_steps",
                 "eval_batch_size", "doc_stride", "max_query_length"]
     for name in nonneg:
         if getattr(args, name) < 0:
@@ -165,8 +167,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         if not args.corpus_path:
             _fail(parser, "--train_mode pretrain needs --corpus_path (a .dat text file: one sentence per line, "
                           "a blank line between documents)")
-        if not Path(args.corpus_path).is_file():
-            _fail(parser, f"--corpus_path {args.corpus_path}: no such file")
+        problem = _text_file_problem(Path(args.corpus_path))
+        if problem:
+            _fail(parser, f"--corpus_path {args.corpus_path}: {problem}")
     elif args.train_mode in ("mrc", "ict", "classify") and not args.train_file and args.num_steps > 0:
         _fail(parser, f"--train_mode {args.train_mode} needs --train_file")
     if args.train_mode == "encoder" and not args.encode_file:
@@ -178,9 +181,42 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
                       f"`python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR`")
+    if args.tokenizer:
+        try:
+            json.loads((Path(args.tokenizer) / "tokenizer.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # the tokenizers library would fail with a bare Exception
+            _fail(parser, f"--tokenizer {args.tokenizer}: tokenizer.json is not valid JSON ({e}); train the "
+                          f"tokenizer again with `python -m data.tokenizer train ...`")
+    out = Path(args.output_dir)
+    for path in (out, out / args.model_name):
+        if path.exists() and not path.is_dir():
+            _fail(parser, f"--output_dir/--model_name: {path} exists and is not a directory; "
+                          f"pick another --output_dir or --model_name")
     if args.checkpoint and args.checkpoint != "auto" and not Path(args.checkpoint).exists():
         _fail(parser, f"--checkpoint {args.checkpoint}: no such file or directory "
                       f"(use --checkpoint auto to resume from the latest checkpoint when there is one)")
+
+
+def _text_file_problem(path: Path, sniff_bytes: int = 1 << 20) -> str | None:
+    """Why `path` cannot be a UTF-8 text corpus (missing, a directory, empty, binary), or None.
+
+    Only the first MB is read: enough to catch a wrong file without reading a 100 GB corpus."""
+    if path.is_dir():
+        return "is a directory; expected a .dat text file (one sentence per line, a blank line between documents)"
+    if not path.is_file():
+        return "no such file"
+    if path.stat().st_size == 0:
+        return "is empty; expected UTF-8 text, one sentence per line, a blank line between documents"
+    with open(path, "rb") as f:
+        head = f.read(sniff_bytes)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
+                f"convert it with e.g. `iconv -f cp949 -t utf-8`")
+    return None
 
 
 def parse_args(stage: int, argv: list[str] | None = None) -> argparse.Namespace:

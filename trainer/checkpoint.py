@@ -4,7 +4,9 @@ A checkpoint holds the engine's model/optimizer/scheduler/scaler state (engine.s
 rank's RNG states, the data position and step (`meta.json`, with the run arguments and the
 model config). It is written under `.step-N.tmp` and renamed when complete, so a crash while
 writing leaves the previous checkpoints intact; `meta.json` is written last, and only
-directories named `step-N` that hold one count as checkpoints.
+directories named `step-N` that hold one count as checkpoints. Leftover `.step-N.tmp` (and
+`.step-N.old`) directories of a crashed save are ignored, refused as --checkpoint, and deleted
+by the next save. Problems with a --checkpoint raise `CheckpointError` with the fix.
 """
 from __future__ import annotations
 
@@ -19,12 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import dist
+from trainer import dist, faults
 from trainer.sampler import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+PARTIAL_DIR = re.compile(r"^\.step-(\d+)\.(tmp|old)$")  # left behind by a crash during a save
 META = "meta.json"
 WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """--checkpoint points at something that cannot be resumed from; the message names the fix."""
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -45,6 +52,13 @@ def resolve(spec: str | None, run_dir: Path) -> tuple[Path | None, str]:
         found = list_checkpoints(run_dir)
         return (found[-1], "step") if found else (None, "")
     path = Path(spec)
+    partial = next((p for p in (path, path.parent) if PARTIAL_DIR.match(p.name)), None)
+    if partial is not None:
+        done = list_checkpoints(partial.parent)
+        raise CheckpointError(
+            f"--checkpoint {spec}: {partial.name} is an incomplete checkpoint left by a crash during a save; "
+            f"use a complete one ({', '.join(p.name for p in done) or 'none in ' + str(partial.parent)}) "
+            f"or --checkpoint auto")
     if path.is_file():
         if path.suffix == ".safetensors":
             return path, "weights"
@@ -56,7 +70,7 @@ def resolve(spec: str | None, run_dir: Path) -> tuple[Path | None, str]:
     found = list_checkpoints(path)
     if found:
         return found[-1], "step"
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"--checkpoint {spec}: not a checkpoint (no {META}), not a run directory with step-N checkpoints "
         f"and not an exported model ({WEIGHTS}); point it at output_dir/model_name/step-N or use --checkpoint auto")
 
@@ -81,7 +95,10 @@ def save(engine, state: TrainState, run_dir: Path, meta: dict, keep: int = 0) ->
     final = run_dir / f"step-{state.step}"
     tmp = run_dir / f".step-{state.step}.tmp"
     if dist.world_size() == 1 or engine.ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # leftovers of saves that crashed (any step): never read, removed here
+        for stale in run_dir.glob(".step-*"):
+            if PARTIAL_DIR.match(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     engine.save(tmp)
@@ -94,6 +111,7 @@ def save(engine, state: TrainState, run_dir: Path, meta: dict, keep: int = 0) ->
             json.dump(body, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
+        faults.inject("in_save", state.step, engine.ctx.rank)  # test hook: die before the rename
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             old = run_dir / f".step-{state.step}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -119,14 +137,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 def read_meta(ckpt: Path) -> dict:
-    with open(ckpt / META) as f:
-        return json.load(f)
+    try:
+        with open(ckpt / META) as f:
+            meta = json.load(f)
+        for key in ("step", "train_state", "args", "model_config"):
+            meta[key]
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"--checkpoint {ckpt}: {META} is unreadable or incomplete ({what}); "
+                              f"the checkpoint is damaged, resume from another step-N in {ckpt.parent}") from None
 
 
 def load(engine, ckpt: Path) -> TrainState:
     """Resume everything from step-N: engine state, this rank's RNG, data position."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     meta = read_meta(ckpt)
-    engine.load(ckpt)
+    try:
+        engine.load(ckpt)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, CheckpointException) as e:
+        # e.g. a deleted or truncated shard; DCP wraps per-rank failures in a CheckpointException
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--checkpoint {ckpt}: cannot load its model/optimizer state ({type(e).__name__}: "
+                              f"{first[:300]}); the checkpoint is damaged, resume from another step-N in "
+                              f"{ckpt.parent}") from e
     rng = ckpt / "rng" / f"rank{engine.ctx.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))

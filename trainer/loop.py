@@ -12,7 +12,7 @@ from argparse import Namespace
 import numpy as np
 import torch
 
-from trainer import checkpoint, dist, engines, tasks
+from trainer import checkpoint, dist, engines, faults, tasks
 from trainer.args import parse_args, public_args, run_dir
 from trainer.batch_size import find_batch_size
 from trainer.metrics import Logger, MetricMeter, memory_mb
@@ -41,9 +41,9 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     except Stop as e:
         if ctx.is_main:
             print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
-        dist.shutdown()
         sys.exit(e.code)
-    dist.shutdown()
+    finally:  # also on SystemExit (bad input found after init): leave no process group behind
+        dist.shutdown()
 
 
 def log_main(ctx, message: str) -> None:
@@ -53,8 +53,11 @@ def log_main(ctx, message: str) -> None:
 
 def run(args: Namespace, ctx) -> dict:
     rd = run_dir(args)
-    resume_path, resume_kind = checkpoint.resolve(args.checkpoint, rd)
-    resume_meta = checkpoint.read_meta(resume_path) if resume_kind == "step" else None
+    try:
+        resume_path, resume_kind = checkpoint.resolve(args.checkpoint, rd)
+        resume_meta = checkpoint.read_meta(resume_path) if resume_kind == "step" else None
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(str(e)) from None
     full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
     if resume_meta is not None:
         _check_compatible(args, resume_meta, resume_path)
@@ -73,7 +76,10 @@ def run(args: Namespace, ctx) -> dict:
     state = TrainState()
     if resume_path is not None:
         if full_resume:
-            state = checkpoint.load(engine, resume_path)
+            try:
+                state = checkpoint.load(engine, resume_path)
+            except checkpoint.CheckpointError as e:
+                raise SystemExit(str(e)) from None
             log_main(ctx, f"[checkpoint] resumed {resume_path} at step {state.step} "
                           f"(epoch {state.epoch}, sample {state.samples_in_epoch})")
         elif resume_kind == "step":
@@ -86,12 +92,20 @@ def run(args: Namespace, ctx) -> dict:
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None}
+    sampler = None
+    if task.dataset is not None:
+        # before the Logger, which rewrites loss.tsv: an impossible batch must not touch the run directory
+        try:
+            sampler = EpochSampler(len(task.dataset), args.train_batch_size, ctx.world_size, ctx.rank, args.seed,
+                                   args.gradient_accumulation_steps, args.max_steps_per_epoch)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
                     {"args": meta["args"], "model_config": meta["model_config"]},
                     progress=not args.no_progress)
     try:
         if task.dataset is not None and state.step < args.num_steps:
-            _train(args, ctx, task, engine, model, state, logger, rd, meta)
+            _train(args, ctx, task, engine, model, state, logger, rd, meta, sampler)
         results = task.evaluate(engine)
         if results:
             logger.log(state.step, {f"eval/{k}": v for k, v in results.items()})
@@ -137,7 +151,7 @@ def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=BatchList(sampler.batches(state.epoch, state.samples_in_epoch)),
             collate_fn=task.collate, num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=_ignore_sigterm,
             # its own generator: creating an iterator must not draw from the global RNG (dropout),
             # or a resumed run's random stream would be shifted against the uninterrupted one
             generator=torch.Generator().manual_seed(args.seed + state.epoch))
@@ -146,6 +160,12 @@ def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
             yield batch
         state.epoch += 1
         state.samples_in_epoch = 0
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: torchrun and slurm signal the worker's whole process
+    group, and a worker dying first would crash the rank before it can save. They exit with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Terminate:
@@ -158,11 +178,6 @@ class _Terminate:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, "max")
-        return bool(flag.item())
-
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
 
@@ -174,12 +189,15 @@ def _optimizer_state_mb(engine) -> dict[str, float]:
     return {"perf/optimizer_state_mb": total.item() / dist.world_size(), "perf/optimizer_state_max_mb": largest.item()}
 
 
-def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd, meta: dict) -> None:
-    try:
-        sampler = EpochSampler(len(task.dataset), args.train_batch_size, ctx.world_size, ctx.rank, args.seed,
-                               args.gradient_accumulation_steps, args.max_steps_per_epoch)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+def _is_bad_step(loss_ok: bool, skipped: bool, loss_scale: float, fp16: bool) -> bool:
+    """A step counts towards --max_bad_steps when its loss is not finite, or its gradients are not
+    finite and no fp16 loss scaler can still fix that: an fp16 overflow at a loss scale > 1 is the
+    scaler's normal search (it skips the step and halves the scale), not a bad step."""
+    return not loss_ok or (skipped and (not fp16 or loss_scale <= 1.0))
+
+
+def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd, meta: dict,
+           sampler: EpochSampler) -> None:
     batches = _micro_batches(args, ctx, task, sampler, state)
     meter = MetricMeter()
     accum = args.gradient_accumulation_steps
@@ -195,6 +213,7 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
 
     try:
         while state.step < args.num_steps:
+            loss_ok = True
             for micro in range(accum):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
                 with engine.accumulate(sync=micro == accum - 1):
@@ -203,12 +222,22 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                     engine.backward(out["loss"] / accum)
                 meter.add(out, task.count_tokens(batch), args.train_batch_size)
                 last_loss = out["loss"].detach()
+                loss_ok = loss_ok and math.isfinite(float(last_loss))
             lr = engine.lr()  # the rate this step applies
             result = engine.step()
             state.step += 1
             logger.advance()
-            loss_ok = math.isfinite(float(last_loss))
-            bad = not loss_ok or (result.skipped and (not args.fp16 or result.loss_scale <= 1.0))
+            bad = _is_bad_step(loss_ok, result.skipped, result.loss_scale, args.fp16)
+            faults.inject("after_step", state.step, ctx.rank)  # test hooks, no-ops unless TRAINER_TEST_FAULT
+            faults.inject("sigterm", state.step, ctx.rank)
+            # One all-reduce per step makes every rank take the same decision: a loss can be
+            # non-finite on one rank only, and SIGTERM may reach the ranks at different steps.
+            if ctx.world_size > 1:
+                flags = torch.tensor([float(bad), float(term.requested)], device=ctx.device)
+                dist.all_reduce(flags, "max")
+                bad, terminate = bool(flags[0].item()), bool(flags[1].item())
+            else:
+                terminate = term.requested
             state.bad_steps = state.bad_steps + 1 if bad else 0
 
             if state.step % args.logging_steps == 0 or state.step == args.num_steps:
@@ -225,14 +254,21 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                 last_log, last_step = now, state.step
 
             if state.bad_steps >= args.max_bad_steps:
+                first_bad = state.step - state.bad_steps + 1
+                good = [p for p in checkpoint.list_checkpoints(rd) if int(p.name.split("-")[1]) < first_bad]
+                # keep=0: the checkpoints from before the bad steps must survive this one
+                path = checkpoint.save(engine, state, rd, meta, keep=0)
+                before = (f"the last checkpoint before them is {good[-1]}" if good
+                          else "no checkpoint precedes them")
+                raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients (steps "
+                           f"{first_bad}-{state.step}; last loss {float(last_loss)}, grad norm {result.grad_norm}, "
+                           f"loss scale {result.loss_scale}); saved {path} for inspection, {before}. "
+                           f"Lower --learning_rate, raise --warmup_steps or use --bf16 instead of --fp16, and "
+                           f"train again (or raise --max_bad_steps)", code=3)
+            if terminate:
                 path = save()
-                raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients "
-                           f"(last loss {float(last_loss)}, grad norm {result.grad_norm}); saved {path}. "
-                           f"Lower --learning_rate, raise --warmup_steps, or use --bf16 instead of --fp16, "
-                           f"then resume with --checkpoint {path}", code=3)
-            if term.agreed(ctx.device) if ctx.world_size > 1 else term.requested:
-                path = save()
-                raise Stop(f"SIGTERM at step {state.step}: saved {path}; resume with --checkpoint auto", code=143)
+                raise Stop(f"SIGTERM at step {state.step}: saved checkpoint {path}; "
+                           f"resume with --checkpoint auto", code=143)
             if args.save_steps and state.step % args.save_steps == 0 and state.step < args.num_steps:
                 save()
         save()
