@@ -102,7 +102,7 @@ def run(args: Namespace, ctx) -> dict:
             raise SystemExit(str(e)) from None
     logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
                     {"args": meta["args"], "model_config": meta["model_config"]},
-                    progress=not args.no_progress)
+                    progress=not args.no_progress and task.dataset is not None and state.step < args.num_steps)
     try:
         if task.dataset is not None and state.step < args.num_steps:
             _train(args, ctx, task, engine, model, state, logger, rd, meta, sampler)
