@@ -16,6 +16,15 @@ def build(args: Namespace, ctx: DistContext) -> Task:
     if args.train_mode == "pretrain":
         from trainer.tasks.pretrain import PretrainTask
         return PretrainTask(args, ctx)
+    if args.train_mode == "mrc":
+        from trainer.tasks.mrc import MRCTask
+        return MRCTask(args, ctx)
+    if args.train_mode == "ict":
+        from trainer.tasks.ict import ICTTask
+        return ICTTask(args, ctx)
+    if args.train_mode == "encoder":
+        from trainer.tasks.encoder import EncoderTask
+        return EncoderTask(args, ctx)
     if args.train_mode == "classify":
         from trainer.tasks.classify import ClassifyTask
         return ClassifyTask(args, ctx)

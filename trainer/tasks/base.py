@@ -68,12 +68,12 @@ class Task:
         args = self.args
         try:
             path, kind = checkpoint.resolve(args.checkpoint, run_dir(args))
-        except FileNotFoundError as e:
+            meta = checkpoint.read_meta(path) if kind == "step" else None
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
             raise SystemExit(str(e)) from None
         if path is None:
             return
-        if kind == "step":
-            meta = checkpoint.read_meta(path)
+        if meta is not None:
             recorded = meta.get("tokenizer")
             if recorded:
                 tok = Path(recorded)

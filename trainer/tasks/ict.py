@@ -1,0 +1,129 @@
+"""train_mode ict: retrieval fine-tuning on (question, passage) pairs with in-batch negatives
+gathered from every process (`trainer.dist.all_gather_with_grad`: each query scores world_size x
+batch passages), cosine similarity over --temperature; recall@1/5/20/100 and MRR of held-out
+KorQuAD questions against every (deduplicated) paragraph of the KorQuAD file."""
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.dist import DistContext
+from trainer.tasks.base import Task, shard_range
+
+
+def read_pairs_tsv(path: str | Path) -> list:
+    """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as data.retrieval.Pair."""
+    from data.retrieval import Pair
+
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise ValueError(f"{path}:{line_no}: expected 'query<TAB>passage' (2 non-empty fields), "
+                                 f"got {len(parts)} field(s)")
+            if line_no == 1 and parts[0].strip().lower() == "query":
+                continue
+            pairs.append(Pair(parts[0].strip(), parts[1].strip()))
+    if not pairs:
+        raise ValueError(f"{path} holds no query<TAB>passage lines")
+    return pairs
+
+
+class QueryView(torch.utils.data.Dataset):
+    """An EncodeDataset whose batches are named query_* (ICTModel encodes that side alone)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i]
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return {f"query_{k}": v for k, v in self.dataset.collate(samples).items()}
+
+
+class ICTTask(Task):
+    name = "ict"
+
+    def __init__(self, args: Namespace, ctx: DistContext):
+        super().__init__(args, ctx)
+        from data.mrc import load_squad, split_by_article
+        from data.retrieval import PairDataset, korquad_eval_set, korquad_pairs
+        from models import build_model
+
+        self.tokenizer = self.load_tokenizer()
+        self.eval_set = None
+        try:
+            train_pairs = []
+            held_out, eval_path = None, args.eval_file
+            if args.train_file and Path(args.train_file).suffix.lower() == ".json":
+                examples = load_squad(args.train_file)
+                if not args.eval_file:
+                    examples, held_out = split_by_article(examples, args.eval_fraction, seed=args.seed)
+                    eval_path = args.train_file
+                train_pairs = korquad_pairs(self.limit(examples, "max_train_examples"))
+            elif args.train_file:
+                train_pairs = self.limit(read_pairs_tsv(args.train_file), "max_train_examples")
+            if eval_path:
+                self.eval_set = korquad_eval_set(eval_path, held_out)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"--train_mode ict: {e}") from None
+        if self.eval_set is not None:
+            n = args.max_eval_examples or len(self.eval_set.queries)
+            es = self.eval_set
+            es.query_ids, es.queries, es.gold = es.query_ids[:n], es.queries[:n], es.gold[:n]
+        else:
+            self.log("[ict] no evaluation: pass --eval_file (KorQuAD JSON) or a KorQuAD JSON --train_file")
+        L = args.max_seq_length
+        self.dataset = PairDataset(train_pairs, self.tokenizer, args.max_query_length, L) if train_pairs else None
+        self.model = build_model(self.config, "ict", temperature=args.temperature, pooling=args.pooling)
+        if self.dataset is not None:
+            self.log(f"[ict] {len(self.dataset)} training pairs ({self.dataset.num_truncated_passages} passages cut "
+                     f"at {L} tokens, {self.dataset.num_truncated_queries} queries at {args.max_query_length})")
+        if self.eval_set is not None:
+            self.log(f"[ict] eval: {len(self.eval_set.queries)} questions against "
+                     f"{len(self.eval_set.passages)} passages")
+
+    def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        V = self.config.vocab_size
+        batch = {}
+        for side, L in (("query", self.args.max_query_length), ("passage", self.args.max_seq_length)):
+            batch[f"{side}_input_ids"] = torch.randint(6, V, (batch_size, L), generator=g)
+            batch[f"{side}_attention_mask"] = torch.ones(batch_size, L, dtype=torch.long)
+        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+
+    def encode(self, engine, texts: list[str], max_length: int, desc: str) -> np.ndarray | None:
+        """Unit-length vectors of texts ([CLS] text [SEP]), sharded over processes; rank 0 only."""
+        from data.retrieval import EncodeDataset
+
+        lo, hi = shard_range(len(texts), self.ctx.rank, self.ctx.world_size)
+        local = EncodeDataset(texts[lo:hi] or texts[:1], self.tokenizer, max_length)
+        out = self.predict(engine, QueryView(local), range(hi - lo), ["query_vectors"], desc=desc)
+        if out is None:
+            return None
+        v = np.concatenate(out["query_vectors"])
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def evaluate(self, engine) -> dict[str, float]:
+        from trainer import dist
+
+        if self.eval_set is None:
+            return {}
+        es = self.eval_set
+        passages = self.encode(engine, es.passages, self.args.max_seq_length, "eval passages")
+        queries = self.encode(engine, es.queries, self.args.max_query_length, "eval questions")
+        result = None
+        if passages is not None:
+            result = es.evaluate(queries @ passages.T, ks=(1, 5, 20, 100))
+        return dist.broadcast_object(result)
