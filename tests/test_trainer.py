@@ -152,21 +152,30 @@ def test_auto_batch_size_prints_its_decision(setup):
     assert f"batch={chosen}x1x2" in proc.stdout
 
 
-@pytest.mark.parametrize("script,extra,message", [
-    ("train.py", ["--zero3"], "--zero3 only works with train_zero_two.py"),
-    ("train.py", ["--max_seq_length", "65"], "exceeds the model's max_position_embedding"),
-    ("train.py", ["--train_batch_size", "-1"], "--train_batch_size must be >= 0"),
-    ("train.py", ["--train_batch_size", "0"], "is for the ZeRO launchers"),
-    ("train.py", ["--fp16", "--bf16"], "exclusive"),
-    ("train.py", ["--corpus_path", "/nonexistent.dat"], "no such file"),
-    ("train_zero_one.py", ["--auto_wrap"], "use it with train_zero_two.py"),
-    ("train.py", ["--scheduler_num_steps", "3"], "must be >= --num_steps"),
-    ("train.py", ["--model", "no_such_model"], "no model config named"),
-    ("train.py", ["--max_steps_per_epoch", "100000"], "exceeds the"),
+@pytest.mark.parametrize("stage,extra,message", [
+    (0, ["--zero3"], "--zero3 only works with train_zero_two.py"),
+    (0, ["--max_seq_length", "65"], "exceeds the model's max_position_embedding"),
+    (0, ["--train_batch_size", "-1"], "--train_batch_size must be >= 0"),
+    (0, ["--train_batch_size", "0"], "is for the ZeRO launchers"),
+    (0, ["--fp16", "--bf16"], "exclusive"),
+    (0, ["--corpus_path", "/nonexistent.dat"], "no such file"),
+    (1, ["--auto_wrap"], "use it with train_zero_two.py"),
+    (0, ["--scheduler_num_steps", "3"], "must be >= --num_steps"),
+    (0, ["--model", "no_such_model"], "no model config named"),
 ])
-def test_bad_arguments_fail_before_work(setup, script, extra, message):
-    args = setup["base"] + ["--model", str(setup["cfg"]), "--model_name", "bad"] + extra
-    proc = launch(script, args, check=False)
+def test_bad_arguments_fail_in_validation(setup, capsys, stage, extra, message):
+    from trainer.args import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(stage, setup["base"] + ["--model", str(setup["cfg"]), "--model_name", "bad"] + extra)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_fails_before_work_in_a_real_launch(setup):
+    """A check that needs the data (epoch size vs batch) still stops before any step or checkpoint."""
+    args = setup["base"] + ["--model", str(setup["cfg"]), "--model_name", "bad", "--max_steps_per_epoch", "100000"]
+    proc = launch("train.py", args, check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout, proc.stderr[-2000:]
-    assert not (setup["out"] / "bad" / "step-1").exists()
+    assert "exceeds the" in proc.stderr and "lower --max_steps_per_epoch" in proc.stderr, proc.stderr[-2000:]
+    assert not (setup["out"] / "bad").exists() or not list((setup["out"] / "bad").glob("step-*"))

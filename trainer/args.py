@@ -192,6 +192,16 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         if path.exists() and not path.is_dir():
             _fail(parser, f"--output_dir/--model_name: {path} exists and is not a directory; "
                           f"pick another --output_dir or --model_name")
+    from models import load_config
+
+    try:
+        config = load_config(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(parser, f"--model {args.model}: {e}")
+    if args.max_seq_length > config.max_position_embedding:
+        _fail(parser, f"--max_seq_length {args.max_seq_length} exceeds the model's max_position_embedding "
+                      f"{config.max_position_embedding} ({args.model}); lower --max_seq_length or use a config "
+                      f"with a larger max_position_embedding")
     if args.checkpoint and args.checkpoint != "auto" and not Path(args.checkpoint).exists():
         _fail(parser, f"--checkpoint {args.checkpoint}: no such file or directory "
                       f"(use --checkpoint auto to resume from the latest checkpoint when there is one)")

@@ -61,6 +61,10 @@ def run(args: Namespace, ctx) -> dict:
     full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
     if resume_meta is not None:
         _check_compatible(args, resume_meta, resume_path)
+    existing = checkpoint.list_checkpoints(rd)
+    if resume_path is None and existing:
+        raise SystemExit(f"{rd} already holds checkpoints ({existing[-1].name} is the latest) and would be "
+                         f"overwritten; resume it with --checkpoint auto, or pick another --model_name/--output_dir")
     seed_everything(args.seed)  # identical initial weights on every rank
     task = tasks.build(args, ctx)
     engine = engines.create(args, ctx)

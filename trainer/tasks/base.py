@@ -25,15 +25,7 @@ class Task:
         from models import load_config
 
         self.args, self.ctx = args, ctx
-        try:
-            self.config = load_config(args.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--model {args.model}: {e}") from None
-        if args.max_seq_length > self.config.max_position_embedding:
-            raise SystemExit(
-                f"--max_seq_length {args.max_seq_length} exceeds the model's max_position_embedding "
-                f"{self.config.max_position_embedding} ({args.model}); lower --max_seq_length or use a config "
-                f"with a larger max_position_embedding")
+        self.config = load_config(args.model)  # validated by trainer.args.validate_args
         self.tokenizer_dir: Path | None = None
         self.checkpoint_tokenizer: Path | None = None
         self._check_checkpoint()
