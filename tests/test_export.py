@@ -1,0 +1,168 @@
+"""trainer.export: transformers loads the export offline and computes our model (1e-5)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import ModelConfig, build_model
+from tests.trainer_util import TINY_CONFIG, launch, write_config
+from trainer import checkpoint
+from trainer.export import build_ours, export, load_source, ours_outputs
+from trainer.export import main as export_main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = [("이 영화 정말 재밌었어요! 배우들 연기가 최고", "다음에 또 보고 싶네요"),
+             ("별로였다", "시간 아까움")]
+TOL = 1e-5
+
+
+def _final_dir(tmp: Path, config: dict, tokenizer_dir: Path, objective: str = "sop", seed: int = 0) -> Path:
+    """A final/ directory as the trainer writes it, for a random model whose LayerNorms and biases
+    are random too (so a swapped or missing LayerNorm cannot go unnoticed)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_dict(config)
+    model = build_model(cfg, "pretrain", objective=objective)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    out = tmp / "final"
+    out.mkdir(parents=True)
+    checkpoint.save_weights(model.state_dict(), out / checkpoint.WEIGHTS, {"step": "7"})
+    cfg.to_json(out / "config.json")
+    for name in ("tokenizer.json", "vocab.txt", "pretokenizer.json"):
+        shutil.copy2(tokenizer_dir / name, out / name)
+    return out
+
+
+def _compare(export_dir: Path, src: Path, tokenizer_dir: Path, mlm_class=None) -> dict[str, float]:
+    """Tokenize Korean sentence pairs with the exported HF tokenizer (padded), run transformers and
+    our model; max |difference| over real tokens of hidden states and MLM logits."""
+    from data.tokenizer import KoTokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+    ours_tok = KoTokenizer.load(tokenizer_dir)
+    a, b = SENTENCES[0]
+    assert tok(a, b)["input_ids"] == [2, *ours_tok.encode(a), 3, *ours_tok.encode(b), 3]
+    batch = tok([s for s, _ in SENTENCES], [t for _, t in SENTENCES], padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
+    real = batch["attention_mask"].bool()
+    ours = build_ours(load_source(src))
+    h_ours, logits_ours = ours_outputs(ours, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        base = transformers.AutoModel.from_pretrained(export_dir, local_files_only=True).eval()
+        h_hf = base(**batch).last_hidden_state
+        mlm = (mlm_class or transformers.AutoModelForMaskedLM).from_pretrained(export_dir, local_files_only=True).eval()
+        logits_hf = mlm(**batch).logits
+    assert not base.training and logits_hf.shape == logits_ours.shape
+    return {"hidden": (h_hf - h_ours)[real].abs().max().item(),
+            "logits": (logits_hf - logits_ours)[real].abs().max().item()}
+
+
+@pytest.mark.parametrize("name,overrides,family,mlm_class", [
+    ("bert", {}, "bert", "BertForMaskedLM"),
+    ("albert", {"layer_group": 2, "embedding_size": 16}, "albert", "AlbertForMaskedLM"),
+    ("preln", {"ln_pos": 0, "act_fn": "gelu"}, "roberta-prelayernorm", "RobertaPreLayerNormForMaskedLM"),
+])
+def test_hf_export_matches_ours(tmp_path, tiny_tokenizer_dir, name, overrides, family, mlm_class):
+    src = _final_dir(tmp_path, TINY_CONFIG | overrides, tiny_tokenizer_dir)
+    summary = export(src, tmp_path / "hf")
+    assert summary["target"] == family
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == family
+    diff = _compare(tmp_path / "hf", src, tiny_tokenizer_dir, getattr(transformers, mlm_class))
+    assert diff["hidden"] < TOL and diff["logits"] < TOL, diff
+    if family == "albert":
+        assert cfg["num_hidden_groups"] == 1 and cfg["embedding_size"] == 16
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md"):
+        assert (tmp_path / "hf" / f).is_file(), f
+
+
+def test_pretrain_heads_load_into_for_pretraining(tmp_path, tiny_tokenizer_dir):
+    """SOP weights land in BertForPreTraining's pooler + seq_relationship: same SOP logits."""
+    src = _final_dir(tmp_path, TINY_CONFIG, tiny_tokenizer_dir)
+    export(src, tmp_path / "hf")
+    ours = build_ours(load_source(src))
+    ids = torch.tensor([[2, 100, 200, 300, 3, 400, 3, 0]])
+    mask = (ids != 0).long()
+    types = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 0]])
+    with torch.no_grad():
+        hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+        sop_hf = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).seq_relationship_logits
+        sop_ours = ours(input_ids=ids, attention_mask=mask, token_type_ids=types)["sop_logits"]
+    assert (sop_hf - sop_ours).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("overrides,why", [
+    ({"n_experts": 4}, "n_experts 4"),
+    ({"model_type": "mix_lm", "n_experts": 2, "kernel_size": 5}, "model_type 'mix_lm'"),
+    ({"ln_pos": 0, "layer_group": 2}, "pre-LN (ln_pos 0) with shared layers"),
+])
+def test_unmappable_models_export_our_format(tmp_path, tiny_tokenizer_dir, overrides, why):
+    src = _final_dir(tmp_path, TINY_CONFIG | overrides, tiny_tokenizer_dir, objective="mlm")
+    summary = export(src, tmp_path / "out")
+    assert summary["target"] == "ours"
+    note = (tmp_path / "out" / "EXPORT_NOTE.md").read_text()
+    assert why in note and "cannot load" in note
+    # the documented recipe reproduces the model
+    config = ModelConfig.from_json(tmp_path / "out" / "config.json")
+    assert config.to_dict() == ModelConfig.from_dict(TINY_CONFIG | overrides).to_dict()
+    model = build_model(config, "pretrain", objective="mlm")
+    model.load_state_dict(checkpoint.load_weights(tmp_path / "out" / "model.safetensors"), strict=True)
+    ref = build_ours(load_source(src))
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0]])
+    h1, l1 = ours_outputs(model.eval(), ids, (ids != 0).long())
+    h2, l2 = ours_outputs(ref, ids, (ids != 0).long())
+    assert torch.equal(h1, h2) and torch.equal(l1, l2)
+
+
+def test_morpheme_tokenizer_is_explained(tmp_path, tiny_tokenizer_dir):
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok_dir)
+    (tok_dir / "pretokenizer.json").write_text(json.dumps({"morpheme": "mecab", "continuing_subword_prefix": "##"}))
+    src = _final_dir(tmp_path, TINY_CONFIG, tiny_tokenizer_dir)
+    export(src, tmp_path / "hf", tokenizer=tok_dir)
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "morpheme-aware (mecab)" in readme
+    assert json.loads((tmp_path / "hf" / "pretokenizer.json").read_text())["morpheme"] == "mecab"
+
+
+def test_bad_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a step-N checkpoint"):
+        export(tmp_path, tmp_path / "out")
+
+
+def test_train_then_export_step_and_final(tmp_path, capsys, tiny_corpus, tiny_tokenizer_dir):
+    """A real train.py run; the command line exports its step-N (DCP), export() its final/ folder."""
+    cfg = write_config(tmp_path / "tiny.json", dropout_prob=0.1)
+    launch("train.py", ["--corpus_path", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer_dir),
+                        "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps", "4",
+                        "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "5e-3",
+                        "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "out"),
+                        "--model", str(cfg), "--model_name", "e2e"])
+    run = tmp_path / "out" / "e2e"
+    assert export_main([str(run / "step-2"), str(tmp_path / "hf2"), "--verify"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"] == "bert" and summary["source"]["step"] == 2
+    assert max(summary["verify"].values()) < TOL
+    diff = _compare(tmp_path / "hf2", run / "step-2", tiny_tokenizer_dir)
+    assert diff["hidden"] < TOL and diff["logits"] < TOL, diff
+    # step-4 (DCP) and final/ (safetensors) hold the same weights, so their exports are equal
+    export(run / "step-4", tmp_path / "hf4")
+    export(run / "final", tmp_path / "hf_final")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "hf4" / "model.safetensors"), load_file(tmp_path / "hf_final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(tmp_path / "hf2" / "model.safetensors")
+    assert not torch.equal(a["bert.embeddings.word_embeddings.weight"], c["bert.embeddings.word_embeddings.weight"])
+    diff = _compare(tmp_path / "hf_final", run / "final", tiny_tokenizer_dir)
+    assert diff["hidden"] < TOL and diff["logits"] < TOL, diff

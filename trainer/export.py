@@ -1,0 +1,479 @@
+"""Export a trained model as a Hugging Face `transformers` folder, or in our own format with a
+note where `transformers` has no architecture that computes the same function.
+
+    python -m trainer.export SRC OUT [--tokenizer DIR] [--format auto|ours] [--verify]
+
+SRC: a step-N checkpoint (torch.distributed.checkpoint, fairscale or DeepSpeed), a final/
+directory, a run directory (its final/, else its latest step-N) or a model.safetensors with
+config.json beside it.
+
+What each model becomes (`hf_target`):
+- transformer, post-LN, no sharing, no factorized embeddings -> BERT (BertForMaskedLM/BertModel);
+- transformer, post-LN, layer_group > 1 or embedding_size != hidden_size -> ALBERT
+  (num_hidden_groups = distinct layers; AlbertForMaskedLM/AlbertModel);
+- transformer, pre-LN, no sharing, no factorized embeddings -> RoBERTa-PreLayerNorm
+  (its embeddings, per-sublayer LayerNorms and final LayerNorm are ours; positions are offset
+  by pad_token_id + 1 as in RoBERTa, so padding positions get another position vector);
+- anything else (Switch MoE, Mix LM, pre-LN with sharing or factorization): our weights and
+  config plus EXPORT_NOTE.md.
+The weight names come from `models.hf_compat.key_table` (the BERT table), renamed per target.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from models import ModelConfig, build_model
+from models.hf_compat import key_table
+from trainer import checkpoint
+
+# Substring renames (each applied once, in order) from the BERT names of
+# `key_table(..., hf_prefix="bert.", heads=True)`. BERT's own names need none.
+RENAMES: dict[str, list[tuple[str, str]]] = {
+    "bert": [],
+    "albert": [
+        ("bert.", "albert."),                              # first: "albert." contains "bert."
+        ("albert.encoder.layer.", "albert.encoder.albert_layer_groups."),
+        (".attention.self.", ".albert_layers.0.attention."),
+        (".attention.output.dense.", ".albert_layers.0.attention.dense."),
+        (".attention.output.LayerNorm.", ".albert_layers.0.attention.LayerNorm."),
+        (".intermediate.dense.", ".albert_layers.0.ffn."),
+        (".output.dense.", ".albert_layers.0.ffn_output."),
+        (".output.LayerNorm.", ".albert_layers.0.full_layer_layer_norm."),
+        ("albert.pooler.dense.", "albert.pooler."),
+        ("cls.seq_relationship.", "sop_classifier.classifier."),
+        ("cls.predictions.transform.", "predictions."),
+        ("cls.predictions.", "predictions."),
+    ],
+    "roberta-prelayernorm": [
+        ("bert.", "roberta_prelayernorm."),
+        # pre-LN: our mixer_norm runs before attention, ffn_norm before the intermediate dense
+        (".attention.output.LayerNorm.", ".attention.LayerNorm."),
+        (".output.LayerNorm.", ".intermediate.LayerNorm."),
+        ("cls.predictions.transform.dense.", "lm_head.dense."),
+        ("cls.predictions.transform.LayerNorm.", "lm_head.layer_norm."),
+        ("cls.predictions.bias", "lm_head.bias"),
+    ],
+}
+HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+PREFIX = {"bert": "bert.", "albert": "albert.", "roberta-prelayernorm": "roberta_prelayernorm."}
+CLASS_PREFIX = {"bert": "Bert", "albert": "Albert", "roberta-prelayernorm": "RobertaPreLayerNorm"}
+
+
+@dataclass
+class Source:
+    """Our task model's weights (keys "encoder.*", "mlm_head.*", ...) and what describes them."""
+    state: dict[str, Tensor]
+    config: ModelConfig
+    tokenizer_dir: Path | None = None
+    info: dict = field(default_factory=dict)       # path, kind, step, train_mode, objective
+
+
+# --- reading ---------------------------------------------------------------------------
+def read_dcp_model(dcp_dir: Path) -> dict[str, Tensor]:
+    """The "model" entry of a torch.distributed.checkpoint directory, on one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    import warnings
+
+    meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    model: dict[str, Tensor] = {}
+    for key, m in meta.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(m, TensorStorageMetadata):
+            model[key[len("model."):]] = torch.empty(m.size, dtype=m.properties.dtype)
+    if not model:
+        raise ValueError(f"{dcp_dir}: no model weights in this torch.distributed.checkpoint")
+    state = {"model": model}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+    return state["model"]
+
+
+def _read_step_weights(step_dir: Path) -> dict[str, Tensor]:
+    if (step_dir / "dcp").is_dir():
+        return read_dcp_model(step_dir / "dcp")
+    if (step_dir / "fairscale" / "model.pt").is_file():
+        return torch.load(step_dir / "fairscale" / "model.pt", map_location="cpu", weights_only=True)
+    if (step_dir / "ds").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
+    raise FileNotFoundError(f"{step_dir}: no model weights (dcp/, fairscale/model.pt or ds/)")
+
+
+def _tokenizer_dir(candidates: list[Path | str | None]) -> Path | None:
+    for c in candidates:
+        if c and (Path(c) / "tokenizer.json").is_file():
+            return Path(c)
+    return None
+
+
+def load_source(src: str | Path) -> Source:
+    """Read weights + model config from any of the forms listed in the module docstring."""
+    src = Path(src)
+    if src.is_dir() and not (src / checkpoint.META).is_file() and not (src / checkpoint.WEIGHTS).is_file():
+        if (src / "final" / checkpoint.WEIGHTS).is_file():
+            src = src / "final"
+        elif found := checkpoint.list_checkpoints(src):
+            src = found[-1]
+        else:
+            raise FileNotFoundError(f"{src}: not a step-N checkpoint, final/ directory or run directory "
+                                    f"(no {checkpoint.META}, no {checkpoint.WEIGHTS}, no step-N/)")
+    if src.is_dir() and (src / checkpoint.META).is_file():
+        meta = checkpoint.read_meta(src)
+        args = meta.get("args", {})
+        return Source(_read_step_weights(src), ModelConfig.from_dict(meta["model_config"]),
+                      _tokenizer_dir([meta.get("tokenizer"), args.get("tokenizer")]),
+                      {"path": str(src), "kind": "step", "step": meta.get("step"),
+                       "train_mode": args.get("train_mode"), "objective": args.get("objective")})
+    weights = src / checkpoint.WEIGHTS if src.is_dir() else src
+    if not weights.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint or weights file")
+    config_path = weights.parent / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} missing: an exported model needs its config.json beside "
+                                f"{weights.name}")
+    args_path = weights.parent / "args.json"
+    args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        step = (f.metadata() or {}).get("step", "")
+    return Source(checkpoint.load_weights(weights), ModelConfig.from_json(config_path),
+                  _tokenizer_dir([weights.parent, args.get("tokenizer")]),
+                  {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
+                   "train_mode": args.get("train_mode"), "objective": args.get("objective")})
+
+
+# --- mapping ---------------------------------------------------------------------------
+def hf_target(config: ModelConfig) -> tuple[str | None, str]:
+    """(HF family or None, why): which `transformers` architecture computes our model exactly."""
+    if config.model_type != "transformer":
+        return None, (f"model_type {config.model_type!r} (MixConv token mixing) has no "
+                      f"`transformers` architecture")
+    if config.n_experts > 1:
+        return None, (f"n_experts {config.n_experts}: Switch Transformer FFNs inside a BERT-style "
+                      f"encoder have no `transformers` architecture (SwitchTransformers is T5)")
+    factorized = config.embedding_dim != config.hidden_size
+    if config.ln_pos == 1:
+        if config.layer_group > 1 or factorized:
+            return "albert", "post-LN with shared layer groups or factorized embeddings = ALBERT"
+        return "bert", "post-LN, no sharing = BERT"
+    if config.layer_group > 1 or factorized:
+        return None, ("pre-LN (ln_pos 0) with shared layers or factorized embeddings: ALBERT is "
+                      "post-LN and RoBERTa-PreLayerNorm shares nothing, so no `transformers` "
+                      "architecture computes it")
+    return "roberta-prelayernorm", "pre-LN, no sharing = RoBERTa-PreLayerNorm"
+
+
+def _bert_shaped(config: ModelConfig) -> ModelConfig:
+    """The config whose BERT key table names our distinct layers (the table refuses the others)."""
+    return dataclasses.replace(config, ln_pos=1, layer_group=1, embedding_size=None,
+                               num_hidden_layers=config.num_distinct_layers)
+
+
+def _rename(name: str, target: str) -> str:
+    for old, new in RENAMES[target]:
+        name = name.replace(old, new)
+    return name
+
+
+def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Our weights -> `target`'s names (ForPreTraining/ForMaskedLM naming, tied decoder left to HF).
+    Returns (HF state, our keys that were not exported)."""
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for ours, hf in key_table(_bert_shaped(config), ours_prefix="encoder.", hf_prefix="bert.", heads=True):
+        if ours not in state:
+            if ours.startswith("encoder."):
+                raise KeyError(f"checkpoint lacks encoder weight {ours}")
+            continue                                     # a head this task model does not have
+        names = [_rename(h, target) for h in hf]
+        if target == "roberta-prelayernorm" and names[0].startswith("cls."):
+            continue                                     # RoBERTa has no SOP classifier
+        parts = state[ours].chunk(len(names)) if len(names) > 1 else (state[ours],)
+        out.update({n: p.contiguous() for n, p in zip(names, parts)})
+        used.add(ours)
+    p = PREFIX[target]
+    if target == "albert":
+        proj_w, proj_b = "encoder.embeddings.projection.weight", "encoder.embeddings.projection.bias"
+        if proj_w in state:
+            out[p + "encoder.embedding_hidden_mapping_in.weight"] = state[proj_w]
+            out[p + "encoder.embedding_hidden_mapping_in.bias"] = state[proj_b]
+            used |= {proj_w, proj_b}
+        else:                                            # ALBERT always projects: identity
+            out[p + "encoder.embedding_hidden_mapping_in.weight"] = torch.eye(config.hidden_size)
+            out[p + "encoder.embedding_hidden_mapping_in.bias"] = torch.zeros(config.hidden_size)
+    if target == "roberta-prelayernorm":
+        for s in ("weight", "bias"):
+            out[f"{p}LayerNorm.{s}"] = state[f"encoder.final_norm.{s}"]
+            used.add(f"encoder.final_norm.{s}")
+        # RoBERTa numbers real tokens from pad_token_id + 1 (padding gets pad_token_id)
+        pos = state["encoder.embeddings.position_embeddings.weight"]
+        offset = config.pad_token_id + 1
+        shifted = pos.new_zeros(pos.shape[0] + offset, pos.shape[1])
+        shifted[offset:] = pos
+        out[p + "embeddings.position_embeddings.weight"] = shifted
+    out = {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in out.items()}
+    return out, sorted(set(state) - used)
+
+
+def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, tokenizer_ids: dict | None = None):
+    """A transformers config object for `target`."""
+    import transformers
+
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                  num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_heads,
+                  intermediate_size=config.ff_dim, hidden_act=HF_ACT[config.act_fn],
+                  hidden_dropout_prob=config.dropout_prob, attention_probs_dropout_prob=config.dropout_prob,
+                  max_position_embeddings=config.max_position_embedding, type_vocab_size=config.type_vocab_size,
+                  initializer_range=config.initializer_range, layer_norm_eps=config.LN_eps,
+                  pad_token_id=config.pad_token_id, tie_word_embeddings=True)
+    ids = tokenizer_ids or {}
+    head = "ForPreTraining" if has_sop and target != "roberta-prelayernorm" else "ForMaskedLM" if has_mlm else "Model"
+    if target == "roberta-prelayernorm" and has_mlm and config.act_fn != "gelu":
+        head = "Model"   # RoBERTa's LM head applies gelu whatever hidden_act says
+    arch = [CLASS_PREFIX[target] + head]
+    if target == "bert":
+        return transformers.BertConfig(**common, architectures=arch)
+    if target == "albert":
+        return transformers.AlbertConfig(**common, embedding_size=config.embedding_dim,
+                                         num_hidden_groups=config.num_distinct_layers, inner_group_num=1,
+                                         classifier_dropout_prob=config.dropout_prob, architectures=arch,
+                                         bos_token_id=ids.get("cls", 2), eos_token_id=ids.get("sep", 3))
+    common["max_position_embeddings"] += config.pad_token_id + 1
+    return transformers.RobertaPreLayerNormConfig(**common, architectures=arch,
+                                                  bos_token_id=ids.get("cls", 2), eos_token_id=ids.get("sep", 3))
+
+
+# --- our model, for verification -------------------------------------------------------
+def build_ours(source: Source) -> torch.nn.Module:
+    """Our task model holding the source's weights (pretrain if it has an MLM head, else encoder)."""
+    if "mlm_head.bias" in source.state:
+        objective = "sop" if "sop_head.classifier.weight" in source.state else "mlm"
+        model = build_model(source.config, "pretrain", objective=objective)
+        model.load_state_dict(source.state, strict=True)
+    else:
+        model = build_model(source.config, "encoder")
+        enc = {k: v for k, v in source.state.items() if k.startswith("encoder.")}
+        model.load_state_dict(enc, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def ours_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(last hidden state (B, L, H), MLM logits at every position (B, L, V) or None)."""
+    hidden = model.encoder(input_ids, attention_mask, token_type_ids).last_hidden_state
+    logits = model.mlm_head(hidden, model.word_embeddings) if hasattr(model, "mlm_head") else None
+    return hidden, logits
+
+
+@torch.no_grad()
+def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
+    """Load the export with `transformers` (offline) and compare with our model on random ids
+    with padding: max |difference| of last hidden states (real tokens) and MLM logits."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(out_dir, local_files_only=True)
+    ours = build_ours(source)
+    g = torch.Generator().manual_seed(seed)
+    B, L = 3, min(16, source.config.max_position_embedding)
+    ids = torch.randint(6, source.config.vocab_size, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, L // 2:] = 0
+    mask[2, L - 3:] = 0
+    ids[mask == 0] = source.config.pad_token_id
+    types = torch.zeros_like(ids)
+    types[:, L // 3:] = 1 if source.config.type_vocab_size > 1 else 0
+    h_ours, logits_ours = ours_outputs(ours, ids, mask, types)
+    real = mask.bool()
+    result = {}
+    base = transformers.AutoModel.from_pretrained(out_dir, local_files_only=True).eval()
+    h_hf = base(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    result["hidden_max_abs_diff"] = (h_hf - h_ours)[real].abs().max().item()
+    if logits_ours is not None and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in cfg.architectures):
+        mlm = transformers.AutoModelForMaskedLM.from_pretrained(out_dir, local_files_only=True).eval()
+        logits_hf = mlm(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        result["logits_max_abs_diff"] = (logits_hf - logits_ours)[real].abs().max().item()
+    return result
+
+
+# --- writing ---------------------------------------------------------------------------
+def write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int) -> dict:
+    """tokenizer.json with BERT's [CLS] A [SEP] (B [SEP]) template, vocab.txt, tokenizer_config.json,
+    special_tokens_map.json (BertTokenizerFast loads them offline), pretokenizer.json.
+    Returns {"morpheme": analyzer or None, "ids": special ids} or {} without a tokenizer."""
+    if tokenizer_dir is None:
+        return {}
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                "mask_token": "[MASK]"}
+    missing = [t for t in specials.values() if t not in vocab]
+    if missing:
+        raise ValueError(f"{tokenizer_dir}/tokenizer.json lacks special tokens {missing}")
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.save(str(out / "tokenizer.json"))
+    if (tokenizer_dir / "vocab.txt").is_file():
+        shutil.copy2(tokenizer_dir / "vocab.txt", out / "vocab.txt")
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        specials, tokenizer_class="BertTokenizerFast", do_lower_case=False, strip_accents=False,
+        tokenize_chinese_chars=False, model_max_length=max_length), indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    morpheme = None
+    pre = tokenizer_dir / "pretokenizer.json"
+    if pre.is_file():
+        shutil.copy2(pre, out / "pretokenizer.json")
+        morpheme = json.loads(pre.read_text()).get("morpheme")
+    return {"morpheme": morpheme, "ids": {"cls": cls_id, "sep": sep_id}}
+
+
+def _tokenizer_note(tok: dict) -> str:
+    if not tok:
+        return "No tokenizer was found for this checkpoint: pass `--tokenizer DIR` to include one.\n"
+    if tok["morpheme"]:
+        return (f"**The tokenizer is morpheme-aware ({tok['morpheme']}).** Hugging Face tokenizers cannot "
+                f"express that pre-tokenizer, so `tokenizer.json` alone gives different pieces: split every "
+                f"input into morphemes first (each eojeol cut at morpheme boundaries, later pieces prefixed "
+                f"with `##`), e.g. with this repository's `data.tokenizer.KoTokenizer.load(<this folder>)`, "
+                f"which reads `pretokenizer.json`.\n")
+    return ("The tokenizer (WordPiece, no lowercasing, no accent stripping: those would split Hangul "
+            "into jamo) loads with `AutoTokenizer`/`BertTokenizerFast` and adds [CLS]/[SEP] itself.\n")
+
+
+def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None,
+           fmt: str = "auto", do_verify: bool = False) -> dict:
+    """Write the export folder; returns a summary (target, architectures, files, verification)."""
+    source = load_source(src)
+    if tokenizer is not None:
+        source.tokenizer_dir = Path(tokenizer)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    target, why = hf_target(source.config) if fmt == "auto" else (None, "--format ours was asked for")
+    tok = write_tokenizer(source.tokenizer_dir, tmp, source.config.max_position_embedding)
+    summary = {"source": source.info, "target": target or "ours", "reason": why}
+    if target is None:
+        _write_ours(source, tmp, why, tok)
+    else:
+        _write_hf(source, tmp, target, why, tok, summary, out.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    summary["files"] = sorted(p.name for p in out.iterdir())
+    if do_verify and target is not None:
+        summary["verify"] = verify(out, source)
+    return summary
+
+
+def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summary: dict, name: str) -> None:
+    from safetensors.torch import save_file
+
+    state, left = to_hf_state(source.state, source.config, target)
+    has_mlm = "mlm_head.bias" in source.state
+    has_sop = "sop_head.classifier.weight" in source.state
+    cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"))
+    cfg.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "ko_model_config.json").write_text(source.config.to_json())
+    summary["architectures"] = cfg.architectures
+    summary["not_exported"] = left
+    arch = cfg.architectures[0]
+    family = CLASS_PREFIX[target]
+    lines = [f"# {name}: `transformers` {family} export", "",
+             f"Exported by `python -m trainer.export` from `{source.info.get('path')}` "
+             f"(step {source.info.get('step')}, train_mode {source.info.get('train_mode')}, "
+             f"objective {source.info.get('objective')}). Our model is {why}.", "",
+             "```python",
+             "from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer",
+             "tok = AutoTokenizer.from_pretrained(PATH)",
+             "encoder = AutoModel.from_pretrained(PATH)            # hidden states",
+             ]
+    if has_mlm and not arch.endswith("Model"):
+        lines.append("mlm = AutoModelForMaskedLM.from_pretrained(PATH)    # MLM logits")
+    lines += ["```", "", f"Config: `config.json` ({family}, architectures {cfg.architectures}); our own "
+              "config is kept in `ko_model_config.json`.", "", _tokenizer_note(tok)]
+    if target == "roberta-prelayernorm":
+        lines.append("RoBERTa numbers positions from pad_token_id + 1 and gives padding tokens position "
+                     "pad_token_id, so hidden states at *padding* positions differ from ours; real "
+                     "tokens match. Use right padding with attention_mask as usual.\n")
+        if has_mlm and source.config.act_fn != "gelu":
+            lines.append(f"RoBERTa's LM head always applies gelu but this model uses {source.config.act_fn}: "
+                         "the MLM head is included in the weights but `AutoModelForMaskedLM` would not "
+                         "reproduce our logits; use the encoder.\n")
+    if has_sop and target == "roberta-prelayernorm":
+        lines.append("The SOP classifier is not exported (RoBERTa has no pretraining sequence head).\n")
+    if left:
+        lines.append("Weights of ours not exported (task heads without a `transformers` counterpart here): "
+                     + ", ".join(f"`{k}`" for k in left) + ".\n")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _write_ours(source: Source, out: Path, why: str, tok: dict) -> None:
+    checkpoint.save_weights(source.state, out / checkpoint.WEIGHTS,
+                            {"step": str(source.info.get("step") or ""),
+                             "train_mode": str(source.info.get("train_mode") or "")})
+    source.config.to_json(out / "config.json")
+    objective = "sop" if "sop_head.classifier.weight" in source.state else "mlm"
+    note = f"""# Export note: `transformers` cannot load this model
+
+Source: `{source.info.get('path')}` (step {source.info.get('step')}, train_mode {source.info.get('train_mode')}).
+
+**Why:** {why}. A BERT/ALBERT folder would load without errors and compute something else, so
+this folder holds our own format instead:
+
+- `model.safetensors`: our weights (tied tensors stored once; the aliases are in the metadata),
+- `config.json`: our `ModelConfig` (not a `transformers` config),
+- the tokenizer files.
+
+Load it with this repository's `models` package:
+
+```python
+from models import ModelConfig, build_model
+from trainer.checkpoint import load_weights
+config = ModelConfig.from_json("PATH/config.json")
+model = build_model(config, "pretrain", objective="{objective}")   # or "encoder", "mrc", ...
+model.load_state_dict(load_weights("PATH/model.safetensors"), strict=False)
+```
+or continue training / fine-tune from it with `--checkpoint PATH/model.safetensors`.
+
+{_tokenizer_note(tok)}"""
+    (out / "EXPORT_NOTE.md").write_text(note)
+    (out / "README.md").write_text(note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="step-N checkpoint, final/ directory, run directory or model.safetensors")
+    p.add_argument("out", help="output folder (replaced)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
+    p.add_argument("--format", choices=("auto", "ours"), default="auto",
+                   help="auto: a transformers architecture where one computes our model exactly, else "
+                        "our format; ours: always our format")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export with transformers and print the max difference to our model")
+    a = p.parse_args(argv)
+    summary = export(a.src, a.out, a.tokenizer, a.format, a.verify)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
