@@ -1,0 +1,90 @@
+"""trainer.plot: PNG curves from TensorBoard logs; the plotted series are the logged ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.trainer_util import launch, read_tsv, write_config
+from trainer.plot import figure_layout, main, plot_runs, read_scalars, smooth
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("plot")
+    cfg = write_config(root / "tiny.json")
+    launch("train.py", ["--corpus_path", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer_dir),
+                        "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps", "4",
+                        "--logging_steps", "1", "--num_workers", "0", "--no_progress",
+                        "--output_dir", str(root / "out"), "--model", str(cfg), "--model_name", "real"])
+    return root / "out" / "real"
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """An ICT run written directly, with a resume that rewrites steps 3..4 (purge_step)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path_factory.mktemp("plot") / "synthetic"
+    w = SummaryWriter(log_dir=str(run / "tensorboard"))
+    for step in range(1, 5):
+        w.add_scalar("train/loss", 10.0 - step, step)
+        w.add_scalar("train/ict_acc", 0.1 * step, step)
+        w.add_scalar("eval/recall_at_5", 0.5, step)
+    w.close()
+    w = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=3)
+    for step in range(3, 7):
+        w.add_scalar("train/loss", 100.0 + step, step)
+        w.add_scalar("train/ict_acc", 0.1 * step, step)
+    w.close()
+    return run
+
+
+def test_plots_overlay_runs_with_logged_data(real_run, synthetic_run, tmp_path):
+    plotted = plot_runs([real_run, synthetic_run], tmp_path / "png")
+    for fig in ("loss", "mlm", "sop", "ict", "lr", "throughput", "memory", "eval"):
+        data = (tmp_path / "png" / f"{fig}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, fig
+    assert set(plotted["loss"]["train/loss"]) == {"real", "synthetic"}
+    assert plotted["mlm"].keys() == {"train/mlm_loss", "train/mlm_acc"}
+    assert set(plotted["ict"]["train/ict_acc"]) == {"synthetic"}
+    # real run: what was plotted is what the trainer logged (loss.tsv, 6 significant digits)
+    rows = read_tsv(real_run / "loss.tsv")
+    for tag, col in (("train/loss", "loss"), ("train/mlm_acc", "mlm_acc"), ("train/lr", "lr"),
+                     ("perf/tokens_per_s", "tokens_per_s")):
+        fig = next(f for f, tags in plotted.items() if tag in tags)
+        steps, values = plotted[fig][tag]["real"]
+        assert steps.tolist() == [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+        np.testing.assert_allclose(values, [r[col] for r in rows], rtol=1e-5, atol=1e-12)
+    # synthetic run: the resumed values replace the purged ones
+    steps, values = plotted["loss"]["train/loss"]["synthetic"]
+    assert steps.tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(values, [9, 8, 103, 104, 105, 106])
+
+
+def test_smoothing_is_debiased_ema(synthetic_run, tmp_path):
+    raw = read_scalars(synthetic_run)["train/loss"][1]
+    plotted = plot_runs([synthetic_run], tmp_path, smoothing=0.5, names=["s"])
+    shown = plotted["loss"]["train/loss"]["s"][1]
+    assert shown[0] == raw[0]
+    np.testing.assert_allclose(shown[1], (0.25 * raw[0] + 0.5 * raw[1]) / 0.75)
+    np.testing.assert_allclose(smooth(np.full(5, 3.0), 0.9), 3.0)
+
+
+def test_layout_groups_objectives():
+    layout = figure_layout({"train/loss", "train/aux_loss", "train/sop_acc", "train/sop_loss",
+                            "train/lr", "perf/tokens_per_s", "eval/em"})
+    assert layout["sop"] == ["train/sop_loss", "train/sop_acc"]
+    assert layout["loss"] == ["train/loss", "train/aux_loss"]
+    assert layout["eval"] == ["eval/em"] and layout["throughput"] == ["perf/tokens_per_s"]
+
+
+def test_cli_and_errors(synthetic_run, tmp_path, capsys):
+    assert main([str(synthetic_run / "tensorboard"), "--out", str(tmp_path / "o"), "--smooth", "0.2"]) == 0
+    assert "ict.png" in capsys.readouterr().out
+    assert (tmp_path / "o" / "ict.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        plot_runs([tmp_path / "missing"], tmp_path / "o")
+    with pytest.raises(SystemExit):
+        main([str(synthetic_run), "--out", str(tmp_path), "--smooth", "1.5"])

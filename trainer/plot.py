@@ -1,0 +1,167 @@
+"""PNG curves from runs' TensorBoard logs, several runs overlaid.
+
+    python -m trainer.plot output/run_a output/run_b --out plots/ [--smooth 0.6] [--names a b]
+
+A run is `output_dir/<model_name>` (its `tensorboard/` is read) or a TensorBoard log directory.
+Figures: `loss.png` (total and auxiliary loss), one per objective (`mlm.png`, `sop.png`,
+`ict.png`, ...: loss and accuracy), `lr.png` (and epoch), `grad.png` (gradient norm, loss scale),
+`throughput.png` (tokens/s, samples/s, step time), `memory.png`, and one per other tag prefix
+(e.g. `eval.png`). The runs are the legend.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+Series = tuple[np.ndarray, np.ndarray]           # (steps, values)
+
+FIXED_FIGURES: dict[str, list[str]] = {
+    "loss": ["train/loss", "train/aux_loss"],
+    "lr": ["train/lr", "train/epoch"],
+    "grad": ["train/grad_norm", "train/loss_scale"],
+    "throughput": ["perf/tokens_per_s", "perf/samples_per_s", "perf/step_time_s"],
+    "memory": ["perf/rss_mb", "perf/cuda_max_allocated_mb", "perf/optimizer_state_mb",
+               "perf/optimizer_state_max_mb"],
+}
+OBJECTIVE_TAG = re.compile(r"^train/(\w+?)_(loss|acc)$")
+
+
+def log_dir(run: Path) -> Path:
+    return run / "tensorboard" if (run / "tensorboard").is_dir() else run
+
+
+def read_scalars(run: str | Path) -> dict[str, Series]:
+    """Every scalar tag of a run: steps ascending, one value per step (the last one written,
+    which is what a resumed run logged after its checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = log_dir(Path(run))
+    if not d.is_dir() or not any(d.rglob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"{run}: no TensorBoard event files (expected {d}/events.out.tfevents.*)")
+    acc = EventAccumulator(str(d), size_guidance={"scalars": 0})   # 0 = keep every point
+    acc.Reload()
+    out: dict[str, Series] = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    return out
+
+
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's debiased exponential moving average (weight 0 = unchanged)."""
+    if weight <= 0 or len(values) == 0:
+        return values
+    out = np.empty_like(values)
+    last = 0.0
+    for i, v in enumerate(values):
+        last = weight * last + (1 - weight) * v
+        out[i] = last / (1 - weight ** (i + 1))
+    return out
+
+
+def figure_layout(tags: set[str]) -> dict[str, list[str]]:
+    """Figure name -> the tags it plots (one panel each), for the tags some run has."""
+    figures: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for name, wanted in FIXED_FIGURES.items():
+        present = [t for t in wanted if t in tags]
+        if present:
+            figures[name] = present
+            used |= set(present)
+    objectives: dict[str, list[str]] = defaultdict(list)
+    for t in sorted(tags - used):
+        if (m := OBJECTIVE_TAG.match(t)) and m.group(1) != "aux":
+            objectives[m.group(1)].append(t)
+    for obj, ts in objectives.items():
+        figures[obj] = sorted(ts, key=lambda t: (not t.endswith("_loss"), t))
+        used |= set(ts)
+    rest: dict[str, list[str]] = defaultdict(list)
+    for t in sorted(tags - used):
+        rest[t.split("/", 1)[0] if "/" in t else "other"].append(t)
+    for prefix, ts in rest.items():
+        figures[prefix if prefix not in figures else f"{prefix}_other"] = ts
+    return figures
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """The run directory's name (its parent's when given the tensorboard/ folder); duplicates
+    get their parent directory's name in front."""
+    base = [(r.parent if r.name == "tensorboard" else r) for r in runs]
+    names = [b.name for b in base]
+    return [f"{b.parent.name}/{b.name}" if names.count(b.name) > 1 else b.name for b in base]
+
+
+def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.0,
+              names: list[str] | None = None, dpi: int = 110) -> dict[str, dict[str, dict[str, Series]]]:
+    """Write one PNG per figure; returns what was plotted: figure -> tag -> run -> (steps, values),
+    values after smoothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [Path(r) for r in runs]
+    names = names or run_names(runs)
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
+    data = {name: read_scalars(r) for name, r in zip(names, runs)}
+    layout = figure_layout(set().union(*(d.keys() for d in data.values())))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    plotted: dict[str, dict[str, dict[str, Series]]] = {}
+    for fig_name, tags in layout.items():
+        fig, axes = plt.subplots(1, len(tags), figsize=(5.2 * len(tags), 3.8), squeeze=False)
+        plotted[fig_name] = {}
+        for ax, tag in zip(axes[0], tags):
+            plotted[fig_name][tag] = {}
+            for i, (name, scalars) in enumerate(data.items()):
+                if tag not in scalars:
+                    continue
+                steps, values = scalars[tag]
+                color = colors[i % len(colors)]
+                shown = smooth(values, smoothing)
+                if smoothing > 0:
+                    ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+                ax.plot(steps, shown, color=color, label=name, linewidth=1.6,
+                        marker="." if len(steps) < 30 else None)
+                plotted[fig_name][tag][name] = steps, shown
+            ax.set_title(tag)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if tag.endswith("_acc"):
+                ax.set_ylim(-0.02, 1.02)
+            elif tag == "train/lr":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            ax.legend(fontsize=8)
+        fig.suptitle(fig_name + (f" (smoothing {smoothing})" if smoothing > 0 else ""))
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{fig_name}.png", dpi=dpi)
+        plt.close(fig)
+    return plotted
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (output_dir/model_name) or TensorBoard log directories")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="exponential moving average weight in [0, 1), as TensorBoard's slider (default 0)")
+    p.add_argument("--names", nargs="+", default=None, help="legend names, one per run (default: directory names)")
+    a = p.parse_args(argv)
+    if not 0.0 <= a.smooth < 1.0:
+        p.error(f"--smooth must be in [0, 1), got {a.smooth}")
+    plotted = plot_runs(a.runs, a.out, a.smooth, a.names)
+    for fig, tags in plotted.items():
+        print(f"{Path(a.out) / (fig + '.png')}: {', '.join(tags)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
