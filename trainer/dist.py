@@ -51,7 +51,16 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its TCPStore across --max_restarts attempts and torch adds no
+            # per-attempt prefix, so a restarted rank could read the gloo/nccl address of a dead
+            # rank of the previous attempt ("Connection refused"): keep the attempts apart.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            kwargs.update(store=dist.PrefixStore(f"trainer/attempt_{restart}", store), rank=rank, world_size=world)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return DistContext(rank, world, local_rank, dev, backend)
 
 
