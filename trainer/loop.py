@@ -273,7 +273,10 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                 path = save()
                 raise Stop(f"SIGTERM at step {state.step}: saved checkpoint {path}; "
                            f"resume with --checkpoint auto", code=143)
-            if args.save_steps and state.step % args.save_steps == 0 and state.step < args.num_steps:
+            # no periodic save inside a run of bad steps: --keep_checkpoints rotation would replace
+            # the good checkpoints from before it by broken ones
+            if (args.save_steps and state.step % args.save_steps == 0 and state.step < args.num_steps
+                    and state.bad_steps == 0):
                 save()
         save()
     finally:
