@@ -152,7 +152,7 @@ class TransformerEncoder(Encoder):
 
     def make_layer(self, config: ModelConfig, index: int) -> nn.Module:
         if config.is_moe_layer(index):
-            from .moe import SwitchFFN
+            from .moe import SwitchFFN  # here: moe.py imports this module
             ffn: nn.Module = SwitchFFN(config)
         else:
             ffn = FeedForward(config)

@@ -66,25 +66,38 @@ class SwitchFFN(nn.Module):
 
         counts = torch.bincount(expert, minlength=E + 1)           # (E + 1,), last = padding
         order = torch.argsort(expert, stable=True)                 # tokens grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         counts_host = counts.tolist()                              # sizes the expert matmuls
         num_real = x.shape[0] - counts_host[E]
+        if num_real == 0:
+            return torch.zeros_like(x).view(shape), self.router_loss(logits, probs, counts[:E],
+                                                                     real, num_real)
         cap = self.capacity(num_real)
-        kept_idx, kept_out = [], []
-        start = 0
+        # Sorted rows: [kept_0, dropped_0, kept_1, dropped_1, ..., padding]. Gathers with a
+        # permutation and its inverse (instead of index_select/index_copy per expert) keep the
+        # backward pass to gathers too, and split/unbind backward to one cat/stack each.
+        sizes = []
         for e in range(E):
-            n = min(counts_host[e], cap)
-            if n:
-                idx = order[start:start + n]
-                h = self.act(torch.addmm(self.b_in[e], x.index_select(0, idx), self.w_in[e]))
-                h = torch.addmm(self.b_out[e], h, self.w_out[e])
-                kept_idx.append(idx)
-                kept_out.append(h * gate.index_select(0, idx).unsqueeze(1).to(h.dtype))
-            start += counts_host[e]
-        if kept_idx:
-            out = x.new_zeros(x.shape[0], shape[-1], dtype=kept_out[0].dtype)
-            out = out.index_copy(0, torch.cat(kept_idx), torch.cat(kept_out))
-        else:
-            out = torch.zeros_like(x)
+            kept = min(counts_host[e], cap)
+            sizes += [kept, counts_host[e] - kept]
+        sizes.append(counts_host[E])
+        rows = _permute_rows(x, order, inverse).split(sizes)
+        gates = gate.index_select(0, order).split(sizes)
+        w_in, b_in = self.w_in.unbind(0), self.b_in.unbind(0)
+        w_out, b_out = self.w_out.unbind(0), self.b_out.unbind(0)
+        outs: list[Tensor | int] = []
+        for e in range(E):
+            if sizes[2 * e]:
+                h = self.act(torch.addmm(b_in[e], rows[2 * e], w_in[e]))
+                h = torch.addmm(b_out[e], h, w_out[e])
+                outs.append(h * gates[2 * e].unsqueeze(1).to(h.dtype))
+            outs.append(sizes[2 * e + 1])                          # overflow: zeros
+        outs.append(sizes[-1])                                     # padding: zeros
+        dtype = next(o.dtype for o in outs if isinstance(o, Tensor))
+        ys = torch.cat([o if isinstance(o, Tensor) else x.new_zeros(o, shape[-1], dtype=dtype)
+                        for o in outs if not isinstance(o, int) or o])
+        out = _permute_rows(ys, inverse, order)
         return out.view(shape), self.router_loss(logits, probs, counts[:E], real, num_real)
 
     def router_loss(self, logits: Tensor, probs: Tensor, counts: Tensor, real: Tensor | None,
@@ -104,3 +117,21 @@ class SwitchFFN(nn.Module):
                 z = z * real
             loss = loss + self.z_loss_weight * z.sum() / num_real
         return loss
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] whose backward is the gather grad[inverse] rather than a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    return _PermuteRows.apply(x, perm, inverse)

@@ -210,17 +210,31 @@ def test_switch_respects_capacity_and_passes_overflow():
     assert (out.abs().sum(-1) > 0).all()
 
 
-def test_switch_dispatch_matches_dense_per_token_computation():
-    ffn = _switch(E=3, cf=10.0).eval()
-    x = torch.randn(2, 6, 16)
+def test_switch_dispatch_matches_per_token_computation_and_gradients():
+    ffn = _switch(E=3, cf=0.75).train()      # some tokens overflow
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    r = torch.randn(2, 8, 16)
     out, _ = ffn(x, None)
+    (out * r).sum().backward()
+    got = [t.grad.clone() for t in (x, ffn.w_in, ffn.b_out, ffn.router.weight)]
+    for t in (x, ffn.w_in, ffn.b_out, ffn.router.weight):
+        t.grad = None
     flat = x.reshape(-1, 16)
     probs = torch.softmax(flat @ ffn.router.weight.T, -1)
     gate, e = probs.max(-1)
+    cap, used, ref = math.ceil(0.75 * 16 / 3), [0, 0, 0], []
     for t in range(flat.shape[0]):
-        h = torch.nn.functional.gelu(flat[t] @ ffn.w_in[e[t]] + ffn.b_in[e[t]])
-        ref = (h @ ffn.w_out[e[t]] + ffn.b_out[e[t]]) * gate[t]
-        assert torch.allclose(out.reshape(-1, 16)[t], ref, atol=1e-5)
+        if used[e[t]] < cap:
+            used[e[t]] += 1
+            h = torch.nn.functional.gelu(flat[t] @ ffn.w_in[e[t]] + ffn.b_in[e[t]])
+            ref.append((h @ ffn.w_out[e[t]] + ffn.b_out[e[t]]) * gate[t])
+        else:
+            ref.append(torch.zeros(16))
+    ref = torch.stack(ref).view(2, 8, 16)
+    assert torch.allclose(out, ref, atol=1e-5)
+    (ref * r).sum().backward()
+    for g, t in zip(got, (x, ffn.w_in, ffn.b_out, ffn.router.weight)):
+        assert torch.allclose(g, t.grad, atol=1e-5)
 
 
 def test_switch_aux_loss_is_minimal_for_uniform_routing():
