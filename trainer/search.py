@@ -46,9 +46,15 @@ class Searcher:
         if len(self.ids) != len(self.vectors):
             raise SystemExit(f"{folder}: {len(self.ids)} ids but {len(self.vectors)} vectors; re-run the encoder")
         source = checkpoint or self.info.get("checkpoint")
+        if checkpoint and self.info.get("checkpoint") and Path(checkpoint).resolve() != Path(self.info["checkpoint"]):
+            print(f"[search] note: {folder} was encoded with {self.info['checkpoint']}, queries use {checkpoint}",
+                  file=sys.stderr, flush=True)
         if not source:
             raise SystemExit(f"{folder} was encoded without --checkpoint; pass --checkpoint (the same weights)")
-        path, kind = ckpt.resolve(str(source), Path(source))
+        try:
+            path, kind = ckpt.resolve(str(source), Path(source))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
         if path is None:
             raise SystemExit(f"--checkpoint {source}: no checkpoint there")
         if kind == "step":
