@@ -74,15 +74,30 @@ def test_auto_wrap_with_shared_layers_follows_ddp(setup):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
 
 
-def test_resume_matches_uninterrupted(setup):
-    """Dropout on: exact resume needs the data position and the RNG states."""
+@pytest.fixture(scope="module")
+def dropout_run(setup):
     cfg = write_config(setup["root"] / "tiny_dropout.json", dropout_prob=0.1)
     full, _ = _run(setup, "full", "train.py", 1, ["--save_steps", "3"], model=cfg)
+    return full, cfg
+
+
+def test_resume_matches_uninterrupted(setup, dropout_run):
+    """Dropout on: exact resume needs the data position and the RNG states."""
+    full, cfg = dropout_run
     resumed, proc = _run(setup, "resumed", "train.py", 1, ["--checkpoint", str(full / "step-3")], model=cfg)
     assert "resumed" in proc.stdout and "step 3" in proc.stdout
     a, b = losses(full)[3:], losses(resumed)
     assert len(b) == STEPS - 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
+
+
+def test_resume_applies_a_changed_learning_rate(setup, dropout_run):
+    """The scheduler state must not bring back the old run's peak rate."""
+    full, cfg = dropout_run
+    rd, _ = _run(setup, "new_lr", "train.py", 1,
+                 ["--checkpoint", str(full / "step-3"), "--learning_rate", "1e-3", "--num_steps", "4"], model=cfg)
+    (row,) = read_tsv(rd / "loss.tsv")
+    assert row["lr"] == pytest.approx(1e-3 * (100 - 3) / 100)  # linear decay over --scheduler_num_steps 100
 
 
 def test_resume_auto_continues_the_same_run(setup):

@@ -45,6 +45,19 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
+def reset_peak_lr(scheduler, peak_lr: float) -> None:
+    """After loading a LambdaLR state: apply this run's --learning_rate.
+
+    The saved state carries the old run's base rates, so a resume with a changed learning rate
+    (e.g. lowered after divergence) would silently keep the old one. The schedule's shape comes
+    from the current flags anyway (its lambda is not part of the state)."""
+    scheduler.base_lrs = [peak_lr] * len(scheduler.base_lrs)
+    rates = [peak_lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+
+
 def amp_dtype(args: Namespace) -> torch.dtype | None:
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, tensor_state_bytes
+from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
 
 TAG = "ds"
 AUTO = "auto"
@@ -286,6 +286,8 @@ class DeepSpeedEngine(Engine):
                                               load_lr_scheduler_states=True)
             if path is None:
                 raise SystemExit(f"--checkpoint {ckpt_dir}: DeepSpeed could not load {ckpt_dir / TAG}")
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+                reset_peak_lr(self.scheduler, self.args.learning_rate)
             return
         self.load_weights(read_full_weights(ckpt_dir))
 

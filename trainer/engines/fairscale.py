@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import dist
-from trainer.engines.base import StepResult, lr_lambda, param_groups, tensor_state_bytes
+from trainer.engines.base import StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
 from trainer.engines.torch import TorchEngine
 
 SUB = "fairscale"
@@ -219,6 +219,7 @@ class FairscaleEngine(TorchEngine):
         self.optimizer.load_state_dict(optim)
         small = torch.load(ckpt_dir / SUB / "engine_state.pt", map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(small["scheduler"])
+        reset_peak_lr(self.scheduler, self.args.learning_rate)
         if self.scaler and small["scaler"]:
             self.scaler.load_state_dict(small["scaler"])
 

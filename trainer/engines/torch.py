@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, tensor_state_bytes
+from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
 
 
 class TorchEngine(Engine):
@@ -150,6 +150,7 @@ class TorchEngine(Engine):
                   f"model, schedule and data position resume, AdamW moments start fresh", flush=True)
         small = torch.load(ckpt_dir / "engine_state.pt", map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(small["scheduler"])
+        reset_peak_lr(self.scheduler, self.args.learning_rate)
         if self.scaler and small["scaler"]:
             self.scaler.load_state_dict(small["scaler"])
 

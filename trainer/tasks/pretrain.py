@@ -25,9 +25,12 @@ class PretrainTask(Task):
                                   progress=ctx.is_main and not args.no_progress)
         except ValueError as e:
             raise SystemExit(f"--corpus_path {args.corpus_path}: {e}") from None
-        self.dataset = PretrainDataset(cache, self.tokenizer, args.max_seq_length, objective=args.objective,
-                                       mlm_probability=args.mlm_probability,
-                                       whole_word_mask=args.whole_word_mask, seed=args.seed)
+        try:
+            self.dataset = PretrainDataset(cache, self.tokenizer, args.max_seq_length, objective=args.objective,
+                                           mlm_probability=args.mlm_probability,
+                                           whole_word_mask=args.whole_word_mask, seed=args.seed)
+        except ValueError as e:  # e.g. no document has two sentences for SOP
+            raise SystemExit(f"--corpus_path {args.corpus_path} (--objective {args.objective}): {e}") from None
         self.model = build_model(self.config, "pretrain", objective=args.objective, temperature=args.temperature,
                                  pooling=args.pooling)
 
