@@ -27,8 +27,10 @@ COMMON = ["--max_seq_length", "64", "--num_workers", "0", "--no_progress", "--lo
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    """loss.tsv rows of training steps (the evaluation row has no loss)."""
-    return [row["loss"] for row in read_tsv(run_dir / "loss.tsv") if "loss" in row]
+    """loss.tsv holds training steps only (evaluation goes to eval.json and TensorBoard)."""
+    rows = read_tsv(run_dir / "loss.tsv")
+    assert all("loss" in row for row in rows)
+    return [row["loss"] for row in rows]
 
 
 def eval_line(stdout: str) -> dict[str, float]:
@@ -74,6 +76,7 @@ def test_classify_from_exported_checkpoint(env):
     assert_falls(train_losses(env.out / "cls"), "classify")
     acc = eval_line(proc.stdout)["accuracy"]
     assert 0.0 <= acc <= 1.0 and acc * 50 == pytest.approx(round(acc * 50))
+    assert json.loads((env.out / "cls" / "eval.json").read_text())["accuracy"] == pytest.approx(acc, abs=1e-4)
     final = env.out / "cls" / "final"
     assert (final / "tokenizer.json").read_text() == (env.tokenizer / "tokenizer.json").read_text()
 

@@ -112,7 +112,7 @@ def run(args: Namespace, ctx) -> dict:
             _train(args, ctx, task, engine, model, state, logger, rd, meta, sampler)
         results = task.evaluate(engine)
         if results:
-            logger.log(state.step, {f"eval/{k}": v for k, v in results.items()})
+            logger.log_eval(state.step, results)
             log_main(ctx, "[eval] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         if args.num_steps > 0 and task.dataset is not None:
             out = checkpoint.export(engine, rd, dict(meta, step=state.step), task.config.to_dict(),

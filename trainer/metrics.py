@@ -111,6 +111,15 @@ class Logger:
             post = {k: f"{row[k]:.4g}" for k in ("loss", "mlm_acc", "lr", "tokens_per_s") if k in row}
             self.bar.set_postfix(post, refresh=False)
 
+    def log_eval(self, step: int, results: dict[str, float]) -> None:
+        """Evaluation results: TensorBoard `eval/*` and `eval.json` (loss.tsv stays training-only)."""
+        if not self.is_main:
+            return
+        for k, v in results.items():
+            self.writer.add_scalar(f"eval/{k}", v, step)
+        self.writer.flush()
+        (self.tsv_path.parent / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
