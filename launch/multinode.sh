@@ -17,21 +17,10 @@
 #   PYTHON          interpreter (python3)
 # Every argument is passed to the launcher.
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
-LAUNCHER="${LAUNCHER:-train.py}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${NNODES:?set NNODES to the number of nodes (the same value on every node)}"
 NODE_RANK="${NODE_RANK:-0}"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    NPROC_PER_NODE="$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')"
-fi
-case "$LAUNCHER" in
-    train.py|train_zero_one.py|train_zero_two.py) ;;
-    *) echo "launch/multinode.sh: LAUNCHER must be train.py, train_zero_one.py or train_zero_two.py, got '$LAUNCHER'" >&2
-       exit 2 ;;
-esac
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # --node_rank is not used by c10d (it assigns ranks in arrival order); the rendezvous host is
 # preferred for global rank 0 when its hostname matches RDZV_ENDPOINT.
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \

@@ -80,6 +80,13 @@ def test_classify_from_exported_checkpoint(env):
     final = env.out / "cls" / "final"
     assert (final / "tokenizer.json").read_text() == (env.tokenizer / "tokenizer.json").read_text()
 
+    # --num_steps 0: evaluate the fine-tuned model only; same accuracy, nothing trained or exported
+    proc = run_task(env, "cls_eval", ["--train_mode", "classify", "--checkpoint", str(final),
+                                      "--train_file", str(NSMC_TRAIN), "--eval_file", str(NSMC_TEST),
+                                      "--max_train_examples", "32", "--max_eval_examples", "50", "--num_steps", "0"])
+    assert eval_line(proc.stdout)["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert not (env.out / "cls_eval" / "final").exists() and not list((env.out / "cls_eval").glob("step-*"))
+
 
 def test_mrc_from_step_checkpoint(env):
     proc = run_task(env, "mrc", ["--train_mode", "mrc", "--checkpoint", str(env.pre / "step-10"),

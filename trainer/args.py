@@ -69,7 +69,7 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=float, default=1e-6, help="AdamW epsilon")
     g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
-    g.add_argument("--num_steps", type=int, default=1000, help="total optimizer steps to train")
+    g.add_argument("--num_steps", type=int, default=1000, help="total optimizer steps to train (fine-tuning tasks: 0 = only evaluate --checkpoint)")
     g.add_argument("--scheduler_num_steps", type=int, default=0,
                    help="length of the LR schedule (0 = num_steps); may exceed num_steps so training stops before LR reaches 0")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up from 0 to learning_rate")
@@ -118,12 +118,12 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stage: int) -> None:
-    """Checks that need no process group; model-config checks happen in `check_model_args`."""
+    """Checks that need no process group, the corpus or a model (the model config is only read)."""
     launcher = LAUNCHERS[stage]
     nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "max_steps_per_epoch", "save_steps",
               "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_train_examples",
-              "max_eval_examples"]
-    positive = ["gradient_accumulation_steps", "num_steps", "max_seq_length", "logging_steps", "max_bad_steps",
+              "max_eval_examples", "num_steps"]
+    positive = ["gradient_accumulation_steps", "max_seq_length", "logging_steps", "max_bad_steps",
                 "eval_batch_size", "doc_stride", "max_query_length"]
     for name in nonneg:
         if getattr(args, name) < 0:
@@ -131,6 +131,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     for name in positive:
         if getattr(args, name) <= 0:
             _fail(parser, f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.num_steps == 0 and args.train_mode == "pretrain":
+        _fail(parser, "--num_steps must be > 0 for pretraining (0 = evaluate only, for the fine-tuning tasks)")
     for name in ("learning_rate", "adam_epsilon", "temperature"):
         if not getattr(args, name) > 0:
             _fail(parser, f"--{name} must be > 0, got {getattr(args, name)}")

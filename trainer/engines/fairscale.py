@@ -166,18 +166,7 @@ class FairscaleEngine(TorchEngine):
             norm = float(self.model.inner.clip_grad_norm_(max_norm))
         else:
             norm = float(self.optimizer.clip_grad_norm(max_norm))  # all-reduced over the shards
-        finite = self.finite(norm)
-        scale = 1.0
-        if self.scaler:
-            scale = float(self.scaler.get_scale())
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.scheduler.step()
-        return StepResult(norm, not finite, scale)
+        return self._apply_update(norm)
 
     # -- state -------------------------------------------------------------------------
     def save(self, ckpt_dir: Path) -> None:

@@ -93,7 +93,10 @@ class TorchEngine(Engine):
             self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return self._apply_update(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+
+    def _apply_update(self, norm: float) -> StepResult:
+        """After unscaling and clipping: the optimizer step unless non-finite, the schedule, zero grads."""
         finite = self.finite(norm)
         scale = 1.0
         if self.scaler:

@@ -37,6 +37,20 @@ class Task:
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"--train_batch_size 0 is not supported for --train_mode {self.name}")
 
+    def random_rows(self, batch_size: int, length: int | None = None, prefix: str = "",
+                    token_type: int | None = 0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Full-length rows of random non-special ids, no padding: for `make_batch`, an upper bound
+        on a real batch's memory. token_type None leaves out token_type_ids."""
+        L, V = length or self.args.max_seq_length, self.config.vocab_size
+        rows = {prefix + "input_ids": torch.randint(6, V, (batch_size, L), generator=generator),
+                prefix + "attention_mask": torch.ones(batch_size, L, dtype=torch.long)}
+        if token_type is not None:
+            rows[prefix + "token_type_ids"] = torch.full((batch_size, L), token_type, dtype=torch.long)
+        return rows
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+
     def attach(self, engine) -> None:
         if hasattr(engine.module, "gather_fn"):
             engine.module.gather_fn = dist.all_gather_with_grad

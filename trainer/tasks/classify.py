@@ -50,13 +50,10 @@ class ClassifyTask(Task):
                  f"cut at {L} tokens), {len(evals)} evaluation rows, {num_labels} labels")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        L, V = self.args.max_seq_length, self.config.vocab_size
         g = torch.Generator().manual_seed(0)
-        batch = {"input_ids": torch.randint(6, V, (batch_size, L), generator=g),
-                 "attention_mask": torch.ones(batch_size, L, dtype=torch.long),
-                 "token_type_ids": torch.zeros(batch_size, L, dtype=torch.long),
-                 "labels": torch.randint(0, self.num_labels, (batch_size,), generator=g)}
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        batch = self.random_rows(batch_size, generator=g)
+        batch["labels"] = torch.randint(0, self.num_labels, (batch_size,), generator=g)
+        return self.to_device(batch)
 
     def evaluate(self, engine) -> dict[str, float]:
         from data.metrics import accuracy

@@ -96,12 +96,9 @@ class ICTTask(Task):
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        V = self.config.vocab_size
-        batch = {}
-        for side, L in (("query", self.args.max_query_length), ("passage", self.args.max_seq_length)):
-            batch[f"{side}_input_ids"] = torch.randint(6, V, (batch_size, L), generator=g)
-            batch[f"{side}_attention_mask"] = torch.ones(batch_size, L, dtype=torch.long)
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        return self.to_device(
+            self.random_rows(batch_size, self.args.max_query_length, "query_", None, g)
+            | self.random_rows(batch_size, self.args.max_seq_length, "passage_", None, g))
 
     def encode(self, engine, texts: list[str], max_length: int, desc: str) -> np.ndarray | None:
         """Unit-length vectors of texts ([CLS] text [SEP]), sharded over processes; rank 0 only."""

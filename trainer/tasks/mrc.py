@@ -54,14 +54,12 @@ class MRCTask(Task):
         self.log(f"[mrc] eval {self.eval_features.stats}")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        L, V = self.args.max_seq_length, self.config.vocab_size
+        L = self.args.max_seq_length
         g = torch.Generator().manual_seed(0)
-        batch = {"input_ids": torch.randint(6, V, (batch_size, L), generator=g),
-                 "attention_mask": torch.ones(batch_size, L, dtype=torch.long),
-                 "token_type_ids": torch.ones(batch_size, L, dtype=torch.long),
-                 "start_positions": torch.randint(0, L, (batch_size,), generator=g),
-                 "end_positions": torch.randint(0, L, (batch_size,), generator=g)}
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        batch = self.random_rows(batch_size, token_type=1, generator=g)
+        batch["start_positions"] = torch.randint(0, L, (batch_size,), generator=g)
+        batch["end_positions"] = torch.randint(0, L, (batch_size,), generator=g)
+        return self.to_device(batch)
 
     def evaluate(self, engine) -> dict[str, float]:
         from data.metrics import squad_em_f1

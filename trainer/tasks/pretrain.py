@@ -37,19 +37,14 @@ class PretrainTask(Task):
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Full-length rows with ~20% of positions predicted: an upper bound on a real batch's memory."""
         g = torch.Generator().manual_seed(0)
-        L, V = self.args.max_seq_length, self.config.vocab_size
-        dev = self.ctx.device
 
         def rows(prefix: str = "") -> dict[str, torch.Tensor]:
-            ids = torch.randint(6, V, (batch_size, L), generator=g)
-            labels = torch.full((batch_size, L), -100)
-            pick = torch.rand(batch_size, L, generator=g) < max(0.2, self.args.mlm_probability * 1.3)
+            out = self.random_rows(batch_size, prefix=prefix, token_type=None if prefix else 0, generator=g)
+            ids = out[prefix + "input_ids"]
+            labels = torch.full_like(ids, -100)
+            pick = torch.rand(ids.shape, generator=g) < max(0.2, self.args.mlm_probability * 1.3)
             labels[pick] = ids[pick]
-            out = {prefix + "input_ids": ids, prefix + "attention_mask": torch.ones(batch_size, L, dtype=torch.long),
-                   prefix + "mlm_labels": labels}
-            if not prefix:
-                out["token_type_ids"] = torch.zeros(batch_size, L, dtype=torch.long)
-            return out
+            return out | {prefix + "mlm_labels": labels}
 
         if self.args.objective == "ict":
             batch = rows("query_") | rows("passage_")
@@ -57,4 +52,4 @@ class PretrainTask(Task):
             batch = rows()
             if self.args.objective == "sop":
                 batch["sop_labels"] = torch.randint(0, 2, (batch_size,), generator=g)
-        return {k: v.to(dev) for k, v in batch.items()}
+        return self.to_device(batch)
