@@ -66,10 +66,14 @@ def test_sharded_optimizer_state_is_half_of_ddp(runs):
         assert row["optimizer_state_max_mb"] < limit * ddp["optimizer_state_mb"], (name, row, ddp)
 
 
-def test_auto_wrap_with_shared_layers_follows_ddp(setup):
-    ddp, _ = _run(setup, "albert_ddp", "train.py", 2, ["--num_steps", "5"], model=setup["albert"])
-    z3, _ = _run(setup, "albert_z3_wrap", "train_zero_two.py", 2, ["--num_steps", "5", "--zero3", "--auto_wrap"],
-                 model=setup["albert"])
+@pytest.mark.parametrize("kind", ["albert", "mix_lm"])
+def test_auto_wrap_with_shared_layers_follows_ddp(setup, kind):
+    """Per-layer FSDP units with a layer group shared by 2 layers (wrapped once), ZeRO-3 vs DDP."""
+    model = setup["albert"] if kind == "albert" else write_config(
+        setup["root"] / "tiny_mix_lm.json", model_type="mix_lm", n_experts=2, kernel_size=5, layer_group=2)
+    ddp, _ = _run(setup, f"{kind}_ddp", "train.py", 2, ["--num_steps", "4"], model=model)
+    z3, _ = _run(setup, f"{kind}_z3_wrap", "train_zero_two.py", 2, ["--num_steps", "4", "--zero3", "--auto_wrap"],
+                 model=model)
     a, b = losses(ddp), losses(z3)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
 
