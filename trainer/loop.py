@@ -264,11 +264,12 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                 path = checkpoint.save(engine, state, rd, meta, keep=0)
                 before = (f"the last checkpoint before them is {good[-1]}" if good
                           else "no checkpoint precedes them")
+                again = f"resume from --checkpoint {good[-1]}" if good else "train again"
                 raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients (steps "
                            f"{first_bad}-{state.step}; last loss {float(last_loss)}, grad norm {result.grad_norm}, "
                            f"loss scale {result.loss_scale}); saved {path} for inspection, {before}. "
                            f"Lower --learning_rate, raise --warmup_steps or use --bf16 instead of --fp16, and "
-                           f"train again (or raise --max_bad_steps)", code=3)
+                           f"{again} (or raise --max_bad_steps)", code=3)
             if terminate:
                 path = save()
                 raise Stop(f"SIGTERM at step {state.step}: saved checkpoint {path}; "
