@@ -1,7 +1,6 @@
 """The one training loop, shared by train.py, train_zero_one.py and train_zero_two.py."""
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -217,7 +216,7 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
 
     try:
         while state.step < args.num_steps:
-            loss_ok = True
+            finite = torch.ones((), dtype=torch.bool, device=ctx.device)  # read once per step, no sync per micro-batch
             for micro in range(accum):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
                 with engine.accumulate(sync=micro == accum - 1):
@@ -226,9 +225,10 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                     engine.backward(out["loss"] / accum)
                 meter.add(out, task.count_tokens(batch), args.train_batch_size)
                 last_loss = out["loss"].detach()
-                loss_ok = loss_ok and math.isfinite(float(last_loss))
+                finite &= torch.isfinite(last_loss)
             lr = engine.lr()  # the rate this step applies
             result = engine.step()
+            loss_ok = bool(finite)
             state.step += 1
             logger.advance()
             bad = _is_bad_step(loss_ok, result.skipped, result.loss_scale, args.fp16)
