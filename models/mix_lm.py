@@ -10,7 +10,6 @@ Shapes: B batch, L sequence length, H hidden size, C channels of one group.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig

@@ -136,6 +136,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def config_mismatch(saved: dict, current: dict) -> str:
+    """The model-config fields where a checkpoint differs from --model ("" when none)."""
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    return ", ".join(f"{k}: checkpoint {a!r} vs --model {b!r}" for k, (a, b) in sorted(diff.items()))
+
+
 def read_meta(ckpt: Path) -> dict:
     try:
         with open(ckpt / META) as f:

@@ -28,6 +28,11 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(message, flush=True)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -1,7 +1,6 @@
 """The one training loop, shared by train.py, train_zero_one.py and train_zero_two.py."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sys
@@ -45,11 +44,6 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         dist.shutdown()
 
 
-def log_main(ctx, message: str) -> None:
-    if ctx.is_main:
-        print(message, flush=True)
-
-
 def run(args: Namespace, ctx) -> dict:
     rd = run_dir(args)
     try:
@@ -72,7 +66,7 @@ def run(args: Namespace, ctx) -> dict:
         if task.dataset is not None:
             limit = max(1, min(limit, len(task.dataset) // (ctx.world_size * args.gradient_accumulation_steps)))
         args.train_batch_size = find_batch_size(args, task.model, task.make_batch, ctx.device, engine.autocast(),
-                                                limit=limit, log=lambda m: log_main(ctx, m))
+                                                limit=limit, log=ctx.log)
     model = engine.wrap(task.model)
     task.attach(engine)
 
@@ -83,15 +77,15 @@ def run(args: Namespace, ctx) -> dict:
                 state = checkpoint.load(engine, resume_path)
             except checkpoint.CheckpointError as e:
                 raise SystemExit(str(e)) from None
-            log_main(ctx, f"[checkpoint] resumed {resume_path} at step {state.step} "
+            ctx.log(f"[checkpoint] resumed {resume_path} at step {state.step} "
                           f"(epoch {state.epoch}, sample {state.samples_in_epoch})")
         elif resume_kind == "step":
             engine.load(resume_path, weights_only=True)
-            log_main(ctx, f"[checkpoint] initialised matching weights from {resume_path} "
+            ctx.log(f"[checkpoint] initialised matching weights from {resume_path} "
                           f"({resume_meta['args']['train_mode']} checkpoint)")
         else:
             _load_exported(engine, task, resume_path)
-            log_main(ctx, f"[checkpoint] initialised matching weights from {resume_path}")
+            ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None}
@@ -112,11 +106,11 @@ def run(args: Namespace, ctx) -> dict:
         results = task.evaluate(engine)
         if results:
             logger.log_eval(state.step, results)
-            log_main(ctx, "[eval] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            ctx.log("[eval] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         if args.num_steps > 0 and task.dataset is not None:
             out = checkpoint.export(engine, rd, dict(meta, step=state.step), task.config.to_dict(),
                                     task.tokenizer_dir)
-            log_main(ctx, f"[export] {out}")
+            ctx.log(f"[export] {out}")
     finally:
         logger.close()
     return {"state": state, "eval": results}
@@ -125,11 +119,8 @@ def run(args: Namespace, ctx) -> dict:
 def _check_compatible(args: Namespace, meta: dict, path) -> None:
     from models import load_config
 
-    saved = meta["model_config"]
-    current = load_config(args.model).to_dict()
-    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {a!r} vs --model {b!r}" for k, (a, b) in sorted(diff.items()))
+    shown = checkpoint.config_mismatch(meta["model_config"], load_config(args.model).to_dict())
+    if shown:
         raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
                          f"pass the same --model as the checkpoint ({meta['args'].get('model')})")
 
@@ -207,7 +198,7 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
     term = _Terminate()
     engine.train()
     last_log, last_step = time.perf_counter(), state.step
-    log_main(ctx, f"[train] {args.launcher} engine={engine.name} stage={engine.stage} processes={ctx.world_size} "
+    ctx.log(f"[train] {args.launcher} engine={engine.name} stage={engine.stage} processes={ctx.world_size} "
                   f"device={ctx.device} batch={args.train_batch_size}x{accum}x{ctx.world_size} "
                   f"samples={len(task.dataset)} steps {state.step}->{args.num_steps}")
 

@@ -89,11 +89,9 @@ class Task:
             return
         folder = path.parent
         if (folder / "config.json").is_file():
-            saved = json.loads((folder / "config.json").read_text())
-            current = self.config.to_dict()
-            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-            if diff:
-                shown = ", ".join(f"{k}: checkpoint {a!r} vs --model {b!r}" for k, (a, b) in sorted(diff.items()))
+            shown = checkpoint.config_mismatch(json.loads((folder / "config.json").read_text()),
+                                               self.config.to_dict())
+            if shown:
                 raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
                                  f"pass --model {folder / 'config.json'} (the checkpoint's config)")
         if (folder / "tokenizer.json").is_file():
@@ -109,9 +107,8 @@ class Task:
             if not args.tokenizer:
                 raise SystemExit(f"--checkpoint {args.checkpoint} was trained with the tokenizer {ckpt_tok}, which "
                                  f"no longer exists; pass that tokenizer with --tokenizer DIR")
-            if self.ctx.is_main:
-                print(f"[tokenizer] cannot check --tokenizer {args.tokenizer} against the checkpoint's "
-                      f"{ckpt_tok} (gone)", flush=True)
+            self.ctx.log(f"[tokenizer] cannot check --tokenizer {args.tokenizer} against the checkpoint's "
+                         f"{ckpt_tok} (gone)")
             return Path(args.tokenizer)
         if not args.tokenizer:
             return ckpt_tok
@@ -137,8 +134,8 @@ class Task:
             first = Path(train_inputs[0])
             path = first.with_name(first.name + ".tokenizer")
             if self.ctx.is_main and not (path / "tokenizer.json").is_file():
-                print(f"[tokenizer] none given: training WordPiece (vocab {self.config.vocab_size}, "
-                      f"morpheme {args.morpheme}) on {first} into {path}", flush=True)
+                self.ctx.log(f"[tokenizer] none given: training WordPiece (vocab {self.config.vocab_size}, "
+                             f"morpheme {args.morpheme}) on {first} into {path}")
                 train_tokenizer(train_inputs, self.config.vocab_size, path,
                                 morpheme=None if args.morpheme == "none" else args.morpheme)
             dist.barrier()
@@ -159,10 +156,6 @@ class Task:
         n = getattr(self.args, flag, 0) or 0
         return items[:n] if n else items
 
-    def log(self, message: str) -> None:
-        if self.ctx.is_main:
-            print(message, flush=True)
-
     def predict(self, engine, dataset, indices: Sequence[int], keys: Sequence[str], desc: str = "eval",
                 **forward_kwargs) -> dict[str, list[np.ndarray]] | None:
         """Run the wrapped model without gradients over `dataset[i] for i in indices` (this
@@ -175,7 +168,7 @@ class Task:
         bs = self.args.eval_batch_size
         count = torch.tensor([math.ceil(len(indices) / bs)], dtype=torch.int64, device=self.ctx.device)
         num_batches = int(dist.all_reduce(count, "max").item())
-        model, dev = engine.model, self.ctx.device
+        model = engine.model
         outputs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         bar = None
         if self.ctx.is_main and not self.args.no_progress:
@@ -187,7 +180,7 @@ class Task:
                 for b in range(num_batches):
                     rows = list(indices[b * bs:(b + 1) * bs])
                     batch = dataset.collate([dataset[i] for i in (rows or [0])])
-                    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()} | forward_kwargs
+                    batch = self.to_device(batch) | forward_kwargs
                     with engine.autocast():
                         out = model(**batch)
                     if rows:

@@ -46,8 +46,8 @@ class ClassifyTask(Task):
         self.num_labels = num_labels
         self.model = build_model(self.config, "classify", num_labels=num_labels)
         counts = np.bincount([e.label for e in train], minlength=num_labels).tolist() if train else []
-        self.log(f"[classify] {len(train)} training rows (labels {counts}, {self.dataset.num_truncated if train else 0} "
-                 f"cut at {L} tokens), {len(evals)} evaluation rows, {num_labels} labels")
+        self.ctx.log(f"[classify] {len(train)} training rows (labels {counts}, {self.dataset.num_truncated if train else 0} "
+                     f"cut at {L} tokens), {len(evals)} evaluation rows, {num_labels} labels")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)

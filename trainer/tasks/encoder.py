@@ -10,7 +10,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trainer.args import run_dir
 from trainer.dist import DistContext
@@ -27,7 +26,7 @@ class EncoderTask(Task):
 
         self.tokenizer = self.load_tokenizer()
         if not args.checkpoint:
-            self.log("[encoder] no --checkpoint: encoding with randomly initialised weights")
+            self.ctx.log("[encoder] no --checkpoint: encoding with randomly initialised weights")
         try:
             self.ids, texts = read_text_file(args.encode_file)
         except (ValueError, FileNotFoundError) as e:
@@ -38,8 +37,8 @@ class EncoderTask(Task):
         self.dataset = None  # nothing to train
         args.train_batch_size = args.train_batch_size or 1  # no batch-size search without training
         self.model = build_model(self.config, "encoder", pooling=args.pooling, normalize=True)
-        self.log(f"[encoder] {len(texts)} texts from {args.encode_file}, {ctx.world_size} process(es), "
-                 f"pooling {args.pooling}, max {args.max_seq_length} tokens")
+        self.ctx.log(f"[encoder] {len(texts)} texts from {args.encode_file}, {ctx.world_size} process(es), "
+                     f"pooling {args.pooling}, max {args.max_seq_length} tokens")
 
     def evaluate(self, engine) -> dict[str, float]:
         from trainer import dist
@@ -62,6 +61,6 @@ class EncoderTask(Task):
                     "tokenizer": str(Path(self.tokenizer_dir).resolve()),
                     "model_config": self.config.to_dict()}
             (rd / "encoder.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
-            self.log(f"[encoder] wrote {rd / 'vectors.npy'} {tuple(vectors.shape)} and {rd / 'ids.txt'}")
+            self.ctx.log(f"[encoder] wrote {rd / 'vectors.npy'} {tuple(vectors.shape)} and {rd / 'ids.txt'}")
         dist.barrier()
         return {}

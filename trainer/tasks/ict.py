@@ -83,16 +83,16 @@ class ICTTask(Task):
             es = self.eval_set
             es.query_ids, es.queries, es.gold = es.query_ids[:n], es.queries[:n], es.gold[:n]
         else:
-            self.log("[ict] no evaluation: pass --eval_file (KorQuAD JSON) or a KorQuAD JSON --train_file")
+            self.ctx.log("[ict] no evaluation: pass --eval_file (KorQuAD JSON) or a KorQuAD JSON --train_file")
         L = args.max_seq_length
         self.dataset = PairDataset(train_pairs, self.tokenizer, args.max_query_length, L) if train_pairs else None
         self.model = build_model(self.config, "ict", temperature=args.temperature, pooling=args.pooling)
         if self.dataset is not None:
-            self.log(f"[ict] {len(self.dataset)} training pairs ({self.dataset.num_truncated_passages} passages cut "
-                     f"at {L} tokens, {self.dataset.num_truncated_queries} queries at {args.max_query_length})")
+            self.ctx.log(f"[ict] {len(self.dataset)} training pairs ({self.dataset.num_truncated_passages} passages cut "
+                         f"at {L} tokens, {self.dataset.num_truncated_queries} queries at {args.max_query_length})")
         if self.eval_set is not None:
-            self.log(f"[ict] eval: {len(self.eval_set.queries)} questions against "
-                     f"{len(self.eval_set.passages)} passages")
+            self.ctx.log(f"[ict] eval: {len(self.eval_set.queries)} questions against "
+                         f"{len(self.eval_set.passages)} passages")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)

@@ -42,16 +42,16 @@ class MRCTask(Task):
 
         room = args.max_seq_length - args.max_query_length - 3
         if args.doc_stride > room:
-            self.log(f"[mrc] --doc_stride {args.doc_stride} exceeds the context room of a window "
-                     f"({room} tokens with --max_seq_length {args.max_seq_length}, --max_query_length "
-                     f"{args.max_query_length}): windows will not overlap, answers across a cut are lost")
+            self.ctx.log(f"[mrc] --doc_stride {args.doc_stride} exceeds the context room of a window "
+                         f"({room} tokens with --max_seq_length {args.max_seq_length}, --max_query_length "
+                         f"{args.max_query_length}): windows will not overlap, answers across a cut are lost")
         self.dataset = MRCDataset(features(train)) if train else None
         self.eval_features = features(evals)
         self.eval_dataset = MRCDataset(self.eval_features)
         self.model = build_model(self.config, "mrc")
         if self.dataset is not None:
-            self.log(f"[mrc] train {self.dataset.features.stats}")
-        self.log(f"[mrc] eval {self.eval_features.stats}")
+            self.ctx.log(f"[mrc] train {self.dataset.features.stats}")
+        self.ctx.log(f"[mrc] eval {self.eval_features.stats}")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         L = self.args.max_seq_length
@@ -76,6 +76,6 @@ class MRCTask(Task):
             predictions = postprocess(self.eval_features, starts, ends)
             path = write_predictions(predictions, run_dir(self.args) / "predictions.json")
             scores = squad_em_f1(predictions, self.eval_features.examples)
-            self.log(f"[mrc] {scores['total']} questions, predictions in {path}")
+            self.ctx.log(f"[mrc] {scores['total']} questions, predictions in {path}")
             result = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
         return dist.broadcast_object(result)
