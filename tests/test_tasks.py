@@ -157,6 +157,9 @@ def test_encoder_and_search(env, ict_runs, tmp_path):
     hits = searcher.search([rows[7][1], rows[30][1]], top_k=3)
     assert [h[0].id for h in hits] == [rows[7][0], rows[30][0]]
     assert hits[0][0].text == rows[7][1] and hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    # the same weights read from the run's last step-N checkpoint (DCP) instead of final/
+    from_step = Searcher(rd, checkpoint=ict_runs["one"][0])
+    np.testing.assert_allclose(from_step.encode([rows[7][1]]), vectors[7:8], atol=1e-5)
     out = launch("trainer/search.py", ["--vectors", str(rd), "--query", rows[3][1], "--top_k", "2"])
     first = out.stdout.splitlines()[1].split("\t")
     assert first[0] == "1" and first[2] == rows[3][0]

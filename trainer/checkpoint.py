@@ -136,6 +136,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def matching_weights(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                     source) -> dict[str, torch.Tensor]:
+    """The weights a model of another task can take (same name and shape); at least the encoder's."""
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("encoder.") for k in matched):
+        raise SystemExit(f"--checkpoint {source}: no encoder weights match this model")
+    return matched
+
+
 def config_mismatch(saved: dict, current: dict) -> str:
     """The model-config fields where a checkpoint differs from --model ("" when none)."""
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}

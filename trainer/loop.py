@@ -84,7 +84,7 @@ def run(args: Namespace, ctx) -> dict:
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path} "
                           f"({resume_meta['args']['train_mode']} checkpoint)")
         else:
-            _load_exported(engine, task, resume_path)
+            _load_exported(engine, resume_path)
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
@@ -125,12 +125,8 @@ def _check_compatible(args: Namespace, meta: dict, path) -> None:
                          f"pass the same --model as the checkpoint ({meta['args'].get('model')})")
 
 
-def _load_exported(engine, task, path) -> None:
-    weights = checkpoint.load_weights(path)
-    own = engine.module.state_dict()
-    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("encoder.") for k in matched):
-        raise SystemExit(f"--checkpoint {path}: no encoder weights match this model ({task.config.model_type})")
+def _load_exported(engine, path) -> None:
+    matched = checkpoint.matching_weights(checkpoint.load_weights(path), engine.module.state_dict(), path)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(engine.model, matched, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ class Searcher:
 
     def __init__(self, vectors_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
         from data.tokenizer import KoTokenizer
-        from models import ModelConfig, build_model
+        from models import build_model
         from trainer import checkpoint as ckpt
 
         folder = Path(vectors_dir)
@@ -51,39 +50,19 @@ class Searcher:
                   file=sys.stderr, flush=True)
         if not source:
             raise SystemExit(f"{folder} was encoded without --checkpoint; pass --checkpoint (the same weights)")
+        from trainer.export import load_source
+
         try:
-            path, kind = ckpt.resolve(str(source), Path(source))
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e)) from None
-        if path is None:
-            raise SystemExit(f"--checkpoint {source}: no checkpoint there")
-        if kind == "step":
-            meta = ckpt.read_meta(path)
-            config = meta["model_config"]
-        else:
-            config_file = path.parent / "config.json"
-            if not config_file.is_file():
-                raise SystemExit(f"--checkpoint {path}: no config.json beside it; pass an exported final/ directory")
-            config = json.loads(config_file.read_text())
-        if config != self.info["model_config"]:
+            loaded = load_source(source)  # a step-N, final/, run directory or model.safetensors
+        except (FileNotFoundError, ValueError, ckpt.CheckpointError) as e:
+            raise SystemExit(f"--checkpoint {source}: {e}") from None
+        if loaded.config.to_dict() != self.info["model_config"]:
             raise SystemExit(f"--checkpoint {source} has another model config than the one that encoded {folder} "
                              f"({self.info.get('checkpoint')}); use the same checkpoint")
         self.tokenizer = KoTokenizer.load(self.info["tokenizer"])
         self.device = torch.device(device)
-        model = build_model(ModelConfig.from_dict(config), "encoder", pooling=self.info["pooling"], normalize=True)
-        own = model.state_dict()
-        if kind == "step":
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-            state = {"model": own}
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is intended
-            dcp.load(state, checkpoint_id=str(path / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
-            weights = state["model"]
-        else:
-            weights = {k: v for k, v in ckpt.load_weights(path).items() if k in own and own[k].shape == v.shape}
-        if not any(k.startswith("encoder.") for k in weights):
-            raise SystemExit(f"--checkpoint {source}: no encoder weights match the model")
+        model = build_model(loaded.config, "encoder", pooling=self.info["pooling"], normalize=True)
+        weights = ckpt.matching_weights(loaded.state, model.state_dict(), source)
         model.load_state_dict(weights, strict=False)
         self.model = model.to(self.device).eval()
         self._texts: dict[str, str] | None = None
