@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import activation
 from .config import ModelConfig
-
-
-def activation(name: str):
-    return {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}[name]
+from .moe import SwitchFFN
 
 
 class EncoderOutput(NamedTuple):
@@ -152,7 +150,6 @@ class TransformerEncoder(Encoder):
 
     def make_layer(self, config: ModelConfig, index: int) -> nn.Module:
         if config.is_moe_layer(index):
-            from .moe import SwitchFFN  # here: moe.py imports this module
             ffn: nn.Module = SwitchFFN(config)
         else:
             ffn = FeedForward(config)
@@ -168,6 +165,7 @@ def init_weights(module: nn.Module, std: float) -> None:
         nn.init.normal_(module.weight, std=std)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif hasattr(module, "reset_parameters_with_std"):
         module.reset_parameters_with_std(std)

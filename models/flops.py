@@ -9,12 +9,17 @@ def estimate_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction:
     """FLOPs per input token of the encoder plus an MLM head run on `masked_fraction` of the
     tokens (1.0 for a head over all tokens, as HF's BertForMaskedLM). Attention counts QK^T
     and AV (4 * L * H per token per layer); a Switch layer counts one expert plus the router;
-    shared layers count once per use. Embedding lookups, norms and softmax are left out."""
+    shared layers count once per use; ModernBERT's local layers attend to at most local_attention + 1
+    keys and its GeGLU MLP counts 6 * H * F. Embedding lookups, norms and softmax are left out."""
     H, Fd, D, V, L = (config.hidden_size, config.ff_dim, config.embedding_dim, config.vocab_size,
                       seq_len)
     flops = 2 * D * H if D != H else 0
     for i in range(config.num_hidden_layers):
         j = i // config.layer_group
+        if config.model_type == "modernbert":
+            keys = L if config.is_global_attention_layer(i) else min(L, config.local_attention + 1)
+            flops += 2 * H * 3 * H + 2 * H * H + 4 * keys * H + 6 * H * Fd
+            continue
         if config.model_type == "mix_lm":
             H_, n = H, config.n_experts
             channels = [H_ // n + (1 if g < H_ % n else 0) for g in range(n)]

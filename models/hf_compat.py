@@ -1,4 +1,4 @@
-"""Weight names shared with Hugging Face BERT, in one table used in both directions.
+"""Weight names shared with Hugging Face BERT and ModernBERT, one table each, used in both directions.
 
 Our fused qkv projection corresponds to HF's separate query/key/value (concatenated on dim 0).
 Only configs HF's BertModel can express map: transformer, post-LN, no experts, no layer
@@ -98,3 +98,144 @@ def ours_to_hf(state: dict[str, Tensor], config: ModelConfig, **table_kwargs) ->
         parts = state[ours].chunk(len(hf)) if len(hf) > 1 else (state[ours],)
         out.update(zip(hf, parts))
     return out
+
+
+# --- ModernBERT (transformers.ModernBertModel / ModernBertForMaskedLM) -------------------
+# (our name, HF name); "{i}" is the layer index. Layer 0 has no attention norm (HF neither).
+MODERNBERT_EMBEDDING_KEYS: list[tuple[str, str]] = [
+    ("embeddings.word_embeddings.weight", "embeddings.tok_embeddings.weight"),
+    ("embeddings.norm.weight", "embeddings.norm.weight"),
+]
+MODERNBERT_LAYER_KEYS: list[tuple[str, str]] = [
+    ("layers.{i}.attn_norm.weight", "layers.{i}.attn_norm.weight"),
+    ("layers.{i}.attn.qkv.weight", "layers.{i}.attn.Wqkv.weight"),
+    ("layers.{i}.attn.out.weight", "layers.{i}.attn.Wo.weight"),
+    ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.weight"),
+    ("layers.{i}.mlp.fc_in.weight", "layers.{i}.mlp.Wi.weight"),
+    ("layers.{i}.mlp.fc_out.weight", "layers.{i}.mlp.Wo.weight"),
+]
+MODERNBERT_FINAL_KEYS: list[tuple[str, str]] = [("final_norm.weight", "final_norm.weight")]
+# The MLM head of a pretrain task model vs ModernBertForMaskedLM (decoder.weight is tied).
+MODERNBERT_HEAD_KEYS: list[tuple[str, str]] = [
+    ("mlm_head.dense.weight", "head.dense.weight"),
+    ("mlm_head.norm.weight", "head.norm.weight"),
+    ("mlm_head.bias", "decoder.bias"),
+]
+# transformers' ModernBertConfig fields our ModelConfig holds under another name (same meaning).
+MODERNBERT_CONFIG_KEYS: list[tuple[str, str]] = [
+    ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_hidden_layers", "num_hidden_layers"),
+    ("num_heads", "num_attention_heads"), ("ff_dim", "intermediate_size"),
+    ("max_position_embedding", "max_position_embeddings"), ("initializer_range", "initializer_range"),
+    ("LN_eps", "norm_eps"), ("pad_token_id", "pad_token_id"), ("local_attention", "local_attention"),
+    ("global_attn_every_n_layers", "global_attn_every_n_layers"),
+]
+HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+
+
+def modernbert_key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str = "model.",
+                         heads: bool = True) -> list[tuple[str, str]]:
+    """Pairs (our key, HF key). ModernBertForMaskedLM: hf_prefix "model.", heads True;
+    ModernBertModel: hf_prefix "", heads False."""
+    if config.model_type != "modernbert":
+        raise ValueError(f"model_type {config.model_type!r} is not modernbert")
+    rows = list(MODERNBERT_EMBEDDING_KEYS)
+    for i in range(config.num_hidden_layers):
+        rows += [(o.format(i=i), h.format(i=i)) for o, h in MODERNBERT_LAYER_KEYS
+                 if not (i == 0 and ".attn_norm." in o)]
+    rows += MODERNBERT_FINAL_KEYS
+    table = [(ours_prefix + o, hf_prefix + h) for o, h in rows]
+    if heads:
+        table += MODERNBERT_HEAD_KEYS
+    return table
+
+
+def modernbert_hf_config(config: ModelConfig, **extra) -> dict:
+    """transformers.ModernBertConfig keyword arguments computing the same function as `config`."""
+    kwargs = {hf: getattr(config, ours) for ours, hf in MODERNBERT_CONFIG_KEYS}
+    activation = HF_ACTIVATIONS[config.act_fn]
+    kwargs.update(hidden_activation=activation, classifier_activation=activation,
+                  embedding_dropout=config.dropout_prob, attention_dropout=config.dropout_prob,
+                  mlp_dropout=config.dropout_prob, norm_bias=False, attention_bias=False, mlp_bias=False,
+                  classifier_bias=False, decoder_bias=True, tie_word_embeddings=True,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
+                                   "sliding_attention": {"rope_type": "default",
+                                                         "rope_theta": config.local_rope_theta}})
+    return kwargs | extra
+
+
+def modernbert_config_from_hf(hf: dict) -> ModelConfig:
+    """Our ModelConfig from a ModernBertConfig's dict (config.json); refuses what we cannot compute."""
+    problems = [f"{key} {hf[key]!r}" for key in ("attention_bias", "mlp_bias", "norm_bias", "classifier_bias")
+                if hf.get(key)]
+    if hf.get("decoder_bias") is False:
+        problems.append("decoder_bias false")
+    act = hf.get("hidden_activation", "gelu")
+    if hf.get("classifier_activation", act) != act:
+        problems.append(f"classifier_activation {hf['classifier_activation']!r} != hidden_activation {act!r}")
+    by_hf = {v: k for k, v in HF_ACTIVATIONS.items()} | {"gelu_python": "gelu"}
+    if act not in by_hf:
+        problems.append(f"hidden_activation {act!r} (supported: {sorted(by_hf)})")
+    layer_types = hf.get("layer_types")
+    every = hf.get("global_attn_every_n_layers", 3)
+    if layer_types is not None:
+        full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        every = full[1] - full[0] if len(full) > 1 else len(layer_types)
+        expected = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(len(layer_types))]
+        if layer_types != expected:
+            problems.append(f"layer_types {layer_types} (we place global attention every n layers from layer 0)")
+    rope = hf.get("rope_parameters") or {}
+    for kind in ("full_attention", "sliding_attention"):
+        if (rope.get(kind) or {}).get("rope_type", "default") != "default":
+            problems.append(f"rope_parameters[{kind!r}] type {rope[kind]['rope_type']!r} (only default RoPE)")
+    dropouts = {hf.get(k, 0.0) for k in ("embedding_dropout", "attention_dropout", "mlp_dropout")}
+    if len(dropouts) > 1:
+        problems.append(f"different embedding/attention/mlp dropouts {sorted(dropouts)} (we have one dropout_prob)")
+    if problems:
+        raise ValueError("this ModernBERT config has no equivalent here: " + ", ".join(problems))
+    values = {ours: hf[k] for ours, k in MODERNBERT_CONFIG_KEYS if k in hf}
+    values["global_attn_every_n_layers"] = every
+    return ModelConfig(model_type="modernbert", ln_pos=0, act_fn=by_hf[act], dropout_prob=float(dropouts.pop()),
+                       global_rope_theta=float((rope.get("full_attention") or {}).get(
+                           "rope_theta", hf.get("global_rope_theta", 160000.0))),
+                       local_rope_theta=float((rope.get("sliding_attention") or {}).get(
+                           "rope_theta", hf.get("local_rope_theta", 10000.0))),
+                       **values)
+
+
+def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """A ModernBertForMaskedLM or ModernBertModel state dict -> ours (encoder, plus the MLM head
+    when present). Missing encoder weights raise KeyError naming them."""
+    prefix = "model." if any(k.startswith("model.") for k in hf_state) else ""
+    out = {}
+    for ours, hf in modernbert_key_table(config, hf_prefix=prefix, heads=bool(prefix)):
+        if hf in hf_state:
+            out[ours] = hf_state[hf]
+        elif ours.startswith("encoder."):
+            raise KeyError(f"ModernBERT weights lack {hf}")
+    return out
+
+
+def modernbert_to_hf_state(state: dict[str, Tensor], config: ModelConfig) -> tuple[dict[str, Tensor], list[str]]:
+    """Our task model's weights -> ModernBertForMaskedLM names (decoder.weight tied to the
+    embeddings, left to transformers). Returns (HF state, our keys without an HF counterpart)."""
+    out, used = {}, set()
+    for ours, hf in modernbert_key_table(config):
+        if ours in state:
+            out[hf] = state[ours]
+            used.add(ours)
+        elif ours.startswith("encoder."):
+            raise KeyError(f"checkpoint lacks encoder weight {ours}")
+    return out, sorted(set(state) - used)
+
+
+def is_hf_config(d: dict) -> bool:
+    """A `transformers` config.json (written by save_pretrained), not our ModelConfig JSON."""
+    return isinstance(d, dict) and ("transformers_version" in d or "architectures" in d)
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """Our ModelConfig for a `transformers` config.json that we can import (ModernBERT)."""
+    if d.get("model_type") == "modernbert":
+        return modernbert_config_from_hf(d)
+    raise ValueError(f"a transformers {d.get('model_type')!r} config: only ModernBERT folders can be read as "
+                     f"our model; for others, start from one of our checkpoints or configs/")

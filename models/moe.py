@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import activation
 from .config import ModelConfig
-from .encoder import activation
 
 
 class SwitchFFN(nn.Module):
