@@ -7,17 +7,33 @@ Ours: data.corpus.build_cache(num_workers=2). Baseline: datasets.load_dataset("t
 (fresh caches) whose process tree (workers included) is sampled with psutil for peak RSS;
 ours and the baseline alternate so that load from other users of the machine hits both.
 Sizes: the first half of the corpus and all of it, to show whether memory grows with size.
+
+Scale mode (`--scale`, issue 12): a sharded corpus made on the fly from the NSMC corpus (never
+committed) at half and full `--scale_mb` (default 1024 MB in `--shards` 100 files; each shard is
+the NSMC text from a different starting line, wrapped around), then
+  - build tokens/s and peak RSS of the process tree: `python -m data.corpus build` vs `datasets`
+    (`load_dataset("text")` on the same shards + `map(num_proc=2)`), ratio (goal >= 1.5x; RSS
+    flat within 10% as the corpus doubles and < 500 MB);
+  - launch to the first training step of `train.py` with every cache present (second run; goal
+    < 10 s and flat as the corpus doubles);
+  - adding one 10 MB shard to the full corpus vs the full build (goal < 5%);
+  - RSS of one rank's data pipeline (corpus view + sample index + 2,000 samples) at both sizes (flat).
+    python bench/corpus_cache.py --scale [--scale_mb 1024] [--shards 100]   (smoke: --scale_mb 8 --shards 8)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,7 +62,7 @@ def _child(args: argparse.Namespace) -> None:
             return {"input_ids": tok.encode_batch(batch["text"])}
 
         t0 = time.perf_counter()
-        ds = datasets.load_dataset("text", data_files=args.corpus, split="train", cache_dir=str(work))
+        ds = datasets.load_dataset("text", data_files=args.corpus.split(","), split="train", cache_dir=str(work))
         ds = ds.map(encode, batched=True, num_proc=args.workers, remove_columns=["text"])
         seconds = time.perf_counter() - t0
         tokens = sum(len(x) for batch in ds.iter(batch_size=10000) for x in batch["input_ids"])
@@ -80,6 +96,143 @@ def _measure(kind: str, corpus: Path, tokenizer: Path, workers: int) -> dict:
             "peak_proc_mb": peak_one / 2**20}
 
 
+def _make_shards(src: Path, out: Path, total_bytes: int, num_shards: int, offset: int = 0) -> list[Path]:
+    """num_shards files of total_bytes / num_shards from src's lines, each from its own start line
+    (wrapping around), cut at a document boundary: a real-looking sharded corpus, made on the fly."""
+    lines = src.read_bytes().split(b"\n")
+    out.mkdir(parents=True, exist_ok=True)
+    per = total_bytes // num_shards
+    paths = []
+    for k in range(num_shards):
+        start = ((k + offset) * 7919 * 61) % len(lines)
+        chunks, size, i = [], 0, start
+        while size < per:
+            ln = lines[i % len(lines)]
+            chunks.append(ln)
+            size += len(ln) + 1
+            i += 1
+        p = out / f"shard{k + offset:05d}.dat"
+        p.write_bytes(b"\n".join(chunks) + b"\n\n")
+        paths.append(p)
+    return paths
+
+
+def _tree_peak(cmd: list[str], env: dict | None = None, until: Callable[[], bool] | None = None) -> dict:
+    """Run cmd, sampling the RSS of its process tree; stop early (kill) once until() holds."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    ps = psutil.Process(proc.pid)
+    peak_tree = peak_one = 0
+    reached = None
+    while proc.poll() is None:
+        try:
+            rss = [p.memory_info().rss for p in [ps, *ps.children(recursive=True)]]
+        except psutil.Error:
+            rss = []
+        if rss:
+            peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss))
+        if until is not None and reached is None and until():
+            reached = time.perf_counter() - t0
+            proc.terminate()
+        time.sleep(0.05)
+    out = proc.communicate()[0]
+    if proc.returncode and reached is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return {"seconds": reached or time.perf_counter() - t0, "peak_tree_mb": peak_tree / 2**20,
+            "peak_proc_mb": peak_one / 2**20, "output": out}
+
+
+def _pipeline_child(args: argparse.Namespace) -> None:
+    """One rank's data pipeline over a built corpus: corpus view, sample index, 2,000 samples; RSS."""
+    import psutil
+
+    from data.corpus import open_corpus
+    from data.pretrain import PretrainDataset
+    from data.tokenizer import KoTokenizer
+
+    tok = KoTokenizer.load(args.tokenizer)
+    ds = PretrainDataset(open_corpus(args.corpus, tok, progress=False), tok, 128, "sop")
+    rng = np.random.default_rng(0)
+    for i in rng.integers(0, len(ds), 2000):
+        ds[int(i)]
+    print(json.dumps({"rss_mb": psutil.Process().memory_info().rss / 2**20, "samples": len(ds)}))
+
+
+def _scale(args: argparse.Namespace) -> None:
+    from data.spec import resolve
+
+    src = Path(args.corpus)
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+        tmp = Path(tmp)
+        tok_dir = Path(args.tokenizer) if args.tokenizer else tmp / "tok"
+        cfg = REPO / "configs" / "demo_config.json"  # the model of the launch-to-first-step runs
+        if not args.tokenizer:
+            from data.tokenizer import train_tokenizer
+            train_tokenizer([src], json.loads(cfg.read_text())["vocab_size"], tok_dir, sample_lines=200_000)
+        total = args.scale_mb * 2**20
+        sizes = {"half": (total // 2, max(1, args.shards // 2)), "full": (total, args.shards)}
+        print(f"scale mode: shards made from {src.name}; cpus={os.cpu_count()}, workers={args.workers}")
+        rows = {}
+        for name, (nbytes, n) in sizes.items():
+            shard_dir = tmp / name
+            shards = _make_shards(src, shard_dir, nbytes, n)
+            spec = str(shard_dir)
+            assert len(resolve(spec).shards) == n
+            cache = tmp / f"cache_{name}"
+            ours = _tree_peak([sys.executable, "-m", "data.corpus", "build", "--corpus_path", spec, "--tokenizer",
+                               str(tok_dir), "--num_workers", str(args.workers), "--no_progress"],
+                              env={"CORPUS_CACHE_DIR": str(cache)})
+            tokens = int(re.search(r"'tokens': (\d+)", ours["output"]).group(1))
+            with tempfile.TemporaryDirectory(prefix="bench_ds_", dir=tmp) as work:
+                base = _tree_peak([sys.executable, __file__, "--child", "datasets", "--corpus", ",".join(map(str, shards)),
+                                   "--tokenizer", str(tok_dir), "--workers", str(args.workers), "--workdir", work])
+            base_s = json.loads(base["output"].strip().splitlines()[-1])["seconds"]
+            # launch -> first training step with every cache present (the first run builds the sample index)
+            run = [sys.executable, "train.py", "--model", str(cfg), "--corpus_path", spec,
+                   "--tokenizer", str(tok_dir), "--max_seq_length", "128", "--train_batch_size", "8",
+                   "--num_steps", "2", "--logging_steps", "1", "--save_steps", "0", "--num_workers", "1",
+                   "--no_progress", "--output_dir", str(tmp / "runs")]
+            env = {"CORPUS_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+            times = []
+            for k in range(2):
+                tsv = tmp / "runs" / f"{name}{k}" / "loss.tsv"
+                r = _tree_peak(run + ["--model_name", f"{name}{k}"], env=env,
+                               until=lambda tsv=tsv: tsv.is_file() and len(tsv.read_text().splitlines()) > 1)
+                times.append(r["seconds"])
+            pipe = _tree_peak([sys.executable, __file__, "--child", "pipeline", "--corpus", spec, "--tokenizer",
+                               str(tok_dir), "--workdir", str(tmp)], env=env)
+            pipe_rss = json.loads(pipe["output"].strip().splitlines()[-1])["rss_mb"]
+            rows[name] = dict(mb=nbytes / 2**20, shards=n, tokens=tokens, ours_s=ours["seconds"],
+                              ours_rss=ours["peak_tree_mb"], base_s=base_s, base_rss=base["peak_tree_mb"],
+                              first_step=times, pipe_rss=pipe_rss)
+            print(f"{name}: {n} shards, {nbytes / 2**20:.0f} MiB, {tokens:,} tokens | build ours {ours['seconds']:.1f} s "
+                  f"({tokens / ours['seconds']:,.0f} tokens/s, peak RSS tree {ours['peak_tree_mb']:.0f} MiB) vs datasets "
+                  f"{base_s:.1f} s ({tokens / base_s:,.0f} tokens/s, {base['peak_tree_mb']:.0f} MiB) -> "
+                  f"{base_s / ours['seconds']:.2f}x | launch to first step: first run {times[0]:.1f} s, second "
+                  f"{times[1]:.1f} s | data pipeline RSS of one rank {pipe_rss:.0f} MiB", flush=True)
+        # one 10 MB shard (1/100 of 1 GB at full scale) added to the full corpus
+        add = _make_shards(src, tmp / "full", max(1, total // 100), 1, offset=args.shards)[0]
+        added = _tree_peak([sys.executable, "-m", "data.corpus", "build", "--corpus_path", str(tmp / "full"),
+                            "--tokenizer", str(tok_dir), "--num_workers", str(args.workers), "--no_progress"],
+                           env={"CORPUS_CACHE_DIR": str(tmp / "cache_full")})
+        h, f = rows["half"], rows["full"]
+        print(f"\nsummary ({args.scale_mb} MiB full scale):")
+        print(f"  build tokens/s ours / datasets: half {h['base_s'] / h['ours_s']:.2f}x, full {f['base_s'] / f['ours_s']:.2f}x "
+              f"(goal >= 1.5x)")
+        print(f"  peak RSS tree of our build: half {h['ours_rss']:.0f} MiB, full {f['ours_rss']:.0f} MiB, full/half "
+              f"{f['ours_rss'] / h['ours_rss']:.2f} (goal <= 1.10, < 500 MiB); datasets {h['base_rss']:.0f} / "
+              f"{f['base_rss']:.0f} MiB")
+        print(f"  launch to first step, caches present: half {h['first_step'][1]:.1f} s, full {f['first_step'][1]:.1f} s "
+              f"(goal < 10 s, flat)")
+        print(f"  add a {add.stat().st_size / 2**20:.1f} MiB shard: {added['seconds']:.1f} s = "
+              f"{100 * added['seconds'] / f['ours_s']:.1f}% of the full build ({f['ours_s']:.1f} s; goal < 5%)")
+        print(f"  data pipeline RSS of one rank: half {h['pipe_rss']:.0f} MiB, full {f['pipe_rss']:.0f} MiB "
+              f"(full/half {f['pipe_rss'] / h['pipe_rss']:.2f}, goal flat)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default=str(REPO.parent / "shared/data/nsmc/reviews_corpus.txt"))
@@ -87,11 +240,18 @@ def main() -> None:
     ap.add_argument("--vocab_size", type=int, default=32000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--child", choices=["ours", "datasets"], help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true", help="scale mode: a sharded corpus made on the fly (see above)")
+    ap.add_argument("--scale_mb", type=int, default=1024, help="scale mode: full corpus size in MiB (half is measured too)")
+    ap.add_argument("--shards", type=int, default=100, help="scale mode: shards of the full corpus")
+    ap.add_argument("--child", choices=["ours", "datasets", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "pipeline":
+        return _pipeline_child(args)
     if args.child:
         return _child(args)
+    if args.scale:
+        return _scale(args)
 
     with tempfile.TemporaryDirectory(prefix="bench_corpus_") as tmp:
         tmp = Path(tmp)

@@ -1,27 +1,44 @@
-""".dat corpus -> tokenized, memory-mapped cache beside it.
+""".dat shards -> tokenized, memory-mapped caches beside them; a corpus is a view over its shards.
 
 `.dat` format: UTF-8 text, one sentence per line, a blank (or whitespace-only) line between
-documents. The cache `<corpus>.<hash>.cache/` holds
+documents. A corpus is named by a spec (data.spec: a file, a directory of `*.dat`, a glob, or a
+comma list of these with optional `:weight`s). Every shard gets its own cache
+`<shard>.<hash>.cache/` holding
     tokens.bin        all token ids concatenated (uint16 if V <= 65535, else uint32)
     sent_offsets.bin  int64 (num_sentences + 1,): token offset where each sentence starts
     doc_offsets.bin   int64 (num_documents + 1,): sentence index where each document starts
     manifest.json     inputs, counts, skipped lines by reason, build time (written last)
-The hash covers corpus size + mtime_ns, the tokenizer fingerprint and FORMAT_VERSION, so a
-changed corpus or tokenizer gets a new cache; old caches are left in place (logged).
+The hash covers the shard's size + mtime_ns, the tokenizer fingerprint and FORMAT_VERSION, so
+adding a shard builds only that shard, a changed shard rebuilds alone, and a new tokenizer gets
+new caches; old caches are left in place (`python -m data.corpus info` lists them as stale).
+`Corpus` memory-maps the shard caches side by side without copying; documents never cross
+shards.
 
-Bad input: a missing corpus is FileNotFoundError, a corpus without tokens is ValueError.
-Skipped and counted in manifest["skipped"] (one warning per build): lines that are not valid
-UTF-8 (`non_utf8`), lines longer than MAX_LINE_BYTES (`too_long_line`), lines that give no
-tokens (`no_tokens`). Sentences longer than a sample are handled by data.pretrain.
+Building: the shards are divided among all processes of a job (every rank of every node, each
+with its own pool of workers); a shard's file lock keeps two builders apart. A process that has
+built its share then builds any shard still missing and unlocked (local disks: each node builds
+what it lacks; a dead builder's shard is taken over), and waits for the locked ones by polling
+their manifests on the file system, printing a progress line: never inside a collective, so a
+build longer than the process-group timeout cannot kill the job.
 
-The build streams: byte ranges of the file go to a process pool (each worker reads, decodes
-and tokenizes its range), results are appended to files in order; at most 2 chunks per
-worker are in flight, so memory does not grow with the corpus. A file lock makes concurrent
-builders (ranks, nodes on a shared file system) build once; the cache is built in a temporary
-directory and renamed into place.
+Bad input: a shard that is missing, not a regular file, empty or binary is refused by data.spec;
+a shard without tokens is ValueError. Skipped and counted in manifest["skipped"] (one warning per
+build): lines that are not valid UTF-8 (`non_utf8`), lines longer than MAX_LINE_BYTES
+(`too_long_line`), lines that give no tokens (`no_tokens`). A damaged cache (manifest, offsets,
+token ids) is ValueError naming the cache and the fix: delete that directory to rebuild it.
+
+The build streams: byte ranges of the shard go to a process pool (each worker reads, decodes and
+tokenizes its range), results are appended to files in order; at most 2 chunks per worker are
+in flight, so memory does not grow with the corpus. The cache is built in a temporary directory
+`<cache>.tmp-HOST-PID` and renamed into place; leftovers of dead processes on this host are
+removed by the next build.
+
+CLI: python -m data.corpus build --corpus_path SPEC --tokenizer DIR [--num_workers N]
+     python -m data.corpus info SPEC [--tokenizer DIR]
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import fcntl
@@ -32,12 +49,14 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from data.spec import CorpusSpec, SpecError, resolve, text_file_problem
 from data.tokenizer import KoTokenizer, decode_lines
 
 logger = logging.getLogger(__name__)
@@ -47,10 +66,18 @@ MAX_LINE_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 CACHE_ENV = "CORPUS_CACHE_DIR"  # optional: directory for caches instead of beside the corpus
+POLL_SECONDS = 1.0
+WAIT_REPORT_SECONDS = 30.0
+_MANIFEST_KEYS = ("format_version", "corpus", "tokenizer", "dtype", "counts", "skipped")
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"corpus cache {path} is damaged ({what}); delete that directory and it will be rebuilt "
+                      f"from the corpus on the next run (or with `python -m data.corpus build`)")
 
 
 class CorpusCache:
-    """A built cache opened read-only with memory maps."""
+    """One shard's built cache, opened read-only with memory maps."""
 
     def __init__(self, path: Path, manifest: dict, tokens: np.ndarray, sent_offsets: np.ndarray,
                  doc_offsets: np.ndarray):
@@ -62,22 +89,37 @@ class CorpusCache:
         path = Path(cache_dir)
         mf = path / MANIFEST
         if not mf.exists():
-            raise FileNotFoundError(f"{path} is not a built corpus cache (no {MANIFEST})")
-        manifest = json.loads(mf.read_text())
+            raise FileNotFoundError(f"{path} is not a built corpus cache (no {MANIFEST}); build it with "
+                                    f"`python -m data.corpus build` or by starting training")
+        try:
+            manifest = json.loads(mf.read_text())
+        except (ValueError, OSError) as e:
+            raise _damaged(path, f"{MANIFEST} is unreadable: {e}") from None
+        if not isinstance(manifest, dict) or any(k not in manifest for k in _MANIFEST_KEYS):
+            missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+            raise _damaged(path, f"{MANIFEST} lacks {missing}")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has cache format {manifest.get('format_version')}, expected "
                              f"{FORMAT_VERSION}; delete it and it will be rebuilt")
-        c = manifest["counts"]
+        try:
+            c = manifest["counts"]
+            sizes = (("tokens", str(manifest["dtype"]), int(c["tokens"])),
+                     ("sent_offsets", "int64", int(c["sentences"]) + 1),
+                     ("doc_offsets", "int64", int(c["documents"]) + 1))
+            np.dtype(sizes[0][1])
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(path, f"{MANIFEST} has bad counts or dtype: {e!r}") from None
         arrays = {}
-        for name, dtype, n in (("tokens", manifest["dtype"], c["tokens"]),
-                               ("sent_offsets", "int64", c["sentences"] + 1),
-                               ("doc_offsets", "int64", c["documents"] + 1)):
+        for name, dtype, n in sizes:
             f = path / f"{name}.bin"
             expect = n * np.dtype(dtype).itemsize
             if not f.exists() or f.stat().st_size != expect:
-                raise ValueError(f"{f} is truncated or missing (expected {expect} bytes); delete {path} to rebuild")
-            arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
-        return cls(path, manifest, arrays["tokens"], arrays["sent_offsets"], arrays["doc_offsets"])
+                raise _damaged(path, f"{f.name} is truncated or missing: expected {expect} bytes")
+            arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        so, do = arrays["sent_offsets"], arrays["doc_offsets"]
+        if so[0] != 0 or so[-1] != len(arrays["tokens"]) or do[0] != 0 or do[-1] != len(so) - 1:
+            raise _damaged(path, "sentence or document offsets do not span the tokens")
+        return cls(path, manifest, arrays["tokens"], so, do)
 
     @property
     def num_sentences(self) -> int:
@@ -87,21 +129,34 @@ class CorpusCache:
     def num_documents(self) -> int:
         return len(self.doc_offsets) - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def check_offsets(self) -> None:
+        """Offsets must be non-decreasing (reads them whole: done once, when a sample index is built)."""
+        for name, arr in (("sent_offsets", self.sent_offsets), ("doc_offsets", self.doc_offsets)):
+            if len(arr) > 1 and (np.diff(arr) < 0).any():
+                raise _damaged(self.path, f"{name}.bin is not increasing")
+
     def __repr__(self) -> str:
         c = self.manifest["counts"]
         return f"CorpusCache({self.path}, documents={c['documents']}, sentences={c['sentences']}, tokens={c['tokens']})"
 
 
-def _corpus_stat(corpus_path: str | Path) -> tuple[Path, os.stat_result]:
+def _shard_stat(corpus_path: str | Path) -> tuple[Path, os.stat_result]:
     p = Path(corpus_path)
-    if not p.is_file():
+    problem = text_file_problem(p, sniff_bytes=0)
+    if problem == "no such file or directory":
         raise FileNotFoundError(f"corpus not found: {p} (expected a .dat text file: one sentence per line, "
                                 f"a blank line between documents)")
+    if problem and not problem.startswith("is empty"):
+        raise ValueError(f"corpus {p} {problem}")
     return p, p.stat()
 
 
 def _inputs(corpus_path: str | Path, tokenizer: KoTokenizer) -> dict:
-    p, st = _corpus_stat(corpus_path)
+    p, st = _shard_stat(corpus_path)
     return {"format_version": FORMAT_VERSION,
             "corpus": {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
@@ -118,18 +173,25 @@ def _writable(d: Path) -> bool:
     return os.access(d, os.W_OK | os.X_OK)
 
 
-def cache_dir_for(corpus_path: str | Path, tokenizer: KoTokenizer) -> Path:
-    """`<corpus>.<hash>.cache` beside the corpus (or under $CORPUS_CACHE_DIR, or under
-    ~/.cache/ko_pretrain/corpus when the corpus directory is read-only and holds no cache)."""
-    p = Path(corpus_path)
-    name = f"{p.name}.{_cache_hash(_inputs(p, tokenizer))}.cache"
+def cache_home(corpus_dir: Path, name: str) -> Path:
+    """Where our file `name` for a corpus in corpus_dir goes: beside it (or under
+    $CORPUS_CACHE_DIR/<hash of corpus_dir>/, or under ~/.cache/ko_pretrain/corpus when the
+    directory is read-only and holds none yet)."""
+    # away from the corpus: one folder per corpus directory, so shards of the same name never collide
+    folder = hashlib.sha256(str(corpus_dir.resolve()).encode()).hexdigest()[:12]
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / name
-    beside = p.parent / name
-    if beside.exists() or _writable(p.parent):
+        return Path(os.environ[CACHE_ENV]) / folder / name
+    beside = corpus_dir / name
+    if beside.exists() or _writable(corpus_dir):
         return beside
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ko_pretrain" / "corpus"
-    return root / name
+    return root / folder / name
+
+
+def cache_dir_for(corpus_path: str | Path, tokenizer: KoTokenizer) -> Path:
+    """`<corpus>.<hash>.cache` (see cache_home for where)."""
+    p = Path(corpus_path)
+    return cache_home(p.parent, f"{p.name}.{_cache_hash(_inputs(p, tokenizer))}.cache")
 
 
 def _chunk_bounds(path: Path, size: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -210,40 +272,22 @@ def _tokenize_range(args: tuple[str, int, int, str]) -> dict:
             "skipped": {k: int(v) for k, v in skipped.items() if v}, "bytes": end - start, "lines": len(lines)}
 
 
-def _default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, num_workers: int,
-                 progress: bool) -> dict:
+                 bar=None) -> dict:
+    """Tokenize `corpus` into the files of `tmp`; returns the manifest. `bar`: a tqdm over bytes or None."""
     size = inputs["corpus"]["size"]
     dtype = "uint16" if tokenizer.vocab_size <= 65535 else "uint32"
     ranges = _chunk_bounds(corpus, size, CHUNK_BYTES)
     tasks = ((str(corpus), a, b, dtype) for a, b in ranges)
     t0 = time.perf_counter()
-    n_tok = n_sent = n_docs = n_lines = 0
+    n_tok = n_sent = n_docs = n_lines = max_id = 0
     skipped: collections.Counter = collections.Counter()
     pending_break = True  # the first sentence starts a document
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"caching {corpus.name}", mininterval=1.0)
     with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "sent_offsets.bin", "wb") as fsent, \
             open(tmp / "doc_offsets.bin", "wb") as fdoc:
 
         def consume(r: dict) -> None:
-            nonlocal n_tok, n_sent, n_docs, n_lines, pending_break
+            nonlocal n_tok, n_sent, n_docs, n_lines, pending_break, max_id
             lengths = r["lengths"]
             if len(lengths):
                 new_doc = r["new_doc"].copy()
@@ -253,6 +297,7 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                 n_docs += len(starts)
                 (n_tok + np.cumsum(lengths) - lengths).astype(np.int64).tofile(fsent)
                 r["ids"].tofile(ftok)
+                max_id = max(max_id, int(r["ids"].max()))
                 n_tok += int(lengths.sum())
                 n_sent += len(lengths)
                 pending_break = r["trailing_break"]
@@ -287,8 +332,6 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                 os.environ["TOKENIZERS_PARALLELISM"] = old
         np.array([n_tok], dtype=np.int64).tofile(fsent)
         np.array([n_sent], dtype=np.int64).tofile(fdoc)
-    if bar is not None:
-        bar.close()
     seconds = time.perf_counter() - t0
     skipped = {k: int(v) for k, v in sorted(skipped.items())}
     if n_tok == 0:
@@ -298,66 +341,352 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
         logger.warning("corpus %s: skipped %s (counted in the cache manifest)", corpus, skipped)
     return {**inputs, "dtype": dtype,
             "counts": {"lines": n_lines, "sentences": n_sent, "documents": n_docs, "tokens": n_tok},
+            "max_token_id": max_id,
             "skipped": skipped,
             "build": {"seconds": round(seconds, 3), "tokens_per_s": round(n_tok / max(seconds, 1e-9)),
                       "num_workers": num_workers, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "host": os.uname().nodename, "pid": os.getpid()}}
 
 
+def _default_workers(local_world_size: int = 1) -> int:
+    """The cores of this node shared among its processes."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, blocking: bool = True):
+    """Yield True holding an exclusive flock on `path`; without blocking, yield False if another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (leftovers of dead builders are removable)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(cache_dir: Path) -> list[Path]:
+    """Remove `<cache>.tmp-HOST-PID` directories of this shard (any hash) left by dead processes of
+    this host (a killed build). Those of other hosts, or of live processes, are left alone."""
+    host = os.uname().nodename
+    prefix = cache_dir.name.rsplit(".", 2)[0]  # <shard name>
+    removed = []
+    for p in cache_dir.parent.glob(f"{prefix}.*.cache.tmp-*"):
+        tag = p.name.rsplit(".tmp-", 1)[1]
+        h, _, pid = tag.rpartition("-")
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        logger.info("removed %d leftover cache build(s) of dead processes: %s", len(removed),
+                    [p.name for p in removed])
+    return removed
+
+
+def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: int, bar=None) -> dict:
+    """Build out (the caller holds its lock and checked that it has no manifest)."""
+    inputs = _inputs(corpus, tokenizer)
+    remove_stale_tmp(out)
+    others = [p.name for p in out.parent.glob(f"{corpus.name}.*.cache") if p != out]
+    if others:
+        logger.info("corpus or tokenizer changed; building %s (older caches left in place: %s)", out.name, others)
+    tmp = out.with_name(f"{out.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write_cache(corpus, tokenizer, tmp, inputs, num_workers, bar)
+        _test_delay(corpus)
+        now = _inputs(corpus, tokenizer)["corpus"]
+        if now != inputs["corpus"]:
+            raise ValueError(f"corpus {corpus} changed while its cache was being built (size {inputs['corpus']['size']}"
+                             f" -> {now['size']} bytes); nothing was kept. Let whatever writes it finish, then run again")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        if out.exists():  # a directory without manifest: an interrupted rename or a manual copy
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built %s: %s tokens, %s sentences, %s documents in %.1f s (%s tokens/s)", out,
+                manifest["counts"]["tokens"], manifest["counts"]["sentences"],
+                manifest["counts"]["documents"], manifest["build"]["seconds"], manifest["build"]["tokens_per_s"])
+    return manifest
+
+
+def _test_delay(corpus: Path) -> None:
+    """Tests only: CORPUS_TEST_BUILD_DELAY=NAME:SECONDS makes the build of shard NAME last longer
+    (to show that a build longer than the process-group timeout does not kill a job)."""
+    name, _, seconds = os.environ.get("CORPUS_TEST_BUILD_DELAY", "").partition(":")
+    if name and name == corpus.name:
+        time.sleep(float(seconds))
+
+
+def _bytes_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1.0)
+
+
 def build_cache(corpus_path: str | Path, tokenizer: KoTokenizer, num_workers: int | None = None,
                 progress: bool = True) -> Path:
-    """Build the cache for (corpus, tokenizer) unless it exists; returns its directory."""
-    corpus, _ = _corpus_stat(corpus_path)
-    inputs = _inputs(corpus, tokenizer)
+    """Build the cache of one shard unless it exists (waiting on its lock); returns its directory."""
+    corpus, st = _shard_stat(corpus_path)
     out = cache_dir_for(corpus, tokenizer)
     if (out / MANIFEST).exists():
         return out
     with _file_lock(out.with_name(out.name + ".lock")):
-        if (out / MANIFEST).exists():  # another process built it while we waited
-            return out
-        others = [p.name for p in out.parent.glob(f"{corpus.name}.*.cache") if p != out]
-        if others:
-            logger.info("corpus or tokenizer changed; building %s (older caches left in place: %s)", out.name, others)
-        tmp = out.with_name(f"{out.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            workers = num_workers or _default_workers()
-            manifest = _write_cache(corpus, tokenizer, tmp, inputs, workers, progress)
-            if _inputs(corpus, tokenizer)["corpus"] != inputs["corpus"]:
-                raise RuntimeError(f"corpus {corpus} changed while its cache was being built; run again")
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-            if out.exists():  # a directory without manifest: an interrupted rename or a manual copy
-                shutil.rmtree(out)
-            os.rename(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("built %s: %s tokens, %s sentences, %s documents in %.1f s (%s tokens/s)", out,
-                    manifest["counts"]["tokens"], manifest["counts"]["sentences"],
-                    manifest["counts"]["documents"], manifest["build"]["seconds"],
-                    manifest["build"]["tokens_per_s"])
+        if not (out / MANIFEST).exists():  # else another process built it while we waited
+            bar = _bytes_bar(st.st_size, f"caching {corpus.name}", progress)
+            try:
+                _build_locked(corpus, tokenizer, out, num_workers or _default_workers(), bar)
+            finally:
+                if bar is not None:
+                    bar.close()
     return out
 
 
-def load_or_build(corpus_path: str | Path, tokenizer: KoTokenizer, *, is_main: bool = True,
-                  barrier: Callable[[], None] | None = None, num_workers: int | None = None,
-                  progress: bool = True) -> CorpusCache:
-    """Open the cache, building it first if needed.
+def _my_share(sizes: Sequence[int], rank: int, world: int) -> list[int]:
+    """Shard indices for `rank`: largest first to the least loaded rank (the same on every rank)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return [i for i in range(len(sizes)) if owner[i] == rank]
 
-    With a barrier, the main process builds and the others wait in barrier() before opening
-    (is_main should be global rank 0 on a shared file system, local rank 0 otherwise). Without
-    one, every caller goes through build_cache, whose file lock makes the build happen once.
-    """
-    _corpus_stat(corpus_path)  # every rank reports a missing corpus itself
-    if barrier is None:
-        return CorpusCache.open(build_cache(corpus_path, tokenizer, num_workers, progress and is_main))
-    if is_main:
+
+def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0, world_size: int = 1,
+                  num_workers: int | None = None, progress: bool = True,
+                  log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS) -> list[Path]:
+    """Make sure every shard has its cache; returns the cache directories in shard order.
+
+    This process builds its share of the shards first (divided by size over `world_size`), then
+    any other shard that is still missing and whose lock is free, and finally waits for the shards
+    other processes are building by polling their manifests (no collective: no timeout)."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    stats = [_shard_stat(s)[1] for s in shards]
+    outs = [cache_dir_for(s, tokenizer) for s in shards]
+    missing = [i for i, o in enumerate(outs) if not (o / MANIFEST).exists()]
+    if not missing:
+        return outs
+    workers = num_workers or _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    mine = [missing[k] for k in _my_share([stats[i].st_size for i in missing], rank, world_size)]
+    order = mine + [i for i in missing if i not in set(mine)]
+    total = sum(stats[i].st_size for i in missing)
+    bar = _bytes_bar(sum(stats[i].st_size for i in mine), f"caching {len(mine)} shard(s)",
+                     progress and bool(mine))
+    built = 0
+    t0 = last_report = time.monotonic()
+    try:
+        while True:
+            waiting = []
+            for i in order:
+                out = outs[i]
+                if (out / MANIFEST).exists():
+                    continue
+                with _file_lock(out.with_name(out.name + ".lock"), blocking=False) as got:
+                    if got and not (out / MANIFEST).exists():
+                        if bar is not None and i not in mine:
+                            bar.total += stats[i].st_size
+                        _build_locked(shards[i], tokenizer, out, workers, bar)
+                        built += 1
+                    elif not got:
+                        waiting.append(i)
+            if not waiting:
+                break
+            order = waiting
+            now = time.monotonic()
+            if now - last_report >= WAIT_REPORT_SECONDS or last_report == t0:
+                left = sum(stats[i].st_size for i in waiting)
+                log(f"[corpus] rank {rank}: waiting for {len(waiting)} shard cache(s) being built by other "
+                    f"processes ({left / 2**20:.1f} of {total / 2**20:.1f} MiB left, {now - t0:.0f} s), "
+                    f"e.g. {shards[waiting[0]]}")
+                last_report = now
+            time.sleep(poll_seconds)
+    finally:
+        if bar is not None:
+            bar.close()
+    if built:
+        logger.info("rank %d built %d of %d missing shard cache(s)", rank, built, len(missing))
+    return outs
+
+
+class Corpus:
+    """The shard caches of a corpus spec side by side, memory-mapped, never copied.
+
+    Global token offset t of shard k is token_base[k] + local offset; sentences and documents are
+    numbered the same way (sent_base, doc_base). A document never crosses shards."""
+
+    def __init__(self, spec: CorpusSpec, caches: list[CorpusCache]):
+        if not caches:
+            raise ValueError("a corpus needs at least one shard")
+        self.spec, self.caches = spec, caches
+        self.part_of_shard = np.array(spec.part_of_shard(), dtype=np.int64)
+        cum = lambda xs: np.concatenate([[0], np.cumsum(xs)]).astype(np.int64)
+        self.token_base = cum([c.num_tokens for c in caches])
+        self.sent_base = cum([c.num_sentences for c in caches])
+        self.doc_base = cum([c.num_documents for c in caches])
+        fps = {c.manifest["tokenizer"]["fingerprint"] for c in caches}
+        if len(fps) > 1:
+            raise ValueError(f"the shard caches were built with different tokenizers {sorted(fps)}")
+        self.tokenizer_fingerprint = fps.pop()
+        self.max_token_id = max(int(c.manifest.get("max_token_id", 0)) for c in caches)
+
+    @classmethod
+    def of(cls, cache: "CorpusCache | Corpus") -> "Corpus":
+        if isinstance(cache, Corpus):
+            return cache
+        corpus = Path(cache.manifest["corpus"]["path"])
+        from data.spec import Part
+        return cls(CorpusSpec(str(corpus), (Part(str(corpus), None, (corpus,)),)), [cache])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_base[-1])
+
+    @property
+    def num_sentences(self) -> int:
+        return int(self.sent_base[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_base[-1])
+
+    @property
+    def path(self) -> str:
+        return self.spec.text
+
+    def span(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) in global offsets, inside one shard; as int64."""
+        if end <= start:
+            return np.zeros(0, dtype=np.int64)
+        k = int(np.searchsorted(self.token_base, start, side="right")) - 1
+        base = int(self.token_base[k])
+        return np.asarray(self.caches[k].tokens[start - base:end - base], dtype=np.int64)
+
+    def shard_of_token(self, start: int) -> int:
+        return int(np.searchsorted(self.token_base, start, side="right")) - 1
+
+    def counts(self) -> dict:
+        return {"shards": len(self.caches), "documents": self.num_documents, "sentences": self.num_sentences,
+                "tokens": self.num_tokens}
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.spec.text!r}, {self.counts()})"
+
+
+def open_corpus(spec: str | Path | Sequence[str | Path] | CorpusSpec, tokenizer: KoTokenizer, *, rank: int = 0,
+                world_size: int = 1, num_workers: int | None = None, progress: bool = True,
+                log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS) -> Corpus:
+    """Resolve the spec, build the missing shard caches (shared among world_size processes, see
+    ensure_caches) and open the corpus view."""
+    cs = spec if isinstance(spec, CorpusSpec) else resolve(spec)
+    dirs = ensure_caches(cs.shards, tokenizer, rank, world_size, num_workers, progress, log, poll_seconds)
+    caches = [CorpusCache.open(d) for d in dirs]
+    for c, d in zip(caches, dirs):
+        if c.manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+            raise _damaged(d, "its manifest names another tokenizer than its hash")
+    return Corpus(cs, caches)
+
+
+def load_or_build(corpus_path: str | Path, tokenizer: KoTokenizer, *, num_workers: int | None = None,
+                  progress: bool = True) -> CorpusCache:
+    """One shard's cache, built first if needed (concurrent callers build it once)."""
+    return CorpusCache.open(build_cache(corpus_path, tokenizer, num_workers, progress))
+
+
+def shard_info(shard: Path, tokenizer: KoTokenizer | None = None) -> dict:
+    """A shard's caches: which are current (match its size and mtime; with a tokenizer: that
+    tokenizer's) and which are stale (left by an older shard or another tokenizer)."""
+    st = shard.stat()
+    row: dict = {"shard": str(shard), "bytes": st.st_size, "current": None, "stale": []}
+    want = cache_dir_for(shard, tokenizer) if tokenizer is not None else None
+    for d in sorted(cache_home(shard.parent, shard.name).parent.glob(f"{shard.name}.*.cache")):
         try:
-            path = build_cache(corpus_path, tokenizer, num_workers, progress)
-        finally:
-            barrier()  # release the others even on failure; they then fail to open with a clear error
-    else:
-        barrier()
-        path = cache_dir_for(corpus_path, tokenizer)
-    return CorpusCache.open(path)
+            m = json.loads((d / MANIFEST).read_text())
+            fresh = m["corpus"]["size"] == st.st_size and m["corpus"]["mtime_ns"] == st.st_mtime_ns
+        except (OSError, ValueError, KeyError, TypeError):
+            row["stale"].append(f"{d.name} (damaged or incomplete)")
+            continue
+        if fresh and (want is None or d == want) and row["current"] is None:
+            row["current"] = {"cache": str(d), **m["counts"], "skipped": m.get("skipped", {}),
+                              "tokenizer": m["tokenizer"]["fingerprint"]}
+        else:
+            why = "shard changed since" if not fresh else "another tokenizer"
+            row["stale"].append(f"{d.name} ({why})")
+    return row
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data.corpus", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or check) the cache of every shard, e.g. in a CPU job before training")
+    b.add_argument("--corpus_path", required=True, help="corpus spec: file, directory, glob, comma list, :weights")
+    b.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json), the one training uses")
+    b.add_argument("--num_workers", type=int, default=0, help="tokenizer processes (0 = every core)")
+    b.add_argument("--no_progress", action="store_true", help="no progress bar")
+    i = sub.add_parser("info", help="shards, tokens, documents, skipped lines and stale caches of a corpus spec")
+    i.add_argument("spec", help="corpus spec: file, directory, glob, comma list, :weights")
+    i.add_argument("--tokenizer", default=None, help="report the caches of this tokenizer (default: any current one)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "build":
+            if args.num_workers < 0:
+                ap.error(f"--num_workers must be >= 0, got {args.num_workers}")
+            if not (Path(args.tokenizer) / "tokenizer.json").is_file():
+                ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
+                         f"`python -m data.tokenizer train --input SPEC --vocab_size N --out DIR`")
+            cs = resolve(args.corpus_path)
+            tok = KoTokenizer.load(args.tokenizer)
+            t0 = time.perf_counter()
+            corpus = open_corpus(cs, tok, num_workers=args.num_workers or None, progress=not args.no_progress)
+            print(f"{len(cs.shards)} shard cache(s) ready in {time.perf_counter() - t0:.1f} s: {corpus.counts()}")
+            return 0
+        cs = resolve(args.spec)
+        tok = KoTokenizer.load(args.tokenizer) if args.tokenizer else None
+        total = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        print(f"{'shard':<50} {'part':>4} {'MiB':>9} {'documents':>10} {'sentences':>11} {'tokens':>12}  cache")
+        for shard, part in zip(cs.shards, cs.part_of_shard()):
+            row = shard_info(shard, tok)
+            cur = row["current"]
+            total["bytes"] += row["bytes"]
+            if cur:
+                for k in ("documents", "sentences", "tokens"):
+                    total[k] += cur[k]
+                skipped.update(cur["skipped"])
+                total["built"] += 1
+            cells = (f"{cur['documents']:>10,} {cur['sentences']:>11,} {cur['tokens']:>12,}  ok" if cur
+                     else f"{'-':>10} {'-':>11} {'-':>12}  missing")
+            stale = f"; stale: {', '.join(row['stale'])}" if row["stale"] else ""
+            print(f"{str(shard):<50} {part:>4} {row['bytes'] / 2**20:>9.2f} {cells}{stale}")
+        weights = ", ".join(f"{p.text}: {p.weight}" for p in cs.parts) if cs.weighted else "none (proportional to size)"
+        print(f"\n{len(cs.shards)} shard(s) in {len(cs.parts)} part(s), {total['bytes'] / 2**20:.1f} MiB; weights: "
+              f"{weights}\n{total['built']} built: {total['documents']:,} documents, {total['sentences']:,} "
+              f"sentences, {total['tokens']:,} tokens; skipped lines: {dict(skipped) or 'none'}")
+        return 0
+    except (SpecError, ValueError, FileNotFoundError) as e:
+        print(f"python -m data.corpus {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

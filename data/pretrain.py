@@ -1,18 +1,27 @@
-"""Pretraining samples from a CorpusCache: MLM always, plus SOP or ICT.
+"""Pretraining samples from a corpus (data.corpus.Corpus: shard caches side by side): MLM always,
+plus SOP or ICT.
 
 Shape letters: B batch, L sequence length (padded), N samples, U units.
 
-The sample index is built once at init with numpy over the cache offsets:
+The sample index is built with numpy over the cache offsets, shard by shard, into memory-mapped
+files `<first shard>.<hash>.index/` beside the caches (hash of the shard caches, objective,
+max_seq_length, split and weights): built once under a file lock (by the first process of a
+node, or of the job on a shared file system) and shared by every process through the page cache,
+so per-process memory does not grow with the corpus. Groups never cross shards.
 - units: sentences; a sentence longer than max_seq_length - 3 tokens is cut into pieces of
   at most that length (counted in `stats["split_sentences"]`, never a crash or a silent drop);
 - sop: consecutive units of one document packed greedily up to max_seq_length - 3 tokens; at
   __getitem__ the group is split at a random unit boundary (inside the unit when the group
   has one) into A and B, swapped with p=0.5 (sop_label 1 = swapped). Groups never cross
   documents. Groups of a single token are dropped and counted (`stats["dropped_short"]`);
-- mlm: units packed across documents up to max_seq_length - 2, [EOD] after each document's
-  last unit;
+- mlm: units packed across documents (of one shard) up to max_seq_length - 2, [EOD] after each
+  document's last unit;
 - ict: documents packed into passages as for sop (max_seq_length - 2); every unit of a
   passage with at least two units is a query; the passage keeps the query with p=0.1.
+split="train"/"eval" leaves out / keeps only the documents held out for validation
+(`held_out_documents`: a hash of shard name and document position below eval_fraction).
+A weighted corpus spec blends its parts Megatron-style (`_blend`): sample i of the data set is
+sample blend[i] of the parts' samples, each part holding its weight's share.
 Samples are [CLS] A [SEP] (B [SEP]); token_type_ids 0 for A, 1 for B. MLM: 15% of the
 non-special tokens (at least one), 80% [MASK], 10% a random non-special token, 10% unchanged;
 whole-word masking selects whole words ("##" pieces with their head). Everything random in a
@@ -23,12 +32,17 @@ set_epoch() changes masking and SOP splits; call it before creating the DataLoad
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.corpus import CorpusCache
+from data.corpus import Corpus, CorpusCache, _file_lock, cache_home
 from data.tokenizer import KoTokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,84 +77,249 @@ def _greedy_pack(cum: np.ndarray, starts: np.ndarray, ends: np.ndarray, budget: 
     return groups[np.argsort(groups[:, 0], kind="stable")]
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def held_out_documents(shard_name: str, num_documents: int, fraction: float) -> np.ndarray:
+    """(D,) bool: the documents of a shard held out for validation, by a hash of (shard file name,
+    document position): the same split in every run, at any process count, after any resume,
+    and a document keeps its side when shards are added or the corpus is moved."""
+    if fraction <= 0:
+        return np.zeros(num_documents, dtype=bool)
+    seed = int.from_bytes(hashlib.sha256(shard_name.encode()).digest()[:8], "little")
+    h = _splitmix64(np.arange(num_documents, dtype=np.uint64) + np.uint64(seed))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _runs(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of the runs of True in a bool array."""
+    k = np.concatenate([[False], keep, [False]]).astype(np.int8)
+    d = np.diff(k)
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
+                 keep_doc: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The sample index of one shard in its own coordinates (units, token offsets, groups)."""
+    piece = max_seq_length - 3
+    so = np.asarray(so, dtype=np.int64)
+    lengths = np.diff(so)
+    n_pieces = np.maximum(1, -(-lengths // piece))
+    first_unit = np.concatenate([[0], np.cumsum(n_pieces)])
+    within = np.arange(first_unit[-1]) - np.repeat(first_unit[:-1], n_pieces)
+    U = np.concatenate([np.repeat(so[:-1], n_pieces) + within * piece, so[-1:]])
+    doc_units = first_unit[np.asarray(do, dtype=np.int64)]
+    is_end = np.zeros(first_unit[-1], dtype=bool)
+    is_end[doc_units[1:] - 1] = True
+    stats = {"sentences": int(len(lengths)), "split_sentences": int((n_pieces > 1).sum()),
+             "extra_pieces": int((n_pieces - 1).sum()), "documents": int(keep_doc.sum())}
+    out = {"unit_offsets": U, "unit_is_doc_end": is_end}
+    if objective == "mlm":
+        # pack inside blocks of _MLM_BLOCK_UNITS units of consecutive kept documents
+        rs, re_ = _runs(keep_doc)
+        s, e = doc_units[rs], doc_units[re_]
+        n_blocks = -(-(e - s) // _MLM_BLOCK_UNITS)
+        first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
+        starts = np.repeat(s, n_blocks) + (np.arange(n_blocks.sum()) - first) * _MLM_BLOCK_UNITS
+        ends = np.minimum(starts + _MLM_BLOCK_UNITS, np.repeat(e, n_blocks))
+        cum = np.concatenate([[0], np.cumsum(np.diff(U) + is_end)])
+        out["groups"] = _greedy_pack(cum, starts, ends, max_seq_length - 2)
+    elif objective == "sop":
+        groups = _greedy_pack(U, doc_units[:-1][keep_doc], doc_units[1:][keep_doc], max_seq_length - 3)
+        short = U[groups[:, 1]] - U[groups[:, 0]] < 2
+        stats["dropped_short"] = int(short.sum())
+        out["groups"] = groups[~short]
+    else:
+        groups = _greedy_pack(U, doc_units[:-1][keep_doc], doc_units[1:][keep_doc], max_seq_length - 2)
+        size = groups[:, 1] - groups[:, 0]
+        stats["units_without_context"] = int((size == 1).sum())
+        groups = groups[size >= 2]
+        size = groups[:, 1] - groups[:, 0]
+        out["ict_group"] = np.repeat(np.arange(len(groups)), size)
+        out["ict_unit"] = np.arange(len(out["ict_group"])) - np.repeat(np.cumsum(size) - size, size) \
+            + groups[out["ict_group"], 0]
+        out["groups"] = groups
+    return out, stats
+
+
+def _blend(part_ranges: list[tuple[int, int]], weights: list[float], seed: int) -> np.ndarray:
+    """Megatron-style blending: part i gets round(w_i / sum(w) * N) of the N samples, drawn from its
+    own samples (whole seeded permutations, repeated when the part is too small)."""
+    n = sum(e - s for s, e in part_ranges)
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    out = []
+    for i, ((s, e), share) in enumerate(zip(part_ranges, w)):
+        want = int(round(share * n))
+        rng = np.random.default_rng([seed, 7919, i])
+        reps = -(-want // max(1, e - s))
+        out.extend(s + rng.permutation(e - s) for _ in range(reps))
+        out[-1] = out[-1][:want - (reps - 1) * (e - s)] if reps else out[-1]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+_INDEX_VERSION = 1
+_INDEX_ARRAYS = ("unit_offsets", "unit_is_doc_end", "groups", "ict_group", "ict_unit", "blend")
+
+
+def _index_key(corpus: Corpus, objective: str, max_seq_length: int, split: str, fraction: float,
+               seed: int) -> str:
+    key = {"v": _INDEX_VERSION, "caches": [c.path.name for c in corpus.caches], "objective": objective,
+           "L": max_seq_length, "split": split, "fraction": fraction if split != "all" else 0,
+           "weights": [p.weight for p in corpus.spec.parts] if corpus.spec.weighted else None,
+           "blend_seed": seed if corpus.spec.weighted else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str = "all",
+                fraction: float = 0.0, seed: int = 0) -> tuple[Path, dict]:
+    """Build (once: a file lock keeps the other processes of the node, or of every node on a shared
+    file system, waiting for it) the memory-mappable sample index; returns its directory and stats.
+
+    The arrays are written shard by shard, so building needs the memory of the largest shard only."""
+    first = corpus.caches[0].path
+    d = cache_home(first.parent, f"{first.name.rsplit('.', 2)[0]}."
+                                  f"{_index_key(corpus, objective, max_seq_length, split, fraction, seed)}.index")
+    meta = d / "index.json"
+    if meta.exists():
+        return d, json.loads(meta.read_text())
+    with _file_lock(d.with_name(d.name + ".lock")):
+        if meta.exists():
+            return d, json.loads(meta.read_text())
+        tmp = d.with_name(f"{d.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            stats: dict[str, int] = {}
+            files = {k: open(tmp / f"{k}.bin", "wb") for k in _INDEX_ARRAYS[:-1]}
+            unit_base = group_base = 0
+            samples_per_shard = []
+            for k, cache in enumerate(corpus.caches):
+                cache.check_offsets()
+                held = held_out_documents(Path(cache.manifest["corpus"]["path"]).name, cache.num_documents, fraction)
+                keep = {"all": np.ones_like(held), "train": ~held, "eval": held}[split]
+                arrays, st = _shard_index(cache.sent_offsets, cache.doc_offsets, objective, max_seq_length, keep)
+                for name, v in st.items():
+                    stats[name] = stats.get(name, 0) + v
+                U = arrays["unit_offsets"]
+                (U[:-1] + corpus.token_base[k]).tofile(files["unit_offsets"])
+                arrays["unit_is_doc_end"].tofile(files["unit_is_doc_end"])
+                (arrays["groups"] + unit_base).tofile(files["groups"])
+                if objective == "ict":
+                    (arrays["ict_group"] + group_base).tofile(files["ict_group"])
+                    (arrays["ict_unit"] + unit_base).tofile(files["ict_unit"])
+                samples_per_shard.append(len(arrays["ict_unit"] if objective == "ict" else arrays["groups"]))
+                unit_base += len(U) - 1
+                group_base += len(arrays["groups"])
+            np.array([corpus.num_tokens], dtype=np.int64).tofile(files["unit_offsets"])
+            for f in files.values():
+                f.close()
+            stats.update(units=unit_base, groups=group_base, samples_per_shard=samples_per_shard)
+            if corpus.spec.weighted:
+                cum = np.concatenate([[0], np.cumsum(samples_per_shard)])
+                part = corpus.part_of_shard
+                ranges = [(int(cum[np.flatnonzero(part == i)[0]]), int(cum[np.flatnonzero(part == i)[-1] + 1]))
+                          for i in range(len(corpus.spec.parts))]
+                empty = [corpus.spec.parts[i].text for i, (s, e) in enumerate(ranges) if e == s]
+                if empty:
+                    raise ValueError(f"corpus part(s) {empty} give no {objective} samples (split {split}); a weighted "
+                                     f"part needs samples: drop it or give it more text")
+                _blend(ranges, [p.weight for p in corpus.spec.parts], seed).tofile(tmp / "blend.bin")
+            (tmp / "index.json").write_text(json.dumps(stats))
+            if d.exists():
+                shutil.rmtree(d)
+            os.rename(tmp, d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return d, stats
+
+
+def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray]:
+    specs = {"unit_offsets": (np.int64, 1), "unit_is_doc_end": (np.bool_, 1), "groups": (np.int64, 2),
+             "ict_group": (np.int64, 1), "ict_unit": (np.int64, 1), "blend": (np.int64, 1)}
+    out = {}
+    for name, (dtype, width) in specs.items():
+        f = d / f"{name}.bin"
+        if (name.startswith("ict_") and objective != "ict") or (name == "blend" and not weighted):
+            continue
+        n = f.stat().st_size // (np.dtype(dtype).itemsize * width)
+        shape = (n, width) if width > 1 else (n,)
+        out[name] = np.memmap(f, dtype=dtype, mode="r", shape=shape) if n else np.zeros(shape, dtype)
+    return out
+
+
 class PretrainDataset(torch.utils.data.Dataset):
-    def __init__(self, cache: CorpusCache, tokenizer: KoTokenizer, max_seq_length: int,
+    def __init__(self, cache: Corpus | CorpusCache, tokenizer: KoTokenizer, max_seq_length: int,
                  objective: str = "sop", mlm_probability: float = 0.15, whole_word_mask: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, split: str = "all", eval_fraction: float = 0.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length={max_seq_length} is too small for pretraining samples (need >= 8)")
         if not 0.0 <= mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {mlm_probability}")
-        built_with = cache.manifest["tokenizer"]["fingerprint"]
-        if built_with != tokenizer.fingerprint:
-            raise ValueError(f"cache {cache.path} was built with tokenizer {built_with}, not {tokenizer.fingerprint}; "
-                             f"open the cache with data.corpus.load_or_build(corpus, tokenizer)")
-        self.tokens = cache.tokens
+        if split not in ("all", "train", "eval"):
+            raise ValueError(f"split must be all, train or eval, got {split!r}")
+        corpus = Corpus.of(cache)
+        if corpus.tokenizer_fingerprint != tokenizer.fingerprint:
+            raise ValueError(f"cache {corpus.caches[0].path} was built with tokenizer {corpus.tokenizer_fingerprint}, "
+                             f"not {tokenizer.fingerprint}; open the corpus with data.corpus.open_corpus(spec, tokenizer)")
+        if corpus.max_token_id >= tokenizer.vocab_size:
+            raise ValueError(f"the corpus caches of {corpus.path} hold token id {corpus.max_token_id}, beyond the "
+                             f"tokenizer's {tokenizer.vocab_size} ids; delete those caches to rebuild them")
+        self.corpus = corpus
         self.max_seq_length = max_seq_length
         self.objective = objective
         self.mlm_probability = mlm_probability
         self.whole_word_mask = whole_word_mask
         self.seed = seed
         self.epoch = 0
+        self.vocab_size = tokenizer.vocab_size
         self.cls_id, self.sep_id, self.mask_id, self.eod_id, self.pad_id = (
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.eod_id, tokenizer.pad_id)
         self.special = tokenizer.is_special()
         self.word_start = tokenizer.is_word_start()
         self.random_ids = np.flatnonzero(~self.special)
 
-        # units: sentences, overlong ones cut into pieces of <= max_seq_length - 3 tokens
-        piece = max_seq_length - 3
-        so = np.asarray(cache.sent_offsets, dtype=np.int64)
-        lengths = np.diff(so)
-        n_pieces = np.maximum(1, -(-lengths // piece))
-        first_unit = np.concatenate([[0], np.cumsum(n_pieces)])
-        within = np.arange(first_unit[-1]) - np.repeat(first_unit[:-1], n_pieces)
-        self.unit_offsets = np.concatenate([np.repeat(so[:-1], n_pieces) + within * piece, so[-1:]])
-        doc_units = first_unit[np.asarray(cache.doc_offsets, dtype=np.int64)]
-        self.unit_is_doc_end = np.zeros(first_unit[-1], dtype=bool)
-        self.unit_is_doc_end[doc_units[1:] - 1] = True
-        self.stats = {"sentences": int(len(lengths)), "split_sentences": int((n_pieces > 1).sum()),
-                      "extra_pieces": int((n_pieces - 1).sum())}
-
-        U = self.unit_offsets
-        if objective == "mlm":
-            cum = np.concatenate([[0], np.cumsum(np.diff(U) + self.unit_is_doc_end)])
-            starts = np.arange(0, len(U) - 1, _MLM_BLOCK_UNITS)
-            self.groups = _greedy_pack(cum, starts, np.minimum(starts + _MLM_BLOCK_UNITS, len(U) - 1),
-                                       max_seq_length - 2)
-        elif objective == "sop":
-            groups = _greedy_pack(U, doc_units[:-1], doc_units[1:], max_seq_length - 3)
-            short = U[groups[:, 1]] - U[groups[:, 0]] < 2
-            self.stats["dropped_short"] = int(short.sum())
-            self.groups = groups[~short]
-        else:
-            groups = _greedy_pack(U, doc_units[:-1], doc_units[1:], max_seq_length - 2)
-            size = groups[:, 1] - groups[:, 0]
-            self.stats["units_without_context"] = int((size == 1).sum())
-            groups = groups[size >= 2]
-            size = groups[:, 1] - groups[:, 0]
-            self.ict_group = np.repeat(np.arange(len(groups)), size)
-            self.ict_unit = np.arange(len(self.ict_group)) - np.repeat(np.cumsum(size) - size, size) \
-                + groups[self.ict_group, 0]
-            self.groups = groups
+        self.index_dir, stats = build_index(corpus, objective, max_seq_length, split, eval_fraction, seed)
+        arrays = _open_index(self.index_dir, objective, corpus.spec.weighted)
+        self.unit_offsets, self.unit_is_doc_end, self.groups = (
+            arrays["unit_offsets"], arrays["unit_is_doc_end"], arrays["groups"])
+        self.ict_group, self.ict_unit = arrays.get("ict_group"), arrays.get("ict_unit")
+        self.blend = arrays.get("blend")
+        self.stats = {k: v for k, v in stats.items() if k not in ("units", "groups", "samples_per_shard")}
+        self.samples_per_shard = stats["samples_per_shard"]
         self.stats["samples"] = len(self)
         if self.stats["split_sentences"]:
             logger.info("%d sentences longer than %d tokens were cut into pieces (%d extra)",
-                        self.stats["split_sentences"], piece, self.stats["extra_pieces"])
+                        self.stats["split_sentences"], max_seq_length - 3, self.stats["extra_pieces"])
         if len(self) == 0:
-            raise ValueError(f"no {objective} samples in {cache.path} with max_seq_length={max_seq_length} "
+            what = {"all": "", "train": " outside the held-out documents", "eval": " in the held-out documents"}[split]
+            raise ValueError(f"no {objective} samples{what} of {corpus.path} with max_seq_length={max_seq_length} "
                              f"({self.stats}); ict and sop need documents of at least two sentences/tokens")
 
+
     def __len__(self) -> int:
+        if self.blend is not None:
+            return len(self.blend)
         return len(self.ict_unit) if self.objective == "ict" else len(self.groups)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def _span(self, a: int, b: int) -> np.ndarray:
-        return np.asarray(self.tokens[self.unit_offsets[a]:self.unit_offsets[b]], dtype=np.int64)
+        start = int(self.unit_offsets[a])
+        ids = self.corpus.span(start, int(self.unit_offsets[b]))
+        if len(ids) and int(ids.max()) >= self.vocab_size:  # a damaged tokens.bin: name it, not an IndexError later
+            cache = self.corpus.caches[self.corpus.shard_of_token(start)].path
+            raise ValueError(f"corpus cache {cache} is damaged (token id {int(ids.max())} >= vocab size "
+                             f"{self.vocab_size}); delete that directory and it will be rebuilt")
+        return ids
 
     def mask_tokens(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """MLM-mask a sequence that already holds its special tokens; returns (inputs, labels)."""
@@ -175,6 +354,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        if self.blend is not None:  # a weighted corpus: position i draws sample blend[i]
+            i = int(self.blend[i])
         if self.objective == "ict":
             u, g = int(self.ict_unit[i]), int(self.ict_group[i])
             gs, ge = (int(x) for x in self.groups[g])
@@ -188,7 +369,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         if self.objective == "mlm":
             body = self._span(s, e)
             ends = np.flatnonzero(self.unit_is_doc_end[s:e]) + s + 1
-            body = np.insert(body, self.unit_offsets[ends] - self.unit_offsets[s], self.eod_id)
+            body = np.insert(body, np.asarray(self.unit_offsets[ends]) - self.unit_offsets[s], self.eod_id)
             ids, labels = self._single(body, rng)
             return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
         body = self._span(s, e)

@@ -125,20 +125,30 @@ def test_concurrent_builders_build_once(corpus_copy, tiny_tokenizer, count_build
     assert leftovers == []
 
 
-def test_rank0_builds_others_wait(corpus_copy, tiny_tokenizer, count_builds):
-    barrier = threading.Barrier(2)
-    out = {}
+def test_ranks_share_the_build_without_a_collective(tmp_path, tiny_corpus, tiny_tokenizer, count_builds):
+    """Two 'ranks' (threads) build 4 shards between them: each shard once, both see every cache."""
+    shards = []
+    lines = tiny_corpus.read_bytes().split(b"\n\n")
+    for k in range(4):
+        p = tmp_path / f"s{k}.dat"
+        p.write_bytes(b"\n\n".join(lines[k::4]) + b"\n")
+        shards.append(p)
+    out, errors = {}, []
 
     def rank(r):
-        out[r] = load_or_build(corpus_copy, tiny_tokenizer, is_main=r == 0, barrier=barrier.wait, progress=False)
+        try:
+            out[r] = corpus_mod.ensure_caches(shards, tiny_tokenizer, rank=r, world_size=2, num_workers=1,
+                                              progress=False, poll_seconds=0.05)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert out[0].path == out[1].path and len(count_builds) == 1
-    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
+    assert not errors and out[0] == out[1] and len(count_builds) == 4
+    assert all((d / "manifest.json").exists() for d in out[0])
 
 
 def test_missing_and_empty_corpus(tmp_path, tiny_tokenizer):

@@ -1,0 +1,195 @@
+"""Corpus specs: which `.dat` shards a `--corpus_path`, `--eval_corpus` or tokenizer `--input` names.
+
+A spec is one part or several separated by commas; each part is
+    a file                     `corpus.dat` (any name: `split -l` shards have none)
+    a directory                `shards/`: every `*.dat` file under it, recursively, sorted by path
+    a glob                     `traindata/*`, `wiki/**/*.dat` (`**` recurses): the files it matches, sorted
+and may end in `:WEIGHT` (Megatron-style blending, `wiki/:0.7,news/*.dat:0.3`): the part's share of
+the samples. Without weights every shard contributes its own samples (proportional to size).
+Either every part has a weight or none does. Our own files beside the shards (caches, their
+locks, trained tokenizers, sample indexes) are never taken as shards.
+
+This is the one place where specs are resolved: the launchers, `python -m data.tokenizer train`,
+`python -m data.corpus build|info` and the benchmarks all call `resolve`. Bad specs raise
+SpecError (a ValueError) naming the offending path and the fix, before any work.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import math
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_SUFFIX = ".dat"
+SNIFF_BYTES = 1 << 16
+FORMAT_HINT = "UTF-8 text, one sentence per line, a blank line between documents"
+# names we write beside a corpus: <shard>.<hash>.cache[.lock|.tmp-HOST-PID], <shard>.tokenizer, indexes
+_ARTIFACT = re.compile(r"(\.[0-9a-f]{12}\.cache(\.lock|\.tmp-.*)?|\.tokenizer|\.index(\.lock|\.tmp-.*)?)$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class SpecError(ValueError):
+    """A corpus spec that names no usable shard; the message names the path and the fix."""
+
+
+class MissingShard(SpecError, FileNotFoundError):
+    """A file named by a spec does not exist (also a FileNotFoundError, as callers of a single file expect)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    text: str                   # the part as written (without its weight)
+    weight: float | None
+    shards: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    text: str
+    parts: tuple[Part, ...]
+
+    @property
+    def shards(self) -> tuple[Path, ...]:
+        return tuple(s for p in self.parts for s in p.shards)
+
+    @property
+    def weighted(self) -> bool:
+        return self.parts[0].weight is not None
+
+    def part_of_shard(self) -> list[int]:
+        return [i for i, p in enumerate(self.parts) for _ in p.shards]
+
+
+def is_artifact(path: Path) -> bool:
+    """A cache, lock, tokenizer or index this project writes beside the shards."""
+    return bool(_ARTIFACT.search(path.name))
+
+
+def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
+    """Why `path` cannot be a UTF-8 text shard (missing, not a regular file, empty, binary), or None.
+
+    Only the first bytes are read: enough to catch a wrong file without reading a 100 GB corpus."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "no such file or directory"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"is a directory; expected a .dat text file ({FORMAT_HINT})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+            stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file"
+        return (f"is {kind}, not a regular file; the corpus must be text files on disk (its cache is named "
+                f"by size and modification time): write the stream to a .dat file first")
+    if st.st_size == 0:
+        return f"is empty; expected {FORMAT_HINT}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(sniff_bytes)
+    except OSError as e:
+        return f"cannot be read ({e.strerror}); check its permissions"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
+                f"convert it with e.g. `iconv -f cp949 -t utf-8`")
+    return None
+
+
+def split_parts(spec: str) -> list[tuple[str, float | None]]:
+    """`a.dat,b/:0.3` -> [("a.dat", None), ("b/", 0.3)]. A trailing `:NUMBER` is a weight unless the
+    whole part names an existing path."""
+    out = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            raise SpecError(f"corpus spec {spec!r} has an empty part (two commas, or a comma at an end); "
+                            f"separate files, directories or globs by single commas")
+        weight = None
+        head, sep, tail = part.rpartition(":")
+        if sep and head and not Path(part).exists():
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = None
+            else:
+                part = head
+                if not (math.isfinite(weight) and weight > 0):
+                    raise SpecError(f"corpus spec part {raw.strip()!r}: the weight must be a number > 0, got {tail}; "
+                                    f"write e.g. {head}:0.5")
+        out.append((part, weight))
+    return out
+
+
+def _expand(part: str) -> list[Path]:
+    if _GLOB_CHARS.search(part):
+        hits = [Path(h) for h in sorted(glob.glob(part, recursive=True))]
+        files: list[Path] = []
+        for h in hits:
+            if is_artifact(h):
+                continue
+            files.extend(_directory_shards(h) if h.is_dir() else [h])
+        if not files:
+            raise SpecError(f"{part}: the pattern matches no file; check it (and quote it, so that the shell "
+                            f"does not expand it first)")
+        return files
+    p = Path(part)
+    if p.is_dir():
+        files = _directory_shards(p)
+        if not files:
+            raise SpecError(f"{part}: the directory holds no *{SHARD_SUFFIX} file (searched recursively); put the "
+                            f"shards there as *{SHARD_SUFFIX}, or name them with a glob such as '{part.rstrip('/')}/*'")
+        return files
+    return [p]
+
+
+def _directory_shards(root: Path) -> list[Path]:
+    return sorted((p for p in root.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and not is_artifact(p)), key=str)
+
+
+def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) -> CorpusSpec:
+    """The shards a spec names, grouped by part. A sequence is several specs (e.g. repeated --input).
+
+    With check_text, every shard's beginning is checked to be UTF-8 text: an explicitly named
+    empty or binary file is an error, and so is any binary shard found in a directory or glob
+    (an empty one there is skipped)."""
+    texts = [str(spec)] if isinstance(spec, (str, Path)) else [str(s) for s in spec]
+    if not texts or not any(t.strip() for t in texts):
+        raise SpecError(f"empty corpus spec; give a .dat file, a directory of .dat shards or a glob ({FORMAT_HINT})")
+    parts: list[Part] = []
+    seen: dict[Path, str] = {}
+    for text in texts:
+        for part, weight in split_parts(text):
+            shards = []
+            explicit = not _GLOB_CHARS.search(part) and not Path(part).is_dir()
+            for shard in _expand(part):
+                if check_text:
+                    problem = text_file_problem(shard)
+                    if problem and not explicit and problem.startswith("is empty"):
+                        continue
+                    if problem:
+                        where = "" if explicit else f" (a shard of {part})"
+                        error = MissingShard if problem.startswith("no such file") else SpecError
+                        raise error(f"{shard}{where}: {problem}")
+                key = shard.resolve()
+                if key in seen:
+                    raise SpecError(f"{shard} is named twice in the corpus spec (by {seen[key]!r} and {part!r}); "
+                                    f"list every shard once")
+                seen[key] = part
+                shards.append(shard)
+            if not shards:
+                raise SpecError(f"{part}: every file it names is empty; expected {FORMAT_HINT}")
+            parts.append(Part(part, weight, tuple(shards)))
+    weighted = [p.weight is not None for p in parts]
+    if any(weighted) and not all(weighted):
+        missing = [p.text for p in parts if p.weight is None]
+        raise SpecError(f"corpus spec {','.join(texts)!r}: give every part a weight or none (no weight on "
+                        f"{missing}); e.g. {parts[0].text}:0.7,{parts[-1].text}:0.3")
+    return CorpusSpec(",".join(texts), tuple(parts))
