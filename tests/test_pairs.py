@@ -1,0 +1,104 @@
+"""KLUE NLI / STS: readers and their errors, the stable hash split, pair encoding (segment ids),
+STS metrics against hand-computed values, and both tasks from a tiny pretrain (loss falls)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.pairs import SentencePairDataset, hash_split, load_klue_nli, load_klue_sts
+from tests.pretrain_util import COMMON, KLUE, tiny_pretrain
+from tests.test_tasks import assert_falls, eval_line, train_losses
+from tests.trainer_util import launch
+
+NLI, STS = KLUE / "nli_train.json", KLUE / "sts_train.json"
+pytestmark = pytest.mark.skipif(not NLI.exists(), reason="../shared/data/klue not available")
+
+
+def test_readers_and_split():
+    nli, sts = load_klue_nli(NLI), load_klue_sts(STS)
+    assert len(nli) == 1807 and {e.label for e in nli} == {0.0, 1.0, 2.0}
+    assert nli[0].guid == "klue-nli-v1_dev_00002" and nli[0].label == 1.0   # neutral
+    assert len(sts) == 308 and sts[0].label == 4.9 and sts[0].text_b.startswith("무엇보다도, 호스트들은")
+    train, held = hash_split(nli, lambda e: e.guid, 0.2)
+    assert len(train) + len(held) == 1807 and 0.15 < len(held) / 1807 < 0.25
+    # the split depends on the guid only: the same for a shuffled or cut list
+    again = hash_split(list(reversed(nli[:500])), lambda e: e.guid, 0.2)[1]
+    assert {e.guid for e in again} == {e.guid for e in held if e in nli[:500]}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"guid": "x", "premise": "a", "hypothesis": "b", "gold_label": "maybe"}, "gold_label 'maybe'"),
+    ({"guid": "x", "premise": "a", "gold_label": "neutral"}, "no text in 'hypothesis'"),
+])
+def test_nli_bad_labels(tmp_path, record, message):
+    path = tmp_path / "nli.json"
+    path.write_text(json.dumps([record]))
+    with pytest.raises(ValueError, match=message):
+        load_klue_nli(path)
+
+
+@pytest.mark.parametrize("value", [5.5, -1, "3", None])
+def test_sts_label_outside_0_5(tmp_path, value):
+    path = tmp_path / "sts.json"
+    path.write_text(json.dumps([{"guid": "x", "sentence1": "a", "sentence2": "b", "labels": {"label": value}}]))
+    with pytest.raises(ValueError, match="numbers from 0 to 5"):
+        load_klue_sts(path)
+
+
+def test_pair_encoding(tiny_tokenizer):
+    ex = load_klue_sts(STS)[:3]
+    ds = SentencePairDataset(ex, tiny_tokenizer, 64, regression=True)
+    batch = ds.collate([ds[0], ds[1], ds[2]])
+    a, b = tiny_tokenizer.encode(ex[0].text_a), tiny_tokenizer.encode(ex[0].text_b)
+    assert len(a) + len(b) + 3 <= 64
+    ids, types, mask = batch["input_ids"][0], batch["token_type_ids"][0], batch["attention_mask"][0]
+    n = int(mask.sum())
+    assert n == len(a) + len(b) + 3 and ids[1:len(a) + 1].tolist() == a
+    assert ids[0] == tiny_tokenizer.cls_id and ids[n - 1] == tiny_tokenizer.sep_id
+    assert types[:len(a) + 2].tolist() == [0] * (len(a) + 2) and types[len(a) + 2:n].tolist() == [1] * (n - len(a) - 2)
+    assert types[n:].sum() == 0 and batch["labels"].dtype.is_floating_point
+    assert batch["labels"].tolist() == pytest.approx([e.label for e in ex])
+
+
+def test_sts_scores_hand_computed():
+    from data.metrics import sts_scores
+
+    pred, gold = np.array([1.0, 2.0, 3.5, 4.0]), np.array([0.5, 3.0, 3.0, 5.0])
+    pm, gm = pred - pred.mean(), gold - gold.mean()
+    r = (pm * gm).sum() / np.sqrt((pm ** 2).sum() * (gm ** 2).sum())
+    out = sts_scores(pred, gold)
+    assert out["pearson"] == pytest.approx(r)
+    # >= 3: predicted {3.5, 4.0}, gold {3.0, 3.0, 5.0}: tp 2, fp 0, fn 1 -> F1 = 4/5
+    assert out["f1"] == pytest.approx(80.0)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
+    return tiny_pretrain(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("mode, path, metrics", [pytest.param("nli", NLI, {"accuracy"}, marks=pytest.mark.slow),
+                                                 ("sts", STS, {"pearson", "f1"})])
+def test_pair_task_loss_falls(env, mode, path, metrics):
+    proc = launch("train.py", ["--model_name", mode, "--model", str(env.cfg), "--output_dir", str(env.out), *COMMON,
+                               "--train_mode", mode, "--train_file", str(path), "--checkpoint", str(env.pre / "step-10"),
+                               "--max_train_examples", "32", "--max_eval_examples", "30", "--eval_fraction", "0.2",
+                               "--train_batch_size", "16", "--num_steps", "24"])
+    assert_falls(train_losses(env.out / mode), mode)
+    assert set(eval_line(proc.stdout)) == metrics
+
+
+def test_bad_pair_input_stops_before_work(env, tmp_path, monkeypatch, capsys):
+    from tests.test_bad_input import _run_main
+
+    bad = tmp_path / "sts.json"
+    records = json.loads(STS.read_text(encoding="utf-8"))[:20]
+    records[7]["labels"]["label"] = 6.2
+    bad.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    code, err = _run_main(["--model_name", "bad", "--model", str(env.cfg), "--output_dir", str(tmp_path), *COMMON,
+                           "--train_mode", "sts", "--train_file", str(bad), "--checkpoint", str(env.pre / "final"),
+                           "--num_steps", "2"], monkeypatch, capsys)
+    assert code and "example 7" in err and "6.2" in err and "0 to 5" in err
+    assert not (tmp_path / "bad").exists()

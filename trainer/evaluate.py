@@ -1,0 +1,431 @@
+"""Score checkpoints on a suite of downstream tasks: fine-tune + evaluate each task with its
+recipe, several seeds, through the one training loop (`trainer.loop.run`, in this process and its
+process group: `torchrun --nproc_per_node=N -m trainer.evaluate ...` shards every run).
+
+    python -m trainer.evaluate CKPT [CKPT ...] --suite korean [--tasks nsmc,ner] [--seeds 3]
+        [--output_dir evaluation] [--data_dir ../shared/data] [--set ner.num_steps=500 ...]
+
+CKPT: a step-N checkpoint, a final/ directory (or its model.safetensors), a run directory (its
+final/, else its latest step-N) or a `transformers` folder (BERT or what `trainer.export` reads),
+converted once into output_dir/checkpoints/.
+Writes output_dir/results.json (every run's metrics and the arguments it ran with) and
+output_dir/results.md (one column per checkpoint, mean ± std over seeds), and resumes: a run
+recorded in results.json is not redone; an interrupted run starts again.
+Recipes: `RECIPES` below (docs/tasks.md has the table); `--set TASK.FLAG=VALUE` (or
+`all.FLAG=VALUE`, which a task's own setting beats) overrides any launcher flag; `train_batch_size` is the global batch (split over
+the processes), so 1 and N processes run the same recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SUITES = {"korean": ("nsmc", "korquad", "ner", "nli", "sts", "ict")}
+# Per task: the launcher flags of its fine-tune ({data} = --data_dir). Steps are sized for the
+# shared data (epochs in docs/tasks.md); learning rates are the usual BERT fine-tuning ones.
+RECIPES: dict[str, dict[str, object]] = {
+    "nsmc": {"train_mode": "classify", "train_file": "{data}/nsmc/sentiment_train.tsv",
+             "eval_file": "{data}/nsmc/sentiment_test.tsv", "max_train_examples": 20000, "max_eval_examples": 5000,
+             "max_seq_length": 128, "train_batch_size": 32, "learning_rate": 5e-5, "num_steps": 1250,
+             "warmup_steps": 125},
+    "korquad": {"train_mode": "mrc", "train_file": "{data}/korquad/KorQuAD_v1.0_dev.json", "eval_fraction": 0.1,
+                "max_seq_length": 384, "doc_stride": 128, "max_query_length": 64, "train_batch_size": 32,
+                "learning_rate": 5e-5, "num_steps": 1000, "warmup_steps": 100},
+    "ner": {"train_mode": "ner", "train_file": "{data}/klue/ner_train.tsv", "eval_fraction": 0.2,
+            "max_seq_length": 128, "doc_stride": 64, "train_batch_size": 32, "learning_rate": 5e-5,
+            "num_steps": 380, "warmup_steps": 38},
+    "nli": {"train_mode": "nli", "train_file": "{data}/klue/nli_train.json", "eval_fraction": 0.2,
+            "max_seq_length": 128, "train_batch_size": 32, "learning_rate": 5e-5, "num_steps": 225,
+            "warmup_steps": 22},
+    "sts": {"train_mode": "sts", "train_file": "{data}/klue/sts_train.json", "eval_fraction": 0.2,
+            "max_seq_length": 128, "train_batch_size": 16, "learning_rate": 5e-5, "num_steps": 80,
+            "warmup_steps": 8},
+    "ict": {"train_mode": "ict", "train_file": "{data}/korquad/KorQuAD_v1.0_dev.json", "eval_fraction": 0.1,
+            "max_seq_length": 256, "max_query_length": 64, "pooling": "mean", "train_batch_size": 32,
+            "learning_rate": 5e-5, "num_steps": 300, "warmup_steps": 30},
+}
+# The metrics of each task in the table (every metric the run reports is kept in results.json).
+HEADLINE = {"nsmc": ["accuracy"], "korquad": ["exact_match", "f1"], "ner": ["entity_f1", "char_f1"],
+            "nli": ["accuracy"], "sts": ["pearson"], "ict": ["recall@20"]}
+COMMON = {"save_steps": 0, "logging_steps": 10, "num_workers": 0, "eval_batch_size": 64}
+JOB_MARK = ".evaluate_run"
+DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # the default --data_dir
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="step-N, final/, run directory, model.safetensors or transformers folder")
+    p.add_argument("--suite", choices=sorted(SUITES), default="korean", help="task suite")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tunes per task and checkpoint (seeds 42, 43, ...)")
+    p.add_argument("--output_dir", default="evaluation", help="results.json, results.md, runs/ and checkpoints/")
+    p.add_argument("--data_dir", default=DATA_DIR,
+                   help="the shared data (nsmc/, korquad/, klue/)")
+    p.add_argument("--set", action="append", default=[], metavar="TASK.FLAG=VALUE",
+                   help="override a recipe flag, e.g. ner.num_steps=500, all.max_seq_length=64, nsmc.train_file=X")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), default=0,
+                   help="which launcher's engine: 0 train.py, 1 train_zero_one.py, 2 train_zero_two.py")
+    p.add_argument("--keep_weights", action="store_true", help="keep each fine-tune's final/ (default: removed)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    tasks = a.tasks.split(",") if a.tasks else list(SUITES[a.suite])
+    unknown = [t for t in tasks if t not in SUITES[a.suite]]
+    if unknown:
+        p.error(f"--tasks {unknown} not in suite {a.suite} ({', '.join(SUITES[a.suite])})")
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    a.tasks = tasks
+    a.recipes = recipes(tasks, a.set, a.data_dir, p)
+    return a
+
+
+def recipes(tasks: list[str], overrides: list[str], data_dir: str, parser) -> dict[str, dict]:
+    out = {t: {k: (v.format(data=data_dir) if isinstance(v, str) else v) for k, v in RECIPES[t].items()} for t in tasks}
+    parsed = []
+    for item in overrides:
+        m = re.fullmatch(r"(\w+)\.(\w+)=(.*)", item)
+        if not m or (m.group(1) not in RECIPES and m.group(1) != "all"):
+            parser.error(f"--set {item!r}: expected TASK.FLAG=VALUE with TASK one of {sorted(RECIPES)} or all")
+        parsed.append(m.groups())
+    # all.FLAG first, then TASK.FLAG: a task's own setting wins whatever the order on the command line
+    for task, flag, value in sorted(parsed, key=lambda p: p[0] != "all"):
+        for t in tasks if task == "all" else [task] if task in tasks else []:
+            out[t][flag] = value
+    return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def label_of(path: Path, taken: set[str]) -> str:
+    """A short unique column name: the last two path parts (e.g. pre/final, pre/step-10)."""
+    parts = path.resolve().parts
+    label = "/".join(parts[-2:]) if parts[-1] in ("final", "model.safetensors") or parts[-1].startswith("step-") \
+        else parts[-1]
+    label = label.replace("/model.safetensors", "")
+    base, k = label, 2
+    while label in taken:
+        label, k = f"{base}~{k}", k + 1
+    return label
+
+
+def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
+    """What the loop needs to start from `spec`: {"checkpoint", "model", "tokenizer"}; a step-N
+    gets its recorded config written out, a transformers folder is converted to our format."""
+    from data.tokenizer import KoTokenizer, check_vocab_size
+    from trainer import checkpoint
+    path = Path(spec)
+    if not path.exists():
+        raise SystemExit(f"checkpoint {spec}: no such file or directory")
+    folder = path.parent if path.is_file() else path
+    cfg_json = folder / "config.json"
+    hf = cfg_json.is_file() and _is_transformers_config(json.loads(cfg_json.read_text()))
+    slot = work / "checkpoints" / re.sub(r"[^\w.-]+", "_", label)
+    try:
+        if hf:
+            src = _read_transformers(folder)
+            if is_main and not (slot / checkpoint.WEIGHTS).is_file():
+                tmp = slot.with_name(slot.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                checkpoint.save_weights(src.state, tmp / checkpoint.WEIGHTS, {"train_mode": "", "step": ""})
+                src.config.to_json(tmp / "config.json")
+                for name in ("tokenizer.json", "vocab.txt", "pretokenizer.json"):
+                    if src.tokenizer_dir and (src.tokenizer_dir / name).is_file():
+                        shutil.copy2(src.tokenizer_dir / name, tmp / name)
+                shutil.rmtree(slot, ignore_errors=True)
+                os.replace(tmp, slot)
+            resolved = {"checkpoint": str(slot / checkpoint.WEIGHTS), "model": str(slot / "config.json"),
+                        "tokenizer": str(slot) if src.tokenizer_dir else None, "config": src.config}
+        else:
+            if path.is_dir() and not (path / checkpoint.META).is_file() and (path / "final" / checkpoint.WEIGHTS).is_file():
+                spec = str(path / "final")          # a run directory: its final/ (as trainer.export reads it)
+            resolved_path, kind = checkpoint.resolve(spec, folder)
+            if kind == "step":
+                meta = checkpoint.read_meta(resolved_path)
+                from models import ModelConfig
+
+                config = ModelConfig.from_dict(meta["model_config"])
+                model_json = slot / "config.json"
+                if is_main:
+                    slot.mkdir(parents=True, exist_ok=True)
+                    config.to_json(model_json)
+                tok = meta.get("tokenizer")
+                if tok and not Path(tok).is_absolute() and not (Path(tok) / "tokenizer.json").is_file():
+                    tok = str(Path(meta.get("args", {}).get("cwd", ".")) / tok)
+                resolved = {"checkpoint": str(resolved_path), "model": str(model_json), "tokenizer": tok,
+                            "config": config}
+            else:
+                src_dir = resolved_path.parent
+                from models import ModelConfig
+
+                resolved = {"checkpoint": str(resolved_path), "model": str(src_dir / "config.json"),
+                            "tokenizer": str(src_dir) if (src_dir / "tokenizer.json").is_file() else None,
+                            "config": ModelConfig.from_json(src_dir / "config.json")}
+    except (FileNotFoundError, ValueError, KeyError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"checkpoint {spec}: {e}") from None
+    if not resolved["tokenizer"] or not (Path(resolved["tokenizer"]) / "tokenizer.json").is_file():
+        raise SystemExit(f"checkpoint {spec}: its tokenizer ({resolved['tokenizer']}) is missing; every task "
+                         f"tokenizes with the checkpoint's tokenizer: put tokenizer.json beside the weights")
+    try:
+        check_vocab_size(KoTokenizer.load(resolved["tokenizer"]), resolved["config"].vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"checkpoint {spec}: mismatched tokenizer: {e}") from None
+    return resolved
+
+
+def _is_transformers_config(d: dict) -> bool:
+    return isinstance(d, dict) and ("transformers_version" in d or "architectures" in d)
+
+
+def _read_transformers(folder: Path):
+    """A transformers folder as our weights: what trainer.export.load_source reads, else BERT
+    (BertModel / BertForMaskedLM / BertForPreTraining names, models.hf_compat's table)."""
+    from trainer.export import Source, load_source
+
+    try:
+        return load_source(folder)
+    except (ValueError, KeyError):
+        pass
+    d = json.loads((folder / "config.json").read_text())
+    if d.get("model_type") != "bert":
+        raise ValueError(f"{folder}: a transformers {d.get('model_type')!r} model; BERT folders (and what "
+                         f"`python -m trainer.export` writes) can be evaluated")
+    from models import ModelConfig
+    from models.hf_compat import hf_to_ours
+    from trainer.checkpoint import load_weights
+
+    act = {"gelu": "gelu", "relu": "relu", "silu": "swish", "swish": "swish"}.get(d.get("hidden_act", "gelu"))
+    if act is None:
+        raise ValueError(f"{folder}: hidden_act {d.get('hidden_act')!r} is not one of gelu, relu, silu")
+    config = ModelConfig(model_type="transformer", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                         num_hidden_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                         ff_dim=d["intermediate_size"], act_fn=act, dropout_prob=d.get("hidden_dropout_prob", 0.1),
+                         initializer_range=d.get("initializer_range", 0.02),
+                         max_position_embedding=d["max_position_embeddings"], type_vocab_size=d.get("type_vocab_size", 2),
+                         LN_eps=d.get("layer_norm_eps", 1e-12), ln_pos=1, layer_group=1, n_experts=1,
+                         pad_token_id=d.get("pad_token_id", 0) or 0)
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        hf_state = load_weights(weights)
+    elif (folder / "pytorch_model.bin").is_file():
+        import torch
+
+        hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    prefix = "bert." if any(k.startswith("bert.") for k in hf_state) else ""
+    try:
+        state = hf_to_ours(hf_state, config, hf_prefix=prefix)
+    except KeyError as e:
+        raise ValueError(f"{folder}: BERT weights lack {e}") from None
+    tok = folder if (folder / "tokenizer.json").is_file() else None
+    return Source(state, config, tok, {"path": str(folder), "kind": "transformers"})
+
+
+# --- runs ----------------------------------------------------------------------------------------
+def job_argv(task: str, recipe: dict, ckpt: dict, seed: int, run_root: Path, world: int, no_progress: bool) -> list[str]:
+    flags = dict(COMMON) | recipe
+    batch = int(flags["train_batch_size"])
+    if batch % world:
+        raise SystemExit(f"task {task}: train_batch_size {batch} (the global batch) is not divisible by the "
+                         f"{world} processes; pass --set {task}.train_batch_size=<a multiple of {world}>")
+    flags["train_batch_size"] = batch // world
+    flags |= {"model_name": f"{task}-seed{seed}", "output_dir": str(run_root), "seed": seed,
+              "checkpoint": ckpt["checkpoint"], "model": ckpt["model"]}
+    argv = []
+    for k, v in flags.items():
+        if isinstance(v, bool) or v in ("True", "true"):
+            if v in (True, "True", "true"):
+                argv.append(f"--{k}")
+            continue
+        argv += [f"--{k}", str(v)]
+    if no_progress:
+        argv.append("--no_progress")
+    return argv
+
+
+def _std(values: list[float]) -> float:
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def markdown(results: dict) -> str:
+    """One row per (task, metric), one column per checkpoint: mean ± std over seeds (n)."""
+    labels = list(results["checkpoints"])
+    rows = ["| task | metric | " + " | ".join(labels) + " |", "| --- | --- |" + " --- |" * len(labels)]
+    for task in results["tasks"]:
+        for metric in HEADLINE[task]:
+            cells = []
+            for label in labels:
+                vals = [r["metrics"][metric] for key, r in results["runs"].items()
+                        if key.startswith(f"{label}|{task}|") and metric in r["metrics"]]
+                if not vals:
+                    cells.append("—")
+                elif len(vals) == 1:
+                    cells.append(f"{vals[0]:.4g}")
+                else:
+                    cells.append(f"{sum(vals) / len(vals):.4g} ± {_std(vals):.2g} ({len(vals)})")
+            rows.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    from trainer import dist
+    from trainer.args import parse_args
+    from trainer.loop import run
+
+    out = Path(a.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--output_dir {out} exists and is not a directory; pick another")
+    ctx = dist.init("auto")
+    try:
+        results_path = out / "results.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+        labels: dict[str, str] = {}
+        ckpts: dict[str, dict] = {}
+        for spec in a.checkpoints:
+            label = label_of(Path(spec), set(labels))
+            labels[label] = str(Path(spec).resolve())
+            ckpts[label] = prepare(spec, out, label, ctx.is_main)
+        dist.barrier()
+        # every run's arguments, validated by the launcher's parser before any run starts
+        jobs = []
+        for label, ckpt in ckpts.items():
+            for task in a.tasks:
+                for k in range(a.seeds):
+                    seed = 42 + k
+                    key = f"{label}|{task}|{seed}"
+                    run_root = out / "runs" / re.sub(r"[^\w.-]+", "_", label)
+                    argv_job = job_argv(task, a.recipes[task], ckpt, seed, run_root, ctx.world_size, a.no_progress)
+                    done = results["runs"].get(key)
+                    if done and _diff(done["argv"], argv_job):
+                        raise SystemExit(f"{results_path} holds {key} run with other arguments ({_diff(done['argv'], argv_job)}); "
+                                         f"use another --output_dir for another recipe or checkpoint")
+                    try:
+                        parse_args(a.stage, argv_job)
+                    except SystemExit as e:
+                        if e.code:
+                            raise SystemExit(f"task {task}: its recipe is not valid (see the message above); "
+                                             f"fix it with --set {task}.FLAG=VALUE") from None
+                    _check_data(task, argv_job)
+                    jobs.append((key, task, seed, run_root, argv_job, done is not None))
+        results |= {"suite": a.suite, "tasks": a.tasks, "checkpoints": labels,
+                    "recipes": a.recipes, "processes": ctx.world_size}
+        todo = [j for j in jobs if not j[5]]
+        ctx.log(f"[evaluate] {len(jobs)} runs ({len(jobs) - len(todo)} already in {results_path}), "
+                f"{ctx.world_size} process(es)")
+        for key, task, seed, run_root, argv_job, _ in todo:
+            job_dir = run_root / f"{task}-seed{seed}"
+            if ctx.is_main and job_dir.exists():
+                if not (job_dir / JOB_MARK).is_file():
+                    raise SystemExit(f"{job_dir} exists and was not written by trainer.evaluate; "
+                                     f"use another --output_dir")
+                shutil.rmtree(job_dir)        # an interrupted run of ours: start it again
+            if ctx.is_main:
+                job_dir.mkdir(parents=True)
+                (job_dir / JOB_MARK).write_text(key + "\n")
+            dist.barrier()
+            ctx.log(f"[evaluate] {key}: {' '.join(argv_job)}")
+            start = time.perf_counter()
+            args = parse_args(a.stage, argv_job)
+            metrics = run(args, ctx)["eval"]
+            wall = time.perf_counter() - start
+            if ctx.is_main:
+                if not a.keep_weights:
+                    shutil.rmtree(job_dir / "final", ignore_errors=True)
+                    for step in job_dir.glob("step-*"):
+                        shutil.rmtree(step, ignore_errors=True)
+                results["runs"][key] = {"metrics": metrics, "argv": argv_job, "wall_s": round(wall, 1)}
+                _write_json(results_path, results)
+                (out / "results.md").write_text(markdown(results), encoding="utf-8")
+                ctx.log(f"[evaluate] {key}: " + ", ".join(f"{m}={metrics[m]:.4f}" for m in HEADLINE[task]
+                                                          if m in metrics) + f" ({wall:.0f} s)")
+            dist.barrier()
+        if ctx.is_main:
+            _write_json(results_path, results)
+            table = markdown(results)
+            (out / "results.md").write_text(table, encoding="utf-8")
+            print(table, flush=True)
+            _log_to_tracked_runs(results, labels, [results_path, out / "results.md"], ctx.log)
+        return results
+    finally:
+        dist.shutdown()
+
+
+def _log_to_tracked_runs(results: dict, labels: dict[str, str], artifacts: list[Path], log) -> None:
+    """Each checkpoint's table (mean over seeds, as `evaluate/<task>/<metric>`) goes to the MLflow /
+    W&B runs that trained it, if it was tracked (`--report_to`); untracked checkpoints are skipped."""
+    from trainer.tracking import log_to_run
+
+    for label, spec in labels.items():
+        per_metric: dict[str, list[float]] = {}
+        for key, r in results["runs"].items():
+            ckpt_label, task, _ = key.split("|")
+            if ckpt_label == label:
+                for m, v in r["metrics"].items():
+                    per_metric.setdefault(f"evaluate/{task}/{m}", []).append(float(v))
+        table = {k: sum(v) / len(v) for k, v in per_metric.items()}
+        if table and log_to_run(spec, table, artifacts=artifacts, log=log):
+            log(f"[evaluate] {label}: table logged to its tracked run")
+
+
+def _diff(old: list[str], new: list[str]) -> str:
+    """The flags where two runs' arguments differ ("" when none). Paths inside the evaluation's own
+    directory (--output_dir, a converted checkpoint's --model) may differ: it can be moved."""
+    def pairs(v: list[str]) -> dict[str, str]:
+        out, i = {}, 0
+        while i < len(v):
+            if i + 1 < len(v) and not v[i + 1].startswith("--"):
+                out[v[i]], i = v[i + 1], i + 2
+            else:
+                out[v[i]], i = "", i + 1
+        for own in ("--output_dir", "--model", "--no_progress"):
+            out.pop(own, None)
+        return out
+
+    o, n = pairs(old), pairs(new)
+    return ", ".join(f"{k}: {o.get(k)} -> {n.get(k)}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k))
+
+
+def _check_data(task: str, argv_job: list[str]) -> None:
+    """Read each run's data files once before any run starts: a wrong file stops here."""
+    flags = dict(zip(argv_job[::2], argv_job[1::2]))
+    mode = flags["--train_mode"]
+    from data.classification import load_classification_tsv
+    from data.mrc import load_squad
+    from data.ner import load_klue_ner
+    from data.pairs import load_klue_nli, load_klue_sts
+
+    from data.retrieval import read_pairs_tsv
+
+    reader = {"classify": lambda p: load_classification_tsv(p, limit=10), "mrc": load_squad,
+              "ict": lambda p: load_squad(p) if p.lower().endswith(".json") else read_pairs_tsv(p),
+              "ner": load_klue_ner, "nli": load_klue_nli, "sts": load_klue_sts}[mode]
+    for flag in ("--train_file", "--eval_file"):
+        path = flags.get(flag)
+        if path and reader is not None:
+            try:
+                reader(path)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"task {task}: {flag} {path}: {e}") from None
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
