@@ -1,8 +1,13 @@
-"""Training throughput (tokens/s) of our models vs HF BertForMaskedLM of identical dimensions,
+"""Training throughput (tokens/s) of our models vs `transformers` models of identical dimensions,
 in one process, interleaved, fp32, AdamW step included; MFU against a measured matmul peak.
+Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT against HF
+`ModernBertForMaskedLM` (same dimensions, built by models.hf_compat.modernbert_hf_config);
+`--compile` adds our models with each encoder layer torch.compile'd as `--compile` trains them.
 
-    python bench/model_throughput.py                 # hidden 256 / 4 layers / vocab 32000 / seq 128
-    python bench/model_throughput.py --quick         # smoke run
+    python bench/model_throughput.py                     # small (hidden 256 / 4 layers) + modernbert-small, seq 128
+    python bench/model_throughput.py --config bert-base --compile
+                                                         # BERT-base size, batch 8: transformer + modernbert-base
+    python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
 
@@ -19,7 +24,12 @@ import torch
 from bench.common import format_table, interleaved_medians, measure_matmul_peak
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
 
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.5             # our BERT vs HF BERT (at BERT-base size)
+MODERNBERT_TARGET_RATIO = 1.3  # our ModernBERT vs HF ModernBERT
+COMPILE_TARGET_RATIO = 1.2     # --compile vs eager
+# the ModernBERT config of the same size as each BERT-family config name
+MODERNBERT_OF = {"small": "modernbert-small", "bert-base": "modernbert-base"}
+HF_BERT, HF_MODERNBERT = "HF BertForMaskedLM", "HF ModernBertForMaskedLM"
 
 
 def variants(base: ModelConfig) -> dict[str, ModelConfig]:
@@ -41,6 +51,21 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
         intermediate_size=cfg.ff_dim, hidden_act=cfg.act_fn,
         hidden_dropout_prob=cfg.dropout_prob, attention_probs_dropout_prob=cfg.dropout_prob,
         max_position_embeddings=cfg.max_position_embedding, layer_norm_eps=cfg.LN_eps))
+
+
+def hf_modernbert_model(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from models.hf_compat import modernbert_hf_config
+    specials = dict(bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)  # ours: [CLS] 2, [SEP] 3
+    return ModernBertForMaskedLM(ModernBertConfig(**modernbert_hf_config(cfg, **specials), attn_implementation="sdpa"))
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """Each encoder layer compiled in place, as --compile does (trainer/engines/base.py)."""
+    for block in model.encoder.blocks():
+        block.compile()
+    return model
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: int = 0):
@@ -69,55 +94,91 @@ def train_step_fn(model: torch.nn.Module, batch: dict, labels: torch.Tensor, hf:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="small", help="model config name or JSON path")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--config", default="small", help="model config name or JSON path (bert-base: the BERT-base mode)")
+    p.add_argument("--modernbert", default=None,
+                   help="ModernBERT config to run against HF ModernBertForMaskedLM (default: modernbert-small "
+                        "for small, modernbert-base for bert-base, none otherwise; 'none' leaves it out)")
+    p.add_argument("--compile", action="store_true", help="add our transformer and ModernBERT with compiled layers")
+    p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median taken)")
     p.add_argument("--steps_per_rep", type=int, default=2)
-    p.add_argument("--only", nargs="*", help="subset of our variants to run")
+    p.add_argument("--only", nargs="*", help="subset of our BERT-family variants to run "
+                                             "(default all; transformer only for bert-base)")
     p.add_argument("--quick", action="store_true", help="batch 8, 2 reps of 1 step")
     args = p.parse_args(argv)
+    base_mode = Path(args.config).stem.removesuffix("_config") == "bert-base"
+    if args.batch_size is None:
+        args.batch_size = 8 if base_mode else 32
+    if args.only is None and base_mode:
+        args.only = ["transformer"]
     if args.quick:
         args.batch_size, args.reps, args.steps_per_rep = 8, 2, 1
+    modern_name = args.modernbert or MODERNBERT_OF.get(Path(args.config).stem.removesuffix("_config"), "none")
 
     torch.manual_seed(0)
     base = load_config(args.config)
-    models = {"HF BertForMaskedLM": (hf_model(base), base, True)}
-    for name, cfg in variants(base).items():
-        if not args.only or any(o in name for o in args.only):
-            models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False)
+    # name -> (model, config, is HF, baseline name)
+    models = {HF_BERT: (hf_model(base), base, True, HF_BERT)}
+    family = variants(base)
+    for name, cfg in family.items():
+        # an --only entry naming a variant exactly selects it alone, any other one by substring
+        if not args.only or any(o == name if o in family else o in name for o in args.only):
+            models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
+            if args.compile and name == "transformer":
+                models["transformer --compile"] = (compiled(build_model(cfg, "pretrain", objective="mlm")), cfg,
+                                                   False, HF_BERT)
+    modern = None if modern_name == "none" else load_config(modern_name)
+    if modern is not None:
+        if modern.model_type != "modernbert":
+            raise SystemExit(f"--modernbert {modern_name}: model_type {modern.model_type!r}, not modernbert")
+        if modern.vocab_size != base.vocab_size:
+            modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
+        models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
+        models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
+        if args.compile:
+            models[f"{modern_name} --compile"] = (compiled(build_model(modern, "pretrain", objective="mlm")), modern,
+                                                  False, HF_MODERNBERT)
     batch, labels = make_batch(base, args.batch_size, args.seq_len, args.mask_prob)
-    steps = {name: train_step_fn(m, batch, labels, hf) for name, (m, _, hf) in models.items()}
-    for fn in steps.values():  # warm-up: allocator, AdamW state
+    steps = {name: train_step_fn(m, batch, labels, hf) for name, (m, _, hf, _) in models.items()}
+    for fn in steps.values():  # warm-up: allocator, AdamW state, compilation (forward and backward)
+        fn()
         fn()
 
     peak = measure_matmul_peak()
     secs = interleaved_medians(steps, args.reps, args.steps_per_rep)
     peak = (peak + measure_matmul_peak()) / 2  # before and after, the load varies
     tokens = args.batch_size * args.seq_len
-    hf_tps = tokens / secs["HF BertForMaskedLM"]
+    tps = {name: tokens / s for name, s in secs.items()}
     rows = []
-    for name, (model, cfg, hf) in models.items():
-        tps = tokens / secs[name]
+    for name, (model, cfg, hf, baseline) in models.items():
         frac = 1.0 if hf else args.mask_prob
         flops = estimate_flops_per_token(cfg, args.seq_len, frac)
         rows.append({"model": name, "params (M)": f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}",
-                     "tokens/s": f"{tps:,.0f}", "vs HF": f"{tps / hf_tps:.2f}x",
-                     "GFLOP/token": f"{flops / 1e9:.3f}", "MFU": f"{100 * flops * tps / peak:.1f}%"})
+                     "tokens/s": f"{tps[name]:,.0f}", "vs HF": f"{tps[name] / tps[baseline]:.2f}x",
+                     "HF baseline": baseline.removeprefix("HF "),
+                     "GFLOP/token": f"{flops / 1e9:.3f}", "MFU": f"{100 * flops * tps[name] / peak:.1f}%"})
     print(f"config {args.config}: hidden {base.hidden_size}, layers {base.num_hidden_layers}, "
           f"heads {base.num_heads}, ff {base.ff_dim}, vocab {base.vocab_size}; batch "
           f"{args.batch_size} x seq {args.seq_len}, {args.mask_prob:.0%} masked, fp32, AdamW; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', LD_PRELOAD=' + os.environ['LD_PRELOAD'] if os.environ.get('LD_PRELOAD') else ''}")
+    if modern is not None:
+        print(f"{modern_name}: hidden {modern.hidden_size}, layers {modern.num_hidden_layers}, heads "
+              f"{modern.num_heads}, GeGLU {modern.ff_dim}, window {modern.local_attention}, global every "
+              f"{modern.global_attn_every_n_layers}")
     print(f"matmul peak (2048^3 fp32): {peak / 1e9:.1f} GFLOP/s; median of {args.reps} interleaved "
-          f"reps x {args.steps_per_rep} steps; HF MFU counts its head over all tokens")
-    print(format_table(rows, ["model", "params (M)", "tokens/s", "vs HF", "GFLOP/token", "MFU"]))
-    ours = tokens / secs["transformer"] if "transformer" in secs else None
-    if ours is not None:
-        ratio = ours / hf_tps
-        print(f"transformer / HF = {ratio:.2f}x (target >= {TARGET_RATIO}x): "
-              f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}")
+          f"reps x {args.steps_per_rep} steps; the HF models' MFU counts their MLM head over all tokens "
+          f"(ModernBERT's sparse_prediction off, its default)")
+    print(format_table(rows, ["model", "params (M)", "tokens/s", "vs HF", "HF baseline", "GFLOP/token", "MFU"]))
+    checks = [("transformer", HF_BERT, TARGET_RATIO), (modern_name, HF_MODERNBERT, MODERNBERT_TARGET_RATIO),
+              ("transformer --compile", "transformer", COMPILE_TARGET_RATIO),
+              (f"{modern_name} --compile", modern_name, COMPILE_TARGET_RATIO)]
+    for ours, other, target in checks:
+        if ours in tps and other in tps:
+            ratio = tps[ours] / tps[other]
+            print(f"{ours} / {other} = {ratio:.2f}x (target >= {target}x): {'met' if ratio >= target else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,23 @@ Epoch e draws a permutation of the data set seeded by (seed, e) and takes its fi
 `samples_per_epoch` indices; global micro-batch k is the slice [k*B*W, (k+1)*B*W) of it and
 rank r takes the r-th block of B. The data position is (epoch, samples consumed in the epoch),
 so a run resumes on the same sample even with a different number of processes.
+
+Length bucketing (`lengths` given: --unpad auto for the variable-length tasks): the epoch's order
+is cut into windows of BUCKET_BATCHES global micro-batches; each window is sorted by length and
+cut into global micro-batches of similar lengths, whose order inside the window is shuffled,
+seeded by (seed, epoch). The collate pads each micro-batch to its own longest row, so batches
+carry almost no padding. The order is still a function of (seed, epoch, lengths, global batch):
+resuming from (epoch, samples consumed) continues it exactly; the windows follow the global
+micro-batch, so resuming with another batch x processes product regroups the rest of the epoch.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+BUCKET_BATCHES = 64  # global micro-batches per sorting window (HF's group_by_length uses 50)
 
 
 @dataclass
@@ -23,7 +33,11 @@ class TrainState:
 
 class EpochSampler:
     def __init__(self, num_samples: int, micro_batch: int, world_size: int, rank: int, seed: int,
-                 accumulation: int = 1, max_steps_per_epoch: int = 0):
+                 accumulation: int = 1, max_steps_per_epoch: int = 0, lengths: np.ndarray | None = None):
+        """lengths: tokens of every sample, to group samples of similar length into micro-batches
+        (None: the plain permutation)."""
+        assert lengths is None or len(lengths) == num_samples, (len(lengths), num_samples)
+        self.lengths = None if lengths is None else np.asarray(lengths)
         self.num_samples, self.micro_batch = num_samples, micro_batch
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.global_micro = micro_batch * world_size
@@ -47,9 +61,40 @@ class EpochSampler:
     def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
         """This rank's micro-batches of `epoch`, from global sample `start` on."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)[:self.samples_per_epoch]
+        if self.lengths is not None:
+            order = bucket_by_length(order, self.lengths, self.global_micro,
+                                     np.random.default_rng([self.seed, epoch, 1]))
         for s in range(start, self.samples_per_epoch - self.global_micro + 1, self.global_micro):
             lo = s + self.rank * self.micro_batch
             yield order[lo:lo + self.micro_batch].tolist()
+
+
+def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator,
+                     window_batches: int = BUCKET_BATCHES) -> np.ndarray:
+    """`order` (a multiple of `batch` long) regrouped: in each window of `window_batches` batches the
+    samples are sorted by length (longest first, ties in `order`), cut into batches, and the
+    batches of the window put in an order drawn from `rng`. The same samples, window by window."""
+    assert len(order) % batch == 0, (len(order), batch)
+    out = np.empty_like(order)
+    window = batch * window_batches
+    for lo in range(0, len(order), window):
+        part = order[lo:lo + window]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        chunks = part.reshape(-1, batch)
+        out[lo:lo + len(part)] = chunks[rng.permutation(len(chunks))].reshape(-1)
+    return out
+
+
+def length_sorted(lengths: np.ndarray) -> np.ndarray:
+    """Positions of `lengths`, longest first (ties in order): evaluation batches of similar
+    lengths; the first batch is the largest, so running out of memory shows at once."""
+    return np.argsort(-np.asarray(lengths), kind="stable")
+
+
+def example_lengths(dataset, indices: Sequence[int] | None = None) -> np.ndarray:
+    """Tokens of the samples `indices` (default all): the length of each one's input_ids."""
+    indices = range(len(dataset)) if indices is None else indices
+    return np.fromiter((len(dataset[i]["input_ids"]) for i in indices), dtype=np.int64, count=len(indices))
 
 
 class BatchList:
