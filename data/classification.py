@@ -10,52 +10,28 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from data.padding import pad_batch, padded_length  # re-exported: their home is data/padding.py
+
 __all__ = [
     "pad_batch",
     "padded_length",
     "ClassificationExample",
     "load_classification_tsv",
+    "split_held_out",
+    "label_counts",
+    "resolve_num_labels",
     "ClassificationDataset",
 ]
 
-PAD_MULTIPLE = 8
 logger = logging.getLogger(__name__)
-
-
-def padded_length(longest: int, max_seq_length: int, multiple: int = PAD_MULTIPLE) -> int:
-    """``longest`` rounded up to a multiple of ``multiple``, capped at ``max_seq_length``."""
-    rounded = -(-max(longest, 1) // multiple) * multiple
-    return min(rounded, max_seq_length)
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_value: int, max_seq_length: int,
-              multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Right-pad integer sequences into a (B, L) int64 tensor.
-
-    Returns ``(ids, attention_mask, num_truncated)``; sequences longer than ``max_seq_length``
-    are cut there (their last token is kept as the final position, so a closing ``[SEP]``
-    survives) and counted in ``num_truncated`` rather than raising.
-    """
-    if not seqs:
-        raise ValueError("pad_batch got an empty batch")
-    length = padded_length(max(len(s) for s in seqs), max_seq_length, multiple)
-    ids = torch.full((len(seqs), length), pad_value, dtype=torch.int64)
-    mask = torch.zeros((len(seqs), length), dtype=torch.int64)
-    num_truncated = 0
-    for i, s in enumerate(seqs):
-        s = list(s)
-        if len(s) > length:
-            num_truncated += 1
-            s = s[: length - 1] + s[-1:]
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.int64)
-        mask[i, : len(s)] = 1
-    return ids, mask, num_truncated
 
 
 @dataclass
@@ -78,6 +54,24 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
         raise FileNotFoundError(f"classification TSV {path} does not exist; pass the path of a "
                                 f"tab-separated file with a header ({id_column}, {text_column}, "
                                 f"{label_column}), e.g. ../shared/data/nsmc/sentiment_train.tsv")
+    try:
+        return _read_tsv(path, text_column, label_column, id_column, limit)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); a binary file or another encoding? "
+                         f"convert it with e.g. `iconv -f cp949 -t utf-8`") from None
+    except csv.Error as e:  # e.g. a line over the csv module's field size limit (a JSON file)
+        raise ValueError(f"{path} is not a tab-separated file ({e}); expected the header line "
+                         f"'{id_column}\\t{text_column}\\t{label_column}' and one row per line") from None
+
+
+def _shorten(value: object, limit: int = 120) -> str:
+    """repr of value cut to `limit` characters: a wrong file must not be echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | None,
+              limit: int | None) -> list[ClassificationExample]:
     examples: list[ClassificationExample] = []
     num_empty = 0
     with open(path, encoding="utf-8", newline="") as f:
@@ -90,9 +84,16 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
         needed = [c for c in (id_column, text_column, label_column) if c is not None]
         missing = [c for c in needed if c not in header]
         if missing:
-            raise ValueError(f"{path}: header {header} lacks column(s) {missing}; the file must be "
-                             f"tab-separated with a header naming {needed} (or pass "
-                             f"text_column=/label_column=/id_column= to match its header)")
+            layout = "\\t".join(needed)
+            if len(header) == 1:
+                why = "has no tab: not a tab-separated file (a CSV, JSON or text file?)"
+            elif header[-1].lstrip("-").isdigit():
+                why = "looks like a data row: the file has no header line"
+            else:
+                why = f"lacks the column(s) {missing}"
+            raise ValueError(f"{path}: the first line {_shorten(header)} {why}; the file must be "
+                             f"tab-separated with the header line '{layout}' (rename the columns in the "
+                             f"first line, or insert that line when there is none)")
         col = {c: header.index(c) for c in needed}
         width = max(col.values()) + 1
         for line_no, row in enumerate(reader, start=2):
@@ -102,7 +103,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                 continue
             if len(row) < width:
                 raise ValueError(f"{path}:{line_no}: {len(row)} tab-separated field(s), expected "
-                                 f"{len(header)} ({header}); fix the row or remove it")
+                                 f"{len(header)} ({_shorten(header)}); fix the row or remove it")
             text = row[col[text_column]].strip()
             if not text:
                 num_empty += 1
@@ -111,7 +112,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
             try:
                 label = int(raw)
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: label {raw!r} in column {label_column!r} is "
+                raise ValueError(f"{path}:{line_no}: label {_shorten(raw)} in column {label_column!r} is "
                                  f"not an integer; labels must be class indices 0..C-1") from None
             if label < 0:
                 raise ValueError(f"{path}:{line_no}: label {label} is negative; labels must be "
@@ -123,6 +124,57 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
     if not examples:
         raise ValueError(f"{path} holds no labelled rows after the header")
     return examples
+
+
+def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded random `fraction` of the rows (at least one) held out for
+    evaluation; both keep the file order."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(fraction * len(examples)))])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def label_counts(examples: Sequence[ClassificationExample]) -> dict[int, int]:
+    """Rows per label, labels ascending."""
+    return dict(sorted(Counter(e.label for e in examples).items()))
+
+
+def resolve_num_labels(sources: dict[str, Sequence[ClassificationExample]], num_labels: int = 0) -> int:
+    """The number of classes for the rows of every source (name -> examples, e.g. the training and
+    evaluation files). Given (`num_labels` > 0), every label must be below it; else the labels must
+    be 0..C-1 without gaps: one stray label (a typo such as 7) would silently make an 8-class head."""
+    counts = label_counts([e for rows in sources.values() for e in rows])
+    shown = "label counts {" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "}"
+    if not counts:
+        raise ValueError("no labelled rows")
+    if num_labels:
+        above = [k for k in counts if k >= num_labels]
+        if above:
+            raise ValueError(f"label {above[-1]} is outside 0..{num_labels - 1} (--num_labels {num_labels}); "
+                             f"{shown}; {_where(sources, above[-1])}; fix the rows or raise --num_labels")
+        return num_labels
+    n = max(counts) + 1
+    if n < 2:
+        raise ValueError(f"every row has label 0 ({shown}): a classifier needs at least 2 classes; check the "
+                         f"label column, or pass --num_labels N when the other classes are absent here")
+    absent = [k for k in range(n) if k not in counts]
+    if absent:
+        rarest = min(counts, key=lambda k: (counts[k], -k))
+        raise ValueError(f"the labels are not 0..{n - 1} without gaps: {shown}, no rows with label(s) "
+                         f"{absent}; that would train a {n}-class head. {_where(sources, rarest)}: fix "
+                         f"stray labels, or pass --num_labels {n} if the classes really are 0..{n - 1}")
+    return n
+
+
+def _where(sources: dict[str, Sequence[ClassificationExample]], label: int) -> str:
+    """Where the first few rows with `label` are, by source and id."""
+    for name, rows in sources.items():
+        ids = [e.id for e in rows if e.label == label][:3]
+        if ids:
+            return f"label {label} is on the row(s) with id {', '.join(map(repr, ids))} of {name}"
+    return f"label {label} is in no row"
 
 
 class ClassificationDataset(torch.utils.data.Dataset):

@@ -34,6 +34,8 @@ __all__ = [
     "squad_em_f1",
     "recall_at_k",
     "accuracy",
+    "ner_scores",
+    "sts_scores",
 ]
 
 # Symbols the official script replaces by a space before removing string.punctuation.
@@ -172,3 +174,53 @@ def accuracy(logits_or_preds, labels) -> float:
     if y.shape[0] == 0:
         raise ValueError("accuracy of an empty set is undefined")
     return float(np.mean(p.astype(np.int64) == y.astype(np.int64)))
+
+
+def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]],
+               tags: Sequence[str] | None = None) -> dict[str, float]:
+    """KLUE NER scores (percent) of per-character IOB2 tag sequences (whitespace already removed).
+
+    * ``entity_f1`` / ``entity_precision`` / ``entity_recall``: micro-averaged over entities, strict
+      IOB2 matching (``seqeval`` ``mode="strict", scheme=IOB2``: an entity counts only with the same
+      type, start and end; an I- without its B- starts no entity); ``entity_macro_f1`` is the mean
+      over types (what KLUE's baseline reports as entity F1); ``entity_f1/<type>`` per type;
+    * ``char_f1``: KLUE's character-level macro F1: scikit-learn's per-tag F1 over every
+      character, averaged over the tags other than ``O`` (a tag absent from both gold and
+      prediction scores 1, ``zero_division=1``, as in KLUE).
+    """
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+    from sklearn.metrics import f1_score as sk_f1
+
+    gold, pred = [list(g) for g in gold], [list(p) for p in pred]
+    if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred)):
+        raise ValueError("ner_scores: gold and predicted tag sequences differ in number or length")
+    if not gold:
+        raise ValueError("ner_scores got no sentences")
+    kw = dict(mode="strict", scheme=IOB2, zero_division=0)
+    out = {"entity_f1": 100.0 * f1_score(gold, pred, **kw),
+           "entity_precision": 100.0 * precision_score(gold, pred, **kw),
+           "entity_recall": 100.0 * recall_score(gold, pred, **kw),
+           "entity_macro_f1": 100.0 * f1_score(gold, pred, average="macro", **kw)}
+    flat_gold = [t for s in gold for t in s]
+    flat_pred = [t for s in pred for t in s]
+    tags = [t for t in (tags or sorted(set(flat_gold + flat_pred))) if t != "O"]
+    out["char_f1"] = 100.0 * float(sk_f1(flat_gold, flat_pred, labels=tags, average="macro", zero_division=1)) if tags else 100.0
+    report = classification_report(gold, pred, output_dict=True, **kw)
+    for name, row in sorted(report.items()):
+        if not name.endswith(" avg"):
+            out[f"entity_f1/{name}"] = 100.0 * row["f1-score"]
+    return out
+
+
+def sts_scores(predictions, labels, threshold: float = 3.0) -> dict[str, float]:
+    """KLUE STS: Pearson r of predicted vs gold similarity (0..5), and the F1 (percent) of
+    ``score >= threshold`` as the positive class (KLUE's binary label)."""
+    from sklearn.metrics import f1_score as sk_f1
+
+    p, y = _as_numpy(predictions).reshape(-1).astype(np.float64), _as_numpy(labels).reshape(-1).astype(np.float64)
+    if p.shape != y.shape or p.size < 2:
+        raise ValueError(f"sts_scores needs as many predictions as labels, at least 2 (got {p.size} and {y.size})")
+    r = float(np.corrcoef(p, y)[0, 1]) if p.std() > 0 and y.std() > 0 else 0.0
+    f1 = 100.0 * float(sk_f1(y >= threshold, p >= threshold, zero_division=0))
+    return {"pearson": r, "f1": f1}

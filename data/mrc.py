@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data.classification import pad_batch
+from data.padding import pad_batch
 
 __all__ = [
     "Answer",
@@ -32,6 +32,7 @@ __all__ = [
     "Feature",
     "MRCFeatures",
     "build_features",
+    "check_answer_alignment",
     "MRCDataset",
     "postprocess",
     "write_predictions",
@@ -291,6 +292,36 @@ def build_features(examples: Sequence[Example], tokenizer, max_seq_length: int =
             stats["answers_not_in_any_window"] += 1
     stats["features"] = len(features)
     return MRCFeatures(examples, features, max_seq_length, tokenizer.pad_id, stats)
+
+
+MAX_MISALIGNED_FRACTION = 0.2  # above it a file's answer_start values are wrong, not a few rows
+
+
+def check_answer_alignment(features: MRCFeatures, source: str,
+                           max_fraction: float = MAX_MISALIGNED_FRACTION) -> str | None:
+    """Refuse (ValueError) training features where more than `max_fraction` of the answered questions
+    have no answer span (the answer text is not at `answer_start` in the context: those windows
+    would all be trained to point at [CLS]); return a warning line when some but fewer do, else None."""
+    answered = sum(1 for e in features.examples if e.answers)
+    bad = features.stats.get("answers_misaligned", 0)
+    if not bad:
+        return None
+    shown = f"{bad} of {answered} answers ({bad / answered:.1%})"
+    example = next((e for e in features.examples if e.answers
+                    and e.context[e.answers[0].start:e.answers[0].start + len(e.answers[0].text)]
+                    != e.answers[0].text), None)
+    detail = ""
+    if example is not None:
+        a = example.answers[0]
+        found = example.context.find(a.text)
+        detail = (f" (e.g. question {example.id!r}: answer {a.text[:40]!r}, answer_start {a.start}, the context "
+                  f"there reads {example.context[a.start:a.start + len(a.text)][:40]!r}"
+                  + (f"; the text occurs at character {found})" if found >= 0 else ")"))
+    if bad / answered > max_fraction:
+        raise ValueError(f"{source}: {shown} do not match the context at answer_start{detail}; more than "
+                         f"{max_fraction:.0%} means the file's offsets are wrong (answer_start must be the "
+                         f"0-based character offset of the answer text in its context): fix the file")
+    return f"{source}: {shown} do not match the context at answer_start{detail}; those questions train toward [CLS]"
 
 
 class MRCDataset(torch.utils.data.Dataset):

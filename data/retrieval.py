@@ -16,9 +16,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from data.classification import pad_batch
 from data.metrics import recall_at_k
 from data.mrc import Example, Paragraph, _parse_squad, load_squad
+from data.padding import pad_batch
 
 __all__ = [
     "Pair",
@@ -210,6 +210,8 @@ class PairDataset(torch.utils.data.Dataset):
 def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
     """Read texts to encode: either one text per line (ids are 1-based line numbers) or TSV
     ``id<TAB>text`` (decided by the first non-empty line; an ``id<TAB>text`` header is skipped).
+    In TSV, later tabs belong to the text; a first line with 3+ columns (e.g. NSMC's
+    ``id<TAB>document<TAB>label``) is an error rather than a label silently encoded as text.
     Blank lines are skipped. Returns ``(ids, texts)``."""
     path = Path(path)
     if not path.is_file():
@@ -226,7 +228,15 @@ def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
                 continue
             if tsv is None:
                 tsv = "\t" in line
-                if tsv and line.split("\t")[0].strip().lower() == "id":
+                columns = line.split("\t")
+                if len(columns) > 2:
+                    raise ValueError(
+                        f"{path}:{line_no}: {len(columns)} tab-separated columns ({_preview(columns)}), but a "
+                        "TSV to encode has 2, 'id<TAB>text' (the text would carry the other columns, e.g. a "
+                        f"label, into the vectors). Keep only the id and text columns, e.g. "
+                        f"`cut -f1,2 {path} > {path.with_suffix('.id_text.tsv')}` (other numbers when they "
+                        "are elsewhere), and pass that file")
+                if tsv and columns[0].strip().lower() == "id":
                     continue
             if tsv:
                 if "\t" not in line:
@@ -247,6 +257,10 @@ def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
     if not texts:
         raise ValueError(f"{path} holds no text lines")
     return ids, texts
+
+
+def _preview(columns: list[str], width: int = 12) -> str:
+    return ", ".join(repr(c if len(c) <= width else c[:width] + "...") for c in columns)
 
 
 class EncodeDataset(torch.utils.data.Dataset):
@@ -277,3 +291,39 @@ class EncodeDataset(torch.utils.data.Dataset):
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask, _ = pad_batch([s["input_ids"] for s in samples], self.pad_id, self.max_seq_length)
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def read_pairs_tsv(path: str | Path) -> list:
+    """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as Pairs."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise ValueError(f"{path}:{line_no}: expected 'query<TAB>passage' (2 non-empty fields), "
+                                 f"got {len(parts)} field(s)")
+            if line_no == 1 and parts[0].strip().lower() == "query":
+                continue
+            pairs.append(Pair(parts[0].strip(), parts[1].strip()))
+    if not pairs:
+        raise ValueError(f"{path} holds no query<TAB>passage lines")
+    return pairs
+
+
+class QueryView(torch.utils.data.Dataset):
+    """An EncodeDataset whose batches are named query_* (ICTModel encodes that side alone)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i]
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return {f"query_{k}": v for k, v in self.dataset.collate(samples).items()}

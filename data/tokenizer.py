@@ -11,12 +11,13 @@ whenever the tokenizer is loaded. Offsets always refer to the caller's original 
 
 Shape letters: V vocabulary size.
 
-CLI: python -m data.tokenizer train --input X.dat [--input Y.dat] --vocab_size N --out DIR
-     [--morpheme mecab|kiwi]
+CLI: python -m data.tokenizer train --input SPEC [--input SPEC] --vocab_size N --out DIR
+     [--morpheme mecab|kiwi] [--sample_lines N]   (SPEC: see data.spec; deterministic output)
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
@@ -36,6 +37,23 @@ MORPHEME_ANALYZERS = ("mecab", "kiwi")
 PRETOKENIZER_FILE = "pretokenizer.json"
 _WORD = re.compile(r"\S+")
 _CONT = "##"
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 2  # the special tokens plus at least two pieces of text
+_TRAIN_HINT = "python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory cannot be used; the message names the file and the fix."""
+
+
+def vocab_size_problem(vocab_size: int) -> str | None:
+    """Why no tokenizer can have `vocab_size` entries, or None."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        return (f"vocab_size={vocab_size} is too small: a tokenizer holds the {len(SPECIAL_TOKENS)} special tokens "
+                f"{SPECIAL_TOKENS} plus text pieces, so at least {MIN_VOCAB_SIZE} (Korean needs thousands: "
+                f"e.g. 32000)")
+    if vocab_size > 2**32 - 1:
+        return f"vocab_size={vocab_size} does not fit 32-bit token ids (at most {2**32 - 1}); e.g. 32000"
+    return None
 
 
 def decode_lines(data: bytes) -> tuple[list[str], int]:
@@ -162,7 +180,10 @@ class KoTokenizer:
         vocab = tokenizer.get_vocab()
         for i, tok in enumerate(SPECIAL_TOKENS):
             if vocab.get(tok) != i:
-                raise ValueError(f"tokenizer must have {tok} at id {i} (special tokens {SPECIAL_TOKENS})")
+                found = "is missing" if tok not in vocab else f"has id {vocab[tok]}"
+                raise ValueError(f"special token {tok} {found}, expected id {i}: this model needs {SPECIAL_TOKENS} "
+                                 f"at ids 0-{len(SPECIAL_TOKENS) - 1} (not the layout of this tokenizer); "
+                                 f"train one with `{_TRAIN_HINT}`")
         self.vocab_size: int = tokenizer.get_vocab_size()
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.eod_id = range(len(SPECIAL_TOKENS))
         self._id_to_token = [""] * self.vocab_size
@@ -175,13 +196,31 @@ class KoTokenizer:
     # --- persistence -------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "KoTokenizer":
+        """A tokenizer directory (or its tokenizer.json). Raises FileNotFoundError when there is
+        none and TokenizerError (naming the file and the fix) when it cannot be used."""
         path = Path(path)
         tj = path / "tokenizer.json" if path.is_dir() else path
-        if not tj.exists():
-            raise FileNotFoundError(f"no tokenizer.json at {path}; train one with `python -m data.tokenizer train`")
-        pre = tj.parent / PRETOKENIZER_FILE
-        morpheme = json.loads(pre.read_text())["morpheme"] if pre.exists() else None
-        return cls(Tokenizer.from_file(str(tj)), morpheme)
+        if not tj.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}; train one with `{_TRAIN_HINT}`")
+        again = f"train the tokenizer again with `{_TRAIN_HINT}`"
+        try:
+            text = tj.read_text(encoding="utf-8")
+            raw = json.loads(text)
+        except (ValueError, OSError) as e:
+            raise TokenizerError(f"{tj} is not valid JSON ({e}); {again}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise TokenizerError(f"{tj} is JSON but not a tokenizer (no \"model\" object: a file of the "
+                                 f"`tokenizers` library is expected); {again}")
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as e:  # the library raises a bare Exception ("expected `,` or `}`" for any mistake)
+            raise TokenizerError(f"{tj} is not a tokenizer the `tokenizers` library can read ({e}); "
+                                 f"{again}") from None
+        morpheme = _read_pretokenizer(tj.parent / PRETOKENIZER_FILE)
+        try:
+            return cls(tok, morpheme)
+        except (ValueError, ImportError) as e:
+            raise TokenizerError(f"{tj}: {e}") from None
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
@@ -238,8 +277,28 @@ class KoTokenizer:
         return f"KoTokenizer(vocab_size={self.vocab_size}, morpheme={self.morpheme}, fingerprint={self.fingerprint})"
 
 
+def _read_pretokenizer(pre: Path) -> str | None:
+    """The morpheme analyzer recorded beside tokenizer.json (None: plain, also when the file is absent)."""
+    if not pre.exists():
+        return None
+    fix = ("it records the pre-tokenizer the vocabulary was trained with; restore it (the run's final/ "
+           "folder holds a copy) or train the tokenizer again")
+    try:
+        morpheme = json.loads(pre.read_text(encoding="utf-8"))["morpheme"]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        problem = f"no \"morpheme\" key" if isinstance(e, (KeyError, TypeError)) else str(e)
+        raise TokenizerError(f"{pre} is damaged ({problem}); {fix}") from None
+    if morpheme is not None and morpheme not in MORPHEME_ANALYZERS:
+        raise TokenizerError(f"{pre}: unknown \"morpheme\" {morpheme!r} (expected null or one of "
+                             f"{MORPHEME_ANALYZERS}); {fix}")
+    return morpheme
+
+
 def check_vocab_size(tokenizer: KoTokenizer, model_vocab_size: int) -> None:
     """Raise ValueError unless the tokenizer's vocabulary matches the model config."""
+    if vocab_size_problem(model_vocab_size):
+        raise ValueError(f"the model config's {vocab_size_problem(model_vocab_size)}; set \"vocab_size\": "
+                         f"{tokenizer.vocab_size} (the tokenizer's size) in the model config")
     if tokenizer.vocab_size != model_vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model config has vocab_size={model_vocab_size}; "
@@ -258,30 +317,61 @@ def _empty_tokenizer(morpheme: str | None) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Path,
-                    morpheme: str | None = None, num_threads: int | None = None) -> KoTokenizer:
-    """Train WordPiece on `.dat`/text files and save it to out_dir with exactly vocab_size entries."""
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    for p in inputs:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"tokenizer input not found: {p}")
-    if vocab_size < len(SPECIAL_TOKENS) + 2 or vocab_size > 2**32 - 1:
-        raise ValueError(f"vocab_size={vocab_size} is out of range")
+def _count_lines(shards: list[Path], block: int = 1 << 22) -> int:
+    n = 0
+    for p in shards:
+        with open(p, "rb") as f:
+            while chunk := f.read(block):
+                n += chunk.count(b"\n")
+    return n
+
+
+def _sampled_line_batches(shards: list[Path], sample_lines: int | None) -> Iterator[list[str]]:
+    """Batches of lines of the shards in order; with sample_lines, about that many lines spread evenly
+    over the whole corpus (line j kept when floor(j * N / total) steps: the same lines every run)."""
+    if not sample_lines:
+        yield from iter_file_lines(shards)
+        return
+    total = _count_lines(shards)
+    if sample_lines >= total:
+        yield from iter_file_lines(shards)
+        return
+    j = 0
+    for lines in iter_file_lines(shards):
+        idx = np.arange(j, j + len(lines), dtype=np.int64)
+        keep = (idx + 1) * sample_lines // total != idx * sample_lines // total
+        j += len(lines)
+        yield [ln for ln, k in zip(lines, keep) if k]
+
+
+def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, morpheme: str | None = None,
+                    num_threads: int | None = None, sample_lines: int | None = None) -> KoTokenizer:
+    """Train WordPiece on a corpus spec (data.spec: files, directories, globs; a list = several) and
+    save it to out_dir with exactly vocab_size entries.
+
+    Streaming (lines are read in batches; memory grows with the distinct words, which
+    `sample_lines` bounds) and deterministic: the same corpus and arguments give byte-identical
+    files. The `tokenizers` trainer numbers the "##c" continuation symbols in hash-map order, which
+    differs per process and decides ties between equally frequent merges; so a first, merge-free
+    pass finds those symbols and the character counts, and the real pass gets them as fixed
+    symbols (listed after the special tokens, sorted) with a fixed alphabet (most frequent
+    characters, ties by code point)."""
+    from data.spec import resolve
+
+    shards = list(resolve(inputs if not isinstance(inputs, Path) else str(inputs)).shards)
+    if vocab_size_problem(vocab_size):
+        raise ValueError(vocab_size_problem(vocab_size))
+    if sample_lines is not None and sample_lines < 1:
+        raise ValueError(f"sample_lines must be >= 1, got {sample_lines}")
     if num_threads:
         os.environ["RAYON_NUM_THREADS"] = str(num_threads)
     splitter = MorphemeSplitter(morpheme) if morpheme else None  # early, clear error if missing
-    # the initial alphabet plus its "##" forms must leave room for merges
-    alphabet = min(3000, max(100, (vocab_size - len(SPECIAL_TOKENS)) // 3))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        limit_alphabet=alphabet, continuing_subword_prefix=_CONT,
-                                        show_progress=False)
-    tok = _empty_tokenizer(morpheme)
     n_lines = 0
 
     def batches() -> Iterator[list[str]]:
         nonlocal n_lines
-        lines_iter = iter_file_lines(inputs)
+        n_lines = 0
+        lines_iter = _sampled_line_batches(shards, sample_lines)
         if splitter is None:
             for lines in lines_iter:
                 n_lines += sum(1 for ln in lines if ln.strip())
@@ -299,10 +389,34 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
                 n_lines += sum(1 for ln in out if ln)
                 yield out
 
-    tok.train_from_iterator(batches(), trainer=trainer)
+    # pass 1: characters (as the trainer sees them: normalised, no whitespace) and "##c" symbols
+    normalizer = _empty_tokenizer(morpheme).normalizer  # not the training tokenizer's: it is locked meanwhile
+    chars: collections.Counter = collections.Counter()
+
+    def counted() -> Iterator[list[str]]:
+        for lines in batches():
+            chars.update(normalizer.normalize_str("\n".join(lines)))
+            yield lines
+
+    probe = _empty_tokenizer(morpheme)
+    probe.train_from_iterator(counted(), trainer=trainers.WordPieceTrainer(
+        vocab_size=1, special_tokens=SPECIAL_TOKENS, continuing_subword_prefix=_CONT, show_progress=False))
     if n_lines == 0:
-        raise ValueError(f"no text to train a tokenizer on in {[str(p) for p in inputs]}")
-    vocab = tok.get_vocab()
+        raise ValueError(f"no text to train a tokenizer on in {[str(p) for p in shards]}")
+    continued = {t[len(_CONT):] for t in probe.get_vocab() if t.startswith(_CONT) and len(t) == len(_CONT) + 1}
+    for c in [c for c in chars if c.isspace()]:
+        del chars[c]
+    # the alphabet plus its "##" forms must leave room for merges
+    limit = min(3000, max(100, (vocab_size - len(SPECIAL_TOKENS)) // 3))
+    alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:limit])
+    fixed = [_CONT + c for c in alphabet if c in continued]
+    # pass 2: the vocabulary
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + fixed,
+                                        initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                        continuing_subword_prefix=_CONT, show_progress=False)
+    trained = _empty_tokenizer(morpheme)
+    trained.train_from_iterator(batches(), trainer=trainer)
+    vocab = trained.get_vocab()
     if len(vocab) > vocab_size:
         raise ValueError(f"the trainer produced {len(vocab)} tokens, more than vocab_size={vocab_size} "
                          f"(the alphabet alone is large); increase --vocab_size")
@@ -310,7 +424,10 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
         logger.info("trainer stopped at %d tokens; padding with [unusedK] to %d", len(vocab), vocab_size)
         n = len(vocab)
         vocab.update({f"[unused{k}]": n + k for k in range(vocab_size - n)})
-        tok.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=_CONT)
+    # a fresh tokenizer: the fixed "##c" symbols are ordinary pieces, only SPECIAL_TOKENS are special
+    tok = _empty_tokenizer(morpheme)
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=_CONT)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     ko = KoTokenizer(tok, morpheme)
     ko.save(out_dir)
     return ko
@@ -320,23 +437,64 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a WordPiece vocabulary")
-    tr.add_argument("--input", action="append", required=True, help="text/.dat file; repeat for several")
+    tr.add_argument("--input", action="append", required=True,
+                    help="corpus spec: a text/.dat file, a directory (its *.dat), a glob or a comma list; repeatable")
+    tr.add_argument("--sample_lines", type=int, default=None,
+                    help="train on about N lines spread evenly over the corpus (the same lines every run)")
     tr.add_argument("--vocab_size", type=int, required=True, help="exact size of the saved vocabulary")
     tr.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.txt, pretokenizer.json")
     tr.add_argument("--morpheme", choices=MORPHEME_ANALYZERS, default=None,
                     help="cut words at morpheme boundaries first (default: off)")
     tr.add_argument("--num_threads", type=int, default=None, help="worker threads/processes")
+    tr.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     enc = sub.add_parser("encode", help="print the tokens of a sentence")
     enc.add_argument("--tokenizer", required=True)
     enc.add_argument("text")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train":
-        tok = train_tokenizer(args.input, args.vocab_size, args.out, args.morpheme, args.num_threads)
-        print(f"saved {tok} to {args.out}")
-    else:
-        tok = KoTokenizer.load(args.tokenizer)
-        print(" ".join(tok.convert_ids_to_tokens(tok.encode(args.text))))
+        problem = _train_cli_problem(args)
+        if problem:
+            ap.error(problem)
+    try:
+        if args.cmd == "train":
+            tok = train_tokenizer(args.input, args.vocab_size, args.out, args.morpheme, args.num_threads,
+                                  args.sample_lines)
+            print(f"saved {tok} to {args.out}")
+        else:
+            tok = KoTokenizer.load(args.tokenizer)
+            print(" ".join(tok.convert_ids_to_tokens(tok.encode(args.text))))
+    except (ValueError, OSError, ImportError) as e:  # one line, not a traceback
+        shown = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        ap.exit(1, f"{ap.prog} {args.cmd}: error: {shown}\n")
+
+
+def _train_cli_problem(args: argparse.Namespace) -> str | None:
+    """What makes `train` fail or destroy a tokenizer, found before the (long) training."""
+    from data.spec import SpecError, resolve
+
+    try:  # corpus specs: files, directories of *.dat, globs, comma lists
+        resolve(args.input)
+    except SpecError as e:
+        return f"--input: {e}"
+    if args.sample_lines is not None and args.sample_lines < 1:
+        return f"--sample_lines must be >= 1, got {args.sample_lines}"
+    if vocab_size_problem(args.vocab_size):
+        return f"--vocab_size: {vocab_size_problem(args.vocab_size)}"
+    if args.num_threads is not None and args.num_threads < 1:
+        return f"--num_threads must be >= 1, got {args.num_threads}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a directory; pick a new directory"
+    if (out / "tokenizer.json").exists() and not args.overwrite:
+        return (f"--out {out}: already holds a tokenizer (tokenizer.json); pick a new directory or add "
+                f"--overwrite to replace it")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a directory; pick another --out"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write in {existing} (permissions); pick a directory you can write to"
+    return None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One command from a fresh checkout: install what is missing, then pretrain the tiny `demo`
 # model on the shipped Korean sample (CPU or GPU), about a minute on 2 CPU cores.
-# Extra arguments go to train.py (e.g. bash demo/run.sh --num_steps 200 --bf16).
+# Extra arguments go to train.py (e.g. bash demo/run.sh --num_steps 200 --bf16). Run again, it
+# resumes output/demo (--checkpoint auto): at step 40 already, it says so and trains nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install torch==2.13.0
 fi
-if ! python -c "import tokenizers, safetensors, tensorboard, tqdm, mecab, psutil" 2>/dev/null; then
+if ! python demo/check_requirements.py requirements.txt; then  # every line of it, versions included
   python -m pip install -r requirements.txt
 fi
 export TOKENIZERS_PARALLELISM=false

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-MODEL_TYPES = ("transformer", "mix_lm")
+MODEL_TYPES = ("transformer", "mix_lm", "modernbert")
 ACT_FNS = ("gelu", "relu", "swish")
 
 
 @dataclass
 class ModelConfig:
-    # "transformer" (a Switch Transformer when n_experts > 1) or "mix_lm" (MixConv token mixing).
+    # "transformer" (a Switch Transformer when n_experts > 1), "mix_lm" (MixConv token mixing) or
+    # "modernbert" (RoPE, GeGLU, no biases, pre-norm, alternating global/sliding-window attention).
     model_type: str = "transformer"
     vocab_size: int = 32000
     hidden_size: int = 768
@@ -46,8 +48,16 @@ class ModelConfig:
     # 1 = every layer; 2 = every other layer, as in the Switch Transformer paper.
     moe_layer_interval: int = 1
     pad_token_id: int = 0
+    # modernbert: layer i attends globally when i % global_attn_every_n_layers == 0, the others
+    # within a window of local_attention tokens (local_attention // 2 on each side).
+    global_attn_every_n_layers: int = 3
+    local_attention: int = 128
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         def positive_int(key: str) -> None:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -57,7 +67,8 @@ class ModelConfig:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ff_dim",
                     "max_position_embedding", "type_vocab_size", "layer_group", "n_experts",
-                    "kernel_size", "moe_layer_interval"):
+                    "kernel_size", "moe_layer_interval", "global_attn_every_n_layers",
+                    "local_attention"):
             positive_int(key)
         if self.embedding_size is not None:
             positive_int("embedding_size")
@@ -87,12 +98,60 @@ class ModelConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be a token id below "
                              f"vocab_size ({self.vocab_size})")
+        for key in ("global_rope_theta", "local_rope_theta"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if self.model_type == "modernbert":
+            self._check_modernbert()
         if self.model_type == "mix_lm":
             if self.kernel_size < 3 or self.kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size must be odd and >= 3 for mix_lm, got {self.kernel_size}")
             if self.n_experts > self.hidden_size:
                 raise ValueError(f"n_experts ({self.n_experts}) is the number of MixConv channel "
                                  f"groups and cannot exceed hidden_size ({self.hidden_size})")
+
+    def _check_modernbert(self) -> None:
+        fixed = {"ln_pos": (0, "ModernBERT is pre-norm"), "layer_group": (1, "no layer sharing"),
+                 "n_experts": (1, "dense GeGLU MLPs"), "embedding_size": (None, "no factorized embeddings")}
+        for key, (value, why) in fixed.items():
+            if getattr(self, key) != value:
+                raise ValueError(f"model_type modernbert needs {key} {value!r} ({why}), got "
+                                 f"{getattr(self, key)!r}; set \"{key}\": {json.dumps(value)} in the config")
+        if self.head_dim % 2:
+            raise ValueError(f"model_type modernbert needs an even head size for RoPE, got hidden_size "
+                             f"{self.hidden_size} / num_heads {self.num_heads} = {self.head_dim}")
+        if self.local_attention % 2:
+            raise ValueError(f"local_attention ({self.local_attention}) must be even: the window spans "
+                             f"local_attention // 2 tokens on each side")
+
+    def _check_types(self) -> None:
+        """Each value has its field's JSON type (a quoted "0.1" or null is refused by name) and
+        every number is finite: NaN/inf would only surface later as NaN losses."""
+        for f in dataclasses.fields(self):
+            value, wanted = getattr(self, f.name), str(f.type)
+            if value is None and "None" in wanted:
+                continue
+            if "float" in wanted:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                kind = "a number"
+            elif "int" in wanted:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                kind = "an integer"
+            else:
+                ok, kind = isinstance(value, str), "a string"
+            if not ok:
+                example = f.default if f.default is not None else 128
+                if isinstance(value, str) and kind != "a string":
+                    try:  # a quoted number: show it unquoted
+                        example = int(value) if kind == "an integer" else float(value)
+                    except ValueError:
+                        pass
+                raise ValueError(f"{f.name} must be {kind}, got {json.dumps(value)} "
+                                 f"({'JSON ' + _json_type(value)}); write it as \"{f.name}\": "
+                                 f"{json.dumps(example)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}; "
+                                 f"use e.g. \"{f.name}\": {json.dumps(f.default)}")
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +172,14 @@ class ModelConfig:
     def is_moe_layer(self, distinct_index: int) -> bool:
         return self.is_moe and (distinct_index + 1) % self.moe_layer_interval == 0
 
+    @property
+    def has_bias(self) -> bool:
+        """Linear layers and LayerNorms of the encoder and MLM head carry biases (not ModernBERT)."""
+        return self.model_type != "modernbert"
+
+    def is_global_attention_layer(self, index: int) -> bool:
+        return index % self.global_attn_every_n_layers == 0
+
     def mix_kernel_sizes(self) -> list[int]:
         """Kernel size of each MixConv group (mix_lm): odd sizes from 3 to kernel_size."""
         n = self.n_experts
@@ -127,6 +194,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object {{\"key\": value, ...}}, got a JSON "
+                             f"{_json_type(d)} at the top level; see configs/small_config.json")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
@@ -146,11 +216,29 @@ class ModelConfig:
         return cls.from_dict(json.loads(text))
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), "number")
+
+
 def load_config(name_or_path: str | Path) -> ModelConfig:
-    """"bert-base" -> configs/bert-base_config.json; anything else is a path to a JSON file."""
+    """"bert-base" -> configs/bert-base_config.json; anything else is a path to a JSON file (ours, or
+    a `transformers` ModernBERT config.json) or a folder holding a config.json."""
     p = Path(name_or_path)
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
     if p.is_file():
-        return ModelConfig.from_json(p)
+        from .hf_compat import config_from_hf, is_hf_config
+
+        text = p.read_text()
+        try:
+            hf = is_hf_config(json.loads(text))
+        except ValueError:
+            hf = False  # not JSON: from_json names the problem
+        return config_from_hf(json.loads(text)) if hf else ModelConfig.from_json(p)
     named = CONFIG_DIR / f"{name_or_path}_config.json"
     if named.is_file():
         return ModelConfig.from_json(named)

@@ -10,20 +10,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .encoder import activation
+from .activations import activation
 
 IGNORE_INDEX = -100
 
 
 class MLMHead(nn.Module):
     """BERT's MLM head (dense, activation, LayerNorm, decoder tied to the word embeddings),
-    run only on the rows at masked positions."""
+    run only on the rows at masked positions. ModernBERT's has no dense or LayerNorm bias."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.embedding_dim)
+        self.dense = nn.Linear(config.hidden_size, config.embedding_dim, bias=config.has_bias)
         self.act = activation(config.act_fn)
-        self.norm = nn.LayerNorm(config.embedding_dim, eps=config.LN_eps)
+        self.norm = nn.LayerNorm(config.embedding_dim, eps=config.LN_eps, bias=config.has_bias)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
@@ -83,6 +83,23 @@ class SpanHead(nn.Module):
                                         torch.finfo(logits.dtype).min)
         start, end = logits.unbind(-1)
         return start, end
+
+
+class CharTagHead(nn.Module):
+    """NER: `slots` tag logits per token, one per character of the token (data/ner.py), gathered
+    into per-character emissions."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, slots: int):
+        super().__init__()
+        self.num_labels, self.slots = num_labels, slots
+        self.dropout = nn.Dropout(config.dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, slots * num_labels)
+
+    def forward(self, hidden: Tensor, char_index: Tensor) -> Tensor:
+        """hidden (B, L, H), char_index (B, N) = token position * slots + slot -> (B, N, C) float."""
+        B, L, _ = hidden.shape
+        logits = self.classifier(self.dropout(hidden)).float().view(B, L * self.slots, self.num_labels)
+        return logits.gather(1, char_index.unsqueeze(-1).expand(-1, -1, self.num_labels))
 
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:

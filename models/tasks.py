@@ -12,11 +12,14 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .encoder import Encoder, EncoderOutput, TransformerEncoder, init_weights
-from .heads import (MLMHead, SequenceClassifierHead, SpanHead, contrastive_loss, pool)
+from .encoder import EncoderOutput, TransformerEncoder, init_weights
+from .heads import (IGNORE_INDEX, CharTagHead, MLMHead, SequenceClassifierHead, SpanHead, contrastive_loss,
+                    pool)
 from .mix_lm import MixLMEncoder
+from .modernbert import ModernBertEncoder
 
-REGISTRY: dict[str, type[Encoder]] = {"transformer": TransformerEncoder, "mix_lm": MixLMEncoder}
+REGISTRY: dict[str, type[nn.Module]] = {"transformer": TransformerEncoder, "mix_lm": MixLMEncoder,
+                                        "modernbert": ModernBertEncoder}
 
 GatherFn = Callable[[Tensor], tuple[Tensor, int]]
 
@@ -234,16 +237,68 @@ class ClassifyModel(TaskModel):
         return out
 
 
+class NERModel(TaskModel):
+    """Character tagging (KLUE NER): per-character emissions from per-token slots (data/ner.py);
+    cross-entropy, or with `crf` a linear-chain CRF (pytorch-crf) over the characters of a window,
+    its negative log-likelihood per character as the loss and Viterbi decoding."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, slots: int, crf: bool = False):
+        super().__init__(config)
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2 (O and at least one entity tag), got {num_labels}")
+        self.tag_head = CharTagHead(config, num_labels, slots)
+        self.init_heads()
+        self.crf = None
+        if crf:
+            from torchcrf import CRF
+
+            self.crf = CRF(num_labels, batch_first=True)   # its own init: uniform(-0.1, 0.1)
+
+    def forward(self, input_ids: Tensor, char_index: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, char_labels: Tensor | None = None,
+                char_mask: Tensor | None = None, decode: bool = False) -> dict[str, Tensor]:
+        """char_index/char_labels/char_mask (B, N); decode adds char_tags (B, N): the predicted tag
+        ids (Viterbi with the CRF, else arg max), 0 on padding."""
+        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        emissions = self.tag_head(hidden, char_index)                  # (B, N, C)
+        mask = torch.ones_like(char_index, dtype=torch.bool) if char_mask is None else char_mask.bool()
+        out = {"char_logits": emissions, "aux_loss": aux}
+        if char_labels is not None:
+            # the mean over windows of each window's mean over its characters: N processes with B
+            # windows each then train exactly like 1 process with N x B (a mean over all characters
+            # would weight the processes by their character counts)
+            counts = (char_labels != IGNORE_INDEX).sum(1).clamp_min(1)
+            if self.crf is not None:
+                nll = -self.crf(emissions, char_labels.clamp_min(0), mask=mask, reduction="none")
+            else:
+                nll = F.cross_entropy(emissions.transpose(1, 2), char_labels, ignore_index=IGNORE_INDEX,
+                                      reduction="none").sum(1)
+            out["tag_loss"] = (nll / counts).mean()
+            ok = (emissions.detach().argmax(-1) == char_labels)[char_labels != IGNORE_INDEX]
+            out["char_acc"] = ok.float().mean()
+            out["loss"] = out["tag_loss"] + aux
+        if decode:
+            if self.crf is not None:
+                tags = torch.zeros_like(char_index)
+                for i, path in enumerate(self.crf.decode(emissions, mask=mask)):
+                    tags[i, :len(path)] = torch.as_tensor(path, dtype=tags.dtype)
+                out["char_tags"] = tags
+            else:
+                out["char_tags"] = emissions.argmax(-1).masked_fill(~mask, 0)
+        return out
+
+
 TASKS: dict[str, type[TaskModel]] = {
     "pretrain": PretrainModel, "mrc": MRCModel, "ict": ICTModel, "encoder": EncoderModel,
-    "classify": ClassifyModel,
+    "classify": ClassifyModel, "ner": NERModel,
 }
 
 
 def build_model(config: ModelConfig | str, task: str, **kwargs) -> TaskModel:
     """config: a ModelConfig, a config name ("bert-base") or a JSON path. kwargs go to the task
     model: pretrain(objective="sop"|"ict"|"mlm", temperature, pooling), ict(temperature, pooling),
-    encoder(pooling="cls"|"mean", normalize), classify(num_labels)."""
+    encoder(pooling="cls"|"mean", normalize), classify(num_labels; 1 = regression), ner(num_labels, slots,
+    crf)."""
     if not isinstance(config, ModelConfig):
         from .config import load_config
         config = load_config(config)

@@ -124,7 +124,7 @@ CASES = [
     ("corpus_empty", {"corpus_path": "{d}/empty.dat"}, "--corpus_path {d}/empty.dat: is empty"),
     ("corpus_binary", {"corpus_path": "{d}/binary.dat"}, "--corpus_path {d}/binary.dat: is not UTF-8 text"),
     ("corpus_cp949", {"corpus_path": "{d}/cp949.dat"}, "is not UTF-8 text (byte 0: invalid start byte)"),
-    ("corpus_directory", {"corpus_path": "{d}/corpus_dir.dat"}, "--corpus_path {d}/corpus_dir.dat: is a directory"),
+    ("corpus_directory", {"corpus_path": "{d}/corpus_dir.dat"}, "--corpus_path {d}/corpus_dir.dat: the directory holds no *.dat file"),
     # tokenizer
     ("tokenizer_missing", {"tokenizer": "{d}/no_tokenizer"}, "--tokenizer {d}/no_tokenizer: no tokenizer.json there"),
     ("tokenizer_broken", {"tokenizer": "{d}/broken_tokenizer"}, "tokenizer.json is not valid JSON"),

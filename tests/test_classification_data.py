@@ -67,7 +67,7 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
         load_classification_tsv(tmp_path / "missing.tsv")
     no_label = tmp_path / "nolabel.tsv"
     no_label.write_text("id\tdocument\n1\t좋아요\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"nolabel.tsv.*lacks column\(s\) \['label'\]"):
+    with pytest.raises(ValueError, match=r"nolabel.tsv.*lacks the column\(s\) \['label'\]"):
         load_classification_tsv(no_label)
     bad_label = tmp_path / "badlabel.tsv"
     bad_label.write_text("id\tdocument\tlabel\n1\t좋아요\t1\n2\t별로예요\t긍정\n", encoding="utf-8")

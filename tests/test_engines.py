@@ -91,6 +91,45 @@ def test_resume_matches_uninterrupted(setup, runs, engine, stage):
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
 
 
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_deepspeed_resumes_on_another_process_count(setup, runs, stage):
+    """Written by 2 processes (batch 4 each), resumed by 1 (batch 4 x accumulation 2: the same global
+    batches and gradients): step-3/ds/ is converted to step-3/ds_universal/ (ds/ untouched, the
+    conversion reused), and the losses, rates and gradient norms are the uninterrupted run's."""
+    from tests.launch_util import tree_digest
+    from trainer.engines.deepspeed import universal_checkpoint
+
+    ckpt = runs["deepspeed", stage] / f"step-{SAVE}"
+    before = tree_digest(ckpt / "ds")
+    extra = ["--gradient_accumulation_steps", "2", "--checkpoint", str(ckpt)]
+    rd, proc = _run(setup, f"ds{stage}_one", "deepspeed", stage, extra, nproc=1)
+    assert f"holds ZeRO-{stage} partitions of 2 processes; this run is ZeRO-{stage} on 1" in proc.stdout
+    assert f"converted {ckpt / 'ds'} to the universal checkpoint {ckpt / 'ds_universal'}" in proc.stdout
+    assert f"at step {SAVE}" in proc.stdout
+    assert tree_digest(ckpt / "ds") == before
+    full, resumed = read_tsv(runs["deepspeed", stage] / "loss.tsv")[SAVE:], read_tsv(rd / "loss.tsv")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full], abs=1e-5), key
+    said = []  # a second resume reads the cached conversion
+    assert universal_checkpoint(ckpt, is_main=True, log=said.append) == ckpt / "ds_universal"
+    assert said == [f"[deepspeed] using {ckpt / 'ds_universal'}, converted before"]
+
+
+@pytest.mark.parametrize("saved,stage,size", [(2, 3, 2), (3, 1, 1), (0, 2, 1), (2, 0, 2)])
+def test_deepspeed_refuses_what_universal_checkpoints_cannot_convert(tmp_path, saved, stage, size):
+    from types import SimpleNamespace
+
+    from trainer.engines.deepspeed import DeepSpeedEngine
+
+    (tmp_path / "meta.json").write_text(json.dumps({"world_size": 2, "stage": saved}))
+    engine = SimpleNamespace(stage=stage, ctx=SimpleNamespace(world_size=size, is_main=True, log=print))
+    with pytest.raises(SystemExit, match=f"ZeRO stage {saved} .2 processes., resumed with stage {stage}") as e:
+        DeepSpeedEngine._resume_dir(engine, tmp_path)
+    assert "exported weights" in str(e.value)
+    assert not (tmp_path / "ds_universal").exists()
+
+
 def test_fairscale_zero3_on_cpu_names_the_alternatives(setup):
     _, proc = _run(setup, "fs3", "fairscale", 3, check=False)
     assert proc.returncode != 0

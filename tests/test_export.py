@@ -166,3 +166,25 @@ def test_train_then_export_step_and_final(tmp_path, capsys, tiny_corpus, tiny_to
     assert not torch.equal(a["bert.embeddings.word_embeddings.weight"], c["bert.embeddings.word_embeddings.weight"])
     diff = _compare(tmp_path / "hf_final", run / "final", tiny_tokenizer_dir)
     assert diff["hidden"] < TOL and diff["logits"] < TOL, diff
+
+
+def test_safetensors_files_are_reproducible(tmp_path):
+    """The same tensors and metadata give the same bytes (safetensors itself writes the metadata in
+    hash-map order), and the rewritten header still loads with safetensors."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import read_safetensors, write_safetensors
+
+    tensors = {"Zeta.weight": torch.arange(6.0).view(2, 3), "alpha": torch.ones(4, dtype=torch.int64),
+               "_x": torch.zeros(1)}
+    meta = {"format": "pt", "step": "7", "config": "{}", "aliases": "{}", "b": "1", "a": "2"}
+    digests = set()
+    for k in range(4):
+        write_safetensors(tensors, tmp_path / f"w{k}.safetensors", meta)
+        digests.add(hashlib.sha256((tmp_path / f"w{k}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded = load_file(str(tmp_path / "w0.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert read_safetensors(tmp_path / "w0.safetensors")[1] == meta

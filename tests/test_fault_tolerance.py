@@ -1,7 +1,9 @@
 """A crash costs at most the work since the last checkpoint: SIGKILL of a worker under torchrun
 --max_restarts, a kill in the middle of a checkpoint write, SIGTERM (preemption), and runs whose
 loss or gradients stop being finite. Faults are placed with the test-only TRAINER_TEST_FAULT
-hook (trainer/faults.py) or by signalling the torchrun agent from here."""
+hook (trainer/faults.py) or by signalling the torchrun agent from here. The first three faults run
+with every engine (torch, DeepSpeed ZeRO-2/3, fairscale OSS/ShardedDDP); CI runs the torch engine and
+one fault per other engine, the rest are marked slow."""
 from __future__ import annotations
 
 import json
@@ -10,12 +12,13 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.launch_util import REPO, STEPS, env, launch, losses, run_sh, shared_setup, train_args
 from tests.trainer_util import read_tsv
-from trainer.loop import _is_bad_step
+from trainer.engines.base import is_bad_step as _is_bad_step
 
 
 @pytest.fixture(scope="module")
@@ -23,44 +26,72 @@ def shared(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     return shared_setup(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir)
 
 
-def _args(shared, name: str, *extra: str) -> list[str]:
+SCRIPT = {0: "train.py", 1: "train_zero_one.py", 2: "train_zero_two.py", 3: "train_zero_two.py"}
+# engine, ZeRO stage: every combination that runs on the CPU (fairscale's FSDP needs CUDA)
+ENGINES = [("torch", 0), ("deepspeed", 2), ("deepspeed", 3), ("fairscale", 1), ("fairscale", 2)]
+
+
+def _engines(ci: list[tuple[str, int]]) -> list:
+    """The torch engine and the `ci` combinations run in CI; the others are marked slow."""
+    return [pytest.param(e, s, id=f"{e}{s}", marks=() if e == "torch" or (e, s) in ci else pytest.mark.slow)
+            for e, s in ENGINES]
+
+
+def _args(shared, name: str, *extra: str, engine: str = "torch", stage: int = 0) -> list[str]:
+    if engine != "torch":
+        name = f"{name}_{engine}{stage}"
+        extra = (*extra, "--engine", engine, *(["--zero3"] if stage == 3 else []))
     return train_args(shared["corpus"], shared["tokenizer"], shared["cfg"], shared["out"], name, *extra)
 
 
-def test_sigkill_of_a_worker_restarts_from_last_checkpoint(shared, tmp_path):
+def _run_dir(shared, args: list[str]) -> Path:
+    return shared["out"] / args[args.index("--model_name") + 1]
+
+
+def _engine_env(stage: int, **extra: str) -> dict[str, str]:
+    return {"LAUNCHER": SCRIPT[stage], "DS_ACCELERATOR": "cpu", **extra}
+
+
+@pytest.mark.parametrize("engine,stage", _engines(ci=[("fairscale", 2)]))
+def test_sigkill_of_a_worker_restarts_from_last_checkpoint(shared, tmp_path, engine, stage):
     """Rank 1 is SIGKILLed after step 3 (step-2 is the last checkpoint); torchrun restarts both
-    workers, --checkpoint auto resumes step-2, and the run ends with the reference's losses."""
+    workers, --checkpoint auto resumes step-2, and the run ends with the reference's losses
+    (every engine gives the torch engine's losses on these 6 steps, to the printed digits)."""
     marker = tmp_path / "fault-fired"
-    proc = run_sh("torchrun.sh", _args(shared, "sigkill", "--checkpoint", "auto"),
-                  {"NPROC_PER_NODE": "2", "MAX_RESTARTS": "1", "TRAINER_TEST_FAULT": "after_step:3:1",
-                   "TRAINER_TEST_FAULT_ONCE": str(marker)})
+    args = _args(shared, "sigkill", "--checkpoint", "auto", engine=engine, stage=stage)
+    proc = run_sh("torchrun.sh", args,
+                  _engine_env(stage, NPROC_PER_NODE="2", MAX_RESTARTS="1", TRAINER_TEST_FAULT="after_step:3:1",
+                              TRAINER_TEST_FAULT_ONCE=str(marker)))
     out = proc.stdout + proc.stderr
     assert marker.is_file(), out[-3000:]
     assert "after_step at step 3 on rank 1" in out
     assert "resumed" in out and "at step 2" in out, out[-3000:]
-    rd = shared["out"] / "sigkill"
+    rd = _run_dir(shared, args)
     assert [int(r["step"]) for r in read_tsv(rd / "loss.tsv")] == list(range(1, STEPS + 1))
     assert losses(rd) == pytest.approx(shared["reference_losses"], abs=1e-6)
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(shared):
+@pytest.mark.parametrize("engine,stage", _engines(ci=[]))
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(shared, engine, stage):
     """Killed after step-4's data and meta.json are in .step-4.tmp but before the rename: step-2
     stays the latest checkpoint, the leftover is refused as --checkpoint, ignored by auto and
     removed by the next save; the resumed run repeats steps 3-4 exactly."""
-    args = _args(shared, "save_kill", "--checkpoint", "auto")
-    rd = shared["out"] / "save_kill"
-    proc = launch("train.py", args, check=False, env={"TRAINER_TEST_FAULT": "in_save:4:0"})
+    base = _args(shared, "save_kill", engine=engine, stage=stage)
+    args = [*base, "--checkpoint", "auto"]
+    rd = _run_dir(shared, base)
+    script = SCRIPT[stage]
+    proc = launch(script, args, check=False, env=_engine_env(stage, TRAINER_TEST_FAULT="in_save:4:0"))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (rd / ".step-4.tmp" / "meta.json").is_file()  # complete-looking, but never renamed
     assert sorted(p.name for p in rd.glob("step-*")) == ["step-2"]
     first = losses(rd)
     assert len(first) == 4
 
-    bad = launch("train.py", args[:-1] + [str(rd / ".step-4.tmp")], check=False)
+    bad = launch(script, [*base, "--checkpoint", str(rd / ".step-4.tmp")], check=False, env=_engine_env(stage))
     assert bad.returncode == 1 and "incomplete checkpoint left by a crash during a save" in bad.stderr
     assert "Traceback" not in bad.stderr
 
-    proc = launch("train.py", args)
+    proc = launch(script, args, env=_engine_env(stage))
     assert f"resumed {rd / 'step-2'} at step 2" in proc.stdout
     assert not list(rd.glob(".step-*"))
     assert sorted(p.name for p in rd.glob("step-*")) == ["step-2", "step-4", "step-6"]
@@ -69,11 +100,13 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(shared):
     assert again[:4] == pytest.approx(first, abs=1e-6)
 
 
-def test_sigterm_on_one_rank_saves_on_all(shared):
+@pytest.mark.parametrize("engine,stage", _engines(ci=[("deepspeed", 3)]))
+def test_sigterm_on_one_rank_saves_on_all(shared, engine, stage):
     """SIGTERM reaches only rank 1 (after step 3): both ranks agree, save step-3 together and stop."""
-    proc = run_sh("torchrun.sh", _args(shared, "sigterm_rank", "--save_steps", "0"),
-                  {"NPROC_PER_NODE": "2", "TRAINER_TEST_FAULT": "sigterm:3:1"}, check=False)
-    rd = shared["out"] / "sigterm_rank"
+    args = _args(shared, "sigterm_rank", "--save_steps", "0", engine=engine, stage=stage)
+    proc = run_sh("torchrun.sh", args, _engine_env(stage, NPROC_PER_NODE="2", TRAINER_TEST_FAULT="sigterm:3:1"),
+                  check=False)
+    rd = _run_dir(shared, args)
     assert proc.returncode != 0
     assert f"SIGTERM at step 3: saved checkpoint {rd / 'step-3'}; resume with --checkpoint auto" in proc.stderr
     assert sorted(p.name for p in rd.glob("step-*")) == ["step-3"]

@@ -443,4 +443,4 @@ def test_flops_estimate():
     head = 3 * (2 * 256 * 256 + 2 * 256 * 32000)
     assert 0.6 < head / hf < 0.8
     assert ours < 0.5 * hf
-    assert set(REGISTRY) == {"transformer", "mix_lm"}
+    assert set(REGISTRY) == {"transformer", "mix_lm", "modernbert"}

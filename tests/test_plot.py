@@ -49,6 +49,9 @@ def test_plots_overlay_runs_with_logged_data(real_run, synthetic_run, tmp_path):
     assert set(plotted["loss"]["train/loss"]) == {"real", "synthetic"}
     assert plotted["mlm"].keys() == {"train/mlm_loss", "train/mlm_acc"}
     assert set(plotted["ict"]["train/ict_acc"]) == {"synthetic"}
+    # flat bookkeeping series of the real run get no panel (test_constant_bookkeeping_series_get_no_panel)
+    assert {"train/aux_loss", "train/epoch", "train/loss_scale"} <= plotted.constant.keys()
+    assert plotted["loss"].keys() == {"train/loss"} and plotted["lr"].keys() == {"train/lr"}
     # real run: what was plotted is what the trainer logged (loss.tsv, 6 significant digits)
     rows = read_tsv(real_run / "loss.tsv")
     for tag, col in (("train/loss", "loss"), ("train/mlm_acc", "mlm_acc"), ("train/lr", "lr"),
@@ -84,7 +87,86 @@ def test_cli_and_errors(synthetic_run, tmp_path, capsys):
     assert main([str(synthetic_run / "tensorboard"), "--out", str(tmp_path / "o"), "--smooth", "0.2"]) == 0
     assert "ict.png" in capsys.readouterr().out
     assert (tmp_path / "o" / "ict.png").read_bytes().startswith(PNG_MAGIC)
-    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+    with pytest.raises(FileNotFoundError, match="missing: no such directory"):
         plot_runs([tmp_path / "missing"], tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        plot_runs([tmp_path / "empty"], tmp_path / "o")
     with pytest.raises(SystemExit):
         main([str(synthetic_run), "--out", str(tmp_path), "--smooth", "1.5"])
+
+
+def test_constant_bookkeeping_series_get_no_panel(real_run, tmp_path, capsys):
+    """aux_loss without MoE, loss_scale without fp16, epoch and the optimizer state never change in
+    the tiny run: no panel, their values printed; overlaid with a run where aux_loss moves, it is drawn."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer.plot import constant_series
+
+    real = read_scalars(real_run)
+    constant = constant_series({"real": real})
+    state_mb = real["perf/optimizer_state_mb"][1][0]
+    assert constant == {"perf/optimizer_state_max_mb": pytest.approx(state_mb), "perf/optimizer_state_mb": pytest.approx(state_mb),
+                        "train/aux_loss": 0.0, "train/epoch": 0.0, "train/loss_scale": 1.0}
+    moe = tmp_path / "moe"
+    w = SummaryWriter(log_dir=str(moe / "tensorboard"))
+    for step in range(1, 4):
+        w.add_scalar("train/aux_loss", 0.01 * step, step)
+        w.add_scalar("train/loss_scale", 1.0, step)
+        w.add_scalar("train/acc", 0.5, step)
+    w.close()
+    both = constant_series({"real": real, "moe": read_scalars(moe)})
+    assert "train/aux_loss" not in both and both["train/loss_scale"] == 1.0
+    assert main([str(moe), "--out", str(tmp_path / "png")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "constant, not plotted: train/loss_scale = 1"
+    assert f"{tmp_path / 'png' / 'train.png'}: train/acc" in printed      # a flat metric is still drawn
+    assert not (tmp_path / "png" / "grad.png").exists()
+
+
+def test_readme_lists_the_logged_tags(real_run):
+    """README's TensorBoard table: every tag a real run writes is in it; every row written by
+    'every run' is in the run; the other rows say when they are written ('when enabled: ...', 'on a
+    GPU only')."""
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## TensorBoard\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split("|")[1:3] for ln in section.splitlines() if ln.startswith("| `")]
+    documented = {tag: when.strip() for tags, when in rows for tag in re.findall(r"`([a-z_]+/[a-z_*@]+)`", tags)}
+    logged = set(read_scalars(real_run))
+    missing = sorted(t for t in logged if not any(fnmatch.fnmatch(t, d) for d in documented))
+    assert not missing, f"README's TensorBoard table lacks {missing}"
+    always = {t for t, when in documented.items() if when == "every run"}
+    assert always and not always - logged, f"documented as written by every run but not logged: {always - logged}"
+    unclear = {t: w for t, w in documented.items() if w != "every run" and not w.startswith(("when enabled:", "on a GPU"))}
+    assert not unclear, unclear
+
+
+def test_resumed_run_wins_whatever_the_file_names(tmp_path):
+    """TensorBoard names files ...<pid>.<counter> and sorts them by name (".10" before ".9"): the
+    points of a resumed run's file replace the older file's from its first step on, by time."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer.plot import read_scalars
+
+    d = tmp_path / "run" / "tensorboard"
+    w = SummaryWriter(log_dir=str(d))
+    for step in range(1, 5):
+        w.add_scalar("train/loss", 10.0 - step, step)
+    w.close()
+    older = next(d.iterdir())
+    older.rename(d / "events.out.tfevents.1.host.1.9")
+    time.sleep(0.05)
+    w = SummaryWriter(log_dir=str(d), purge_step=3)
+    for step in range(3, 6):
+        w.add_scalar("train/loss", 100.0 + step, step)
+    w.close()
+    newer = next(p for p in d.iterdir() if p.name != "events.out.tfevents.1.host.1.9")
+    newer.rename(d / "events.out.tfevents.1.host.1.10")  # sorts first by name
+    steps, values = read_scalars(tmp_path / "run")["train/loss"]
+    assert steps.tolist() == [1, 2, 3, 4, 5] and values.tolist() == [9, 8, 103, 104, 105]

@@ -14,3 +14,12 @@ def test_every_flag_is_in_the_readme():
 
 def test_flags_table_is_current():
     assert markdown_table() in README, "README's flags table is stale: paste `python -m trainer.args` into it"
+
+
+def test_export_precision_is_the_tested_one():
+    """README states the tolerance tests/test_export.py holds every export to, not a figure of one run."""
+    import re
+
+    tested = re.search(r"^TOL = (\S+)$", (Path(__file__).parent / "test_export.py").read_text(), re.M).group(1)
+    stated = re.search(r"hidden states and logits match ours to\s+(\S+)", README)
+    assert stated and stated.group(1) == tested, f"README: 'match ours to {stated and stated.group(1)}', test: {tested}"

@@ -149,6 +149,9 @@ def test_encoder_and_search(env, ict_runs, tmp_path):
     assert (rd / "ids.txt").read_text().splitlines() == [i for i, _ in rows]
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert not (rd / "final").exists()  # nothing trained, nothing exported
+    # --pooling auto: the ict run from a pretrain-only checkpoint pooled by the mean, the encoder follows it
+    assert json.loads((ckpt / "args.json").read_text())["pooling"] == "mean"
+    assert json.loads((rd / "encoder.json").read_text())["pooling"] == "mean"
 
     from trainer.search import Searcher
 

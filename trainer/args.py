@@ -6,15 +6,18 @@ the corpus cache or the model exist) and exits with a message that names the fix
 from __future__ import annotations
 
 import argparse
-import codecs
-import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from trainer.tracking import DEFAULT_EXPERIMENT, parse_report_to
+from trainer.tracking import validate as validate_tracking
+
 LAUNCHERS = {0: "train.py", 1: "train_zero_one.py", 2: "train_zero_two.py"}
-TRAIN_MODES = ("pretrain", "mrc", "ict", "encoder", "classify")
+TRAIN_MODES = ("pretrain", "mrc", "ict", "encoder", "classify", "ner", "nli", "sts")
 ENGINES = ("torch", "deepspeed", "fairscale")
+SEED_MAX = 2**32 - 1
 
 
 def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
@@ -47,8 +50,17 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus_path", default=None,
-                   help="pretraining corpus: a .dat text file (one sentence per line, blank line between documents); "
-                        "a tokenized cache is built beside it on first use and reused")
+                   help="pretraining corpus spec: a .dat text file (one sentence per line, blank line between "
+                        "documents), a directory (every *.dat under it), a glob, or a comma list of these, each "
+                        "optionally with :WEIGHT (e.g. wiki/:0.7,news/*.dat:0.3); a tokenized cache is built beside "
+                        "each shard on first use (or by `python -m data.corpus build`) and reused")
+    g.add_argument("--eval_corpus", default=None,
+                   help="pretrain: held-out corpus spec for validation (like --corpus_path); or use --eval_fraction")
+    g.add_argument("--eval_steps", type=int, default=0,
+                   help="pretrain: validate every N optimizer steps (0 = only at the end); needs --eval_corpus "
+                        "or --eval_fraction")
+    g.add_argument("--eval_samples", type=int, default=1000,
+                   help="pretrain: validation samples (a fixed set with fixed masks, sharded over the processes)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (tokenizer.json); default <corpus>.tokenizer beside the corpus, "
                         "trained there with the model's vocab_size if missing")
@@ -73,11 +85,20 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--scheduler_num_steps", type=int, default=0,
                    help="length of the LR schedule (0 = num_steps); may exceed num_steps so training stops before LR reaches 0")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up from 0 to learning_rate")
+    g.add_argument("--lr_schedule", choices=("linear", "wsd"), default="linear",
+                   help="after warm-up: linear = linear decay to 0 at the end of the schedule; wsd = "
+                        "warmup-stable-decay: constant learning_rate, then 1-sqrt decay to 0 over the last --decay_steps")
+    g.add_argument("--decay_steps", type=int, default=0,
+                   help="--lr_schedule wsd: steps of the final decay (they end the schedule of "
+                        "--scheduler_num_steps or --num_steps steps)")
     g.add_argument("--max_steps_per_epoch", type=int, default=0,
                    help="optimizer steps of samples one epoch draws (0 = the whole data set); "
                         "batch x accumulation x processes x this must not exceed the data size")
     g.add_argument("--fp16", action="store_true", help="automatic mixed precision, float16 with loss scaling")
     g.add_argument("--bf16", action="store_true", help="automatic mixed precision, bfloat16")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each encoder layer (regional: DDP, FSDP2 and ZeRO keep working; the "
+                        "first steps are slower while it compiles)")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop (after saving a checkpoint) when this many consecutive steps have non-finite loss or gradients")
 
@@ -93,23 +114,62 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--save_steps", type=int, default=500, help="checkpoint interval (optimizer steps; 0 = only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="keep this many newest step-N checkpoints (0 = all)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--report_to", type=parse_report_to, default="tensorboard",
+                   help="comma-separated trackers for parameters, metrics and artifacts, on rank 0: tensorboard, "
+                        "mlflow, wandb (e.g. tensorboard,mlflow; mlflow and wandb need `pip install mlflow` / "
+                        "`wandb`); loss.tsv is always written")
+    g.add_argument("--tracking_uri", default=None,
+                   help="MLflow tracking URI: http(s)://HOST:PORT of an `mlflow server`, sqlite:///PATH.db, ... "
+                        "(default $MLFLOW_TRACKING_URI, else sqlite:///output_dir/model_name/mlruns/mlflow.db)")
+    g.add_argument("--experiment_name", default=None,
+                   help="MLflow experiment and W&B project (default $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, "
+                        f"else {DEFAULT_EXPERIMENT})")
+
+    g = p.add_argument_group("downstream probes during pretraining")
+    g.add_argument("--probe_steps", type=int, default=0,
+                   help="pretrain: every N optimizer steps (and at the last step) fine-tune a copy of the encoder on "
+                        "a small fixed slice of each --probe_tasks task and log probe/<task>/<metric> (0 = off; "
+                        "docs/tasks.md: Probing during pretraining)")
+    g.add_argument("--probe_tasks", default="nsmc",
+                   help="comma-separated trainer.evaluate tasks to probe: nsmc, korquad, ner, nli, sts, ict")
+    g.add_argument("--probe_data_dir", default=None,
+                   help="the probes' data (nsmc/, korquad/, klue/); default ../shared/data beside the repository, "
+                        "as trainer.evaluate")
+    g.add_argument("--probe_set", action="append", default=[], metavar="TASK.FLAG=VALUE",
+                   help="override a flag of a probe's recipe (trainer.evaluate's --set), e.g. "
+                        "nsmc.max_train_examples=256 or all.max_seq_length=64; repeatable")
 
     g = p.add_argument_group("fine-tuning tasks (mrc, ict, encoder, classify)")
-    g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV (id, document, label)")
+    g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV (id, document, label); "
+                        "ner: KLUE NER TSV; nli/sts: KLUE NLI/STS JSON")
     g.add_argument("--eval_file", default=None, help="held-out file for evaluation at the end (same format as train_file)")
-    g.add_argument("--eval_fraction", type=float, default=0.1,
-                   help="with no eval_file: fraction of train_file held out for evaluation (mrc/ict: whole "
-                        "articles; classify: rows)")
+    g.add_argument("--eval_fraction", type=float, default=None,
+                   help="pretrain: fraction of the corpus documents held out for validation (by a hash of their "
+                        "position; default none). Fine-tuning, default 0.1: "
+                        "with no eval_file: fraction of train_file held out for evaluation (mrc/ict: whole "
+                        "articles; classify: rows; ner/nli/sts: by a hash of each guid, see docs/tasks.md)")
     g.add_argument("--max_train_examples", type=int, default=0,
                    help="use only the first N training examples (questions, pairs or rows; 0 = all), for short runs")
     g.add_argument("--max_eval_examples", type=int, default=0,
                    help="evaluate only the first N held-out examples (questions or rows; 0 = all)")
-    g.add_argument("--doc_stride", type=int, default=128, help="mrc: overlap stride between context windows")
+    g.add_argument("--num_labels", type=int, default=0,
+                   help="classify: number of classes (0 = from the labels, which must then be 0..C-1 "
+                        "without gaps); give it when a class is absent from the files")
+    g.add_argument("--doc_stride", type=int, default=128,
+                   help="mrc: overlap stride between context windows; ner: tokens between the starts of the windows of a long sentence")
+    g.add_argument("--crf", action="store_true", help="ner: a CRF layer over the character tags (Viterbi decoding)")
     g.add_argument("--max_query_length", type=int, default=64, help="mrc/ict: maximum question tokens")
     g.add_argument("--temperature", type=float, default=0.05, help="ict: softmax temperature of the contrastive loss")
-    g.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="ict/encoder: how one vector is pooled per input")
+    g.add_argument("--pooling", choices=("auto", "cls", "mean"), default="auto",
+                   help="ict/encoder: how one vector is pooled per input; auto = the pooling --checkpoint was "
+                        "retrieval-trained with (ict), else mean ([CLS] of a pretrain-only model is no sentence vector)")
     g.add_argument("--encode_file", default=None, help="encoder: text file to encode (one passage per line, or id<TAB>text)")
     g.add_argument("--eval_batch_size", type=int, default=64, help="batch size for evaluation and encoding")
+    g.add_argument("--unpad", choices=("auto", "off"), default="auto",
+                   help="auto: batches of similar lengths, each padded to its own longest row (classify, ner, "
+                        "nli, sts training and evaluation; mrc and encoder evaluation), where the outputs equal "
+                        "the padded ones (not with Switch MoE layers); off: random batches as before. See "
+                        "docs/modern.md")
     return p
 
 
@@ -120,11 +180,18 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stage: int) -> None:
     """Checks that need no process group, the corpus or a model (the model config is only read)."""
     launcher = LAUNCHERS[stage]
-    nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "max_steps_per_epoch", "save_steps",
+    nonneg = ["train_batch_size", "max_memory_mb", "warmup_steps", "decay_steps", "max_steps_per_epoch", "save_steps",
               "keep_checkpoints", "num_workers", "scheduler_num_steps", "max_train_examples",
               "max_eval_examples", "num_steps"]
     positive = ["gradient_accumulation_steps", "max_seq_length", "logging_steps", "max_bad_steps",
                 "eval_batch_size", "doc_stride", "max_query_length"]
+    for action in parser._actions:  # every float flag: NaN/inf pass the range checks below unnoticed
+        values = getattr(args, action.dest, None)
+        if action.type is float and values is not None:
+            for v in (values if isinstance(values, (list, tuple)) else [values]):
+                if not math.isfinite(v):
+                    _fail(parser, f"{action.option_strings[0]} must be a finite number, got {v}"
+                                  f"{'' if action.default is None else f' (default {action.default})'}")
     for name in nonneg:
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -139,9 +206,23 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     for name in ("weight_decay", "max_grad_norm"):
         if getattr(args, name) < 0:
             _fail(parser, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for i, beta in enumerate(args.adam_betas):
+        if not 0 <= beta < 1:
+            _fail(parser, f"--adam_betas: beta{i + 1} must be in [0, 1), got {beta}; the usual values are "
+                          f"--adam_betas 0.9 0.999")
+    if not 0 <= args.seed <= SEED_MAX:
+        _fail(parser, f"--seed must be between 0 and {SEED_MAX} (2^32 - 1, what numpy accepts), got {args.seed}")
+    if args.num_labels == 1 or args.num_labels < 0:
+        _fail(parser, f"--num_labels must be 0 (= from the labels in the data) or >= 2, got {args.num_labels}")
+    if args.num_labels and args.train_mode != "classify":
+        _fail(parser, "--num_labels is for --train_mode classify")
+    if args.device == "cuda":
+        _check_cuda(parser)
     if not 0 < args.mlm_probability < 1:
         _fail(parser, f"--mlm_probability must be between 0 and 1, got {args.mlm_probability}")
-    if not 0 < args.eval_fraction < 1:
+    if args.eval_fraction is None and args.train_mode != "pretrain":
+        args.eval_fraction = 0.1
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
         _fail(parser, f"--eval_fraction must be between 0 and 1, got {args.eval_fraction}")
     if args.zero3 and stage != 2:
         _fail(parser, f"--zero3 only works with train_zero_two.py (ZeRO-3 = ZeRO-2 + sharded parameters); "
@@ -154,26 +235,36 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     if args.scheduler_num_steps and args.scheduler_num_steps < args.num_steps:
         _fail(parser, f"--scheduler_num_steps ({args.scheduler_num_steps}) must be >= --num_steps ({args.num_steps}) "
                       f"or 0 (= num_steps)")
-    if args.warmup_steps > (args.scheduler_num_steps or args.num_steps):
-        _fail(parser, f"--warmup_steps ({args.warmup_steps}) exceeds the schedule length "
-                      f"({args.scheduler_num_steps or args.num_steps} steps)")
-    if args.auto_wrap and stage < 2 and args.engine == "torch":
-        _fail(parser, "--auto_wrap wraps layers for parameter sharding; use it with train_zero_two.py")
-    if args.cpu_offload and args.engine != "deepspeed":
-        _fail(parser, "--cpu_offload is a DeepSpeed feature: add --engine deepspeed")
-    if args.deepspeed_config and args.engine != "deepspeed":
-        _fail(parser, "--deepspeed_config needs --engine deepspeed")
+    from trainer.engines.base import schedule_steps
+
+    total = schedule_steps(args)
+    if args.warmup_steps > total:
+        _fail(parser, f"--warmup_steps ({args.warmup_steps}) exceeds the schedule length ({total} steps)")
+    if args.lr_schedule == "wsd":
+        if args.decay_steps <= 0:
+            _fail(parser, "--lr_schedule wsd needs --decay_steps > 0 (the final decay; e.g. 10-20%% of the schedule)"
+                  .replace("%%", "%"))
+        if args.warmup_steps + args.decay_steps > total:
+            _fail(parser, f"--warmup_steps ({args.warmup_steps}) + --decay_steps ({args.decay_steps}) exceed the "
+                          f"schedule length ({total} steps: --scheduler_num_steps or --num_steps)")
+    elif args.decay_steps:
+        _fail(parser, "--decay_steps is the final decay of --lr_schedule wsd; add --lr_schedule wsd or drop it")
+    from trainer.engines import engine_class
+
+    # engine-specific flags: one check per engine (Engine.flag_problems)
+    for problem in engine_class(args.engine).flag_problems(args, 3 if stage == 2 and args.zero3 else stage):
+        _fail(parser, problem)
     if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
         _fail(parser, f"--deepspeed_config {args.deepspeed_config}: no such file")
     if args.train_mode == "pretrain":
         if not args.corpus_path:
             _fail(parser, "--train_mode pretrain needs --corpus_path (a .dat text file: one sentence per line, "
                           "a blank line between documents)")
-        problem = _text_file_problem(Path(args.corpus_path))
-        if problem:
-            _fail(parser, f"--corpus_path {args.corpus_path}: {problem}")
-    elif args.train_mode in ("mrc", "ict", "classify") and not args.train_file and args.num_steps > 0:
+        _check_pretrain_data(args, parser)
+    elif args.train_mode in ("mrc", "ict", "classify", "ner", "nli", "sts") and not args.train_file and args.num_steps > 0:
         _fail(parser, f"--train_mode {args.train_mode} needs --train_file")
+    if args.crf and args.train_mode != "ner":
+        _fail(parser, f"--crf is a layer of the ner task; drop it for --train_mode {args.train_mode}")
     if args.train_mode == "encoder" and not args.encode_file:
         _fail(parser, "--train_mode encoder needs --encode_file (one passage per line, or id<TAB>text)")
     for name in ("train_file", "eval_file", "encode_file"):
@@ -184,11 +275,16 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
                       f"`python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR`")
     if args.tokenizer:
+        from data.tokenizer import KoTokenizer, TokenizerError
+
         try:
-            json.loads((Path(args.tokenizer) / "tokenizer.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:  # the tokenizers library would fail with a bare Exception
-            _fail(parser, f"--tokenizer {args.tokenizer}: tokenizer.json is not valid JSON ({e}); train the "
-                          f"tokenizer again with `python -m data.tokenizer train ...`")
+            KoTokenizer.load(args.tokenizer)  # not JSON, not a tokenizer, special ids, pretokenizer.json
+        except TokenizerError as e:
+            _fail(parser, f"--tokenizer {args.tokenizer}: {e}")
+    if (args.model_name in ("", ".", "..") or "/" in args.model_name or "\0" in args.model_name
+            or (os.altsep and os.altsep in args.model_name) or os.sep in args.model_name):
+        _fail(parser, f"--model_name {args.model_name!r}: must be a plain folder name (not empty, '.' or '..', no "
+                      f"'/'): the run directory is --output_dir/--model_name; choose the location with --output_dir")
     out = Path(args.output_dir)
     for path in (out, out / args.model_name):
         if path.exists() and not path.is_dir():
@@ -200,6 +296,19 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         config = load_config(args.model)
     except (ValueError, FileNotFoundError) as e:
         _fail(parser, f"--model {args.model}: {e}")
+    from data.tokenizer import vocab_size_problem
+
+    if vocab_size_problem(config.vocab_size):
+        _fail(parser, f"--model {args.model}: {vocab_size_problem(config.vocab_size)}; set \"vocab_size\" "
+                      f"in the config to the size of your tokenizer")
+    pairs = {"mrc": "question and context", "pretrain": "the two segments of --objective sop",
+             "nli": "premise and hypothesis", "sts": "the two sentences"}
+    if config.type_vocab_size < 2 and args.train_mode in pairs and (args.train_mode != "pretrain"
+                                                                    or args.objective == "sop"):
+        _fail(parser, f"--model {args.model}: type_vocab_size {config.type_vocab_size} gives one segment type, "
+                      f"but --train_mode {args.train_mode} marks {pairs[args.train_mode]} as types 0 and 1; "
+                      f"set \"type_vocab_size\": 2"
+                      + (" or use --objective mlm" if args.train_mode == "pretrain" else ""))
     if args.max_seq_length > config.max_position_embedding:
         _fail(parser, f"--max_seq_length {args.max_seq_length} exceeds the model's max_position_embedding "
                       f"{config.max_position_embedding} ({args.model}); lower --max_seq_length or use a config "
@@ -207,28 +316,49 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     if args.checkpoint and args.checkpoint != "auto" and not Path(args.checkpoint).exists():
         _fail(parser, f"--checkpoint {args.checkpoint}: no such file or directory "
                       f"(use --checkpoint auto to resume from the latest checkpoint when there is one)")
+    from trainer import probe
+
+    probe.check(args, parser)
+    problem = validate_tracking(args, run_dir(args))  # last: it may ask a tracking server
+    if problem:
+        _fail(parser, problem)
 
 
-def _text_file_problem(path: Path, sniff_bytes: int = 1 << 20) -> str | None:
-    """Why `path` cannot be a UTF-8 text corpus (missing, a directory, empty, binary), or None.
+def _check_cuda(parser: argparse.ArgumentParser) -> None:
+    import torch
 
-    Only the first MB is read: enough to catch a wrong file without reading a 100 GB corpus."""
-    if path.is_dir():
-        return "is a directory; expected a .dat text file (one sentence per line, a blank line between documents)"
-    if not path.is_file():
-        return "no such file"
-    if path.stat().st_size == 0:
-        return "is empty; expected UTF-8 text, one sentence per line, a blank line between documents"
-    with open(path, "rb") as f:
-        head = f.read(sniff_bytes)
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
-        if b"\0" in head:
-            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
-    except UnicodeDecodeError as e:
-        return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
-                f"convert it with e.g. `iconv -f cp949 -t utf-8`")
-    return None
+    if not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU or driver visible"
+        _fail(parser, f"--device cuda: CUDA is not available here ({build}); use --device cpu, or --device "
+                      f"auto (cuda when available)")
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+    if local_rank >= torch.cuda.device_count():
+        _fail(parser, f"--device cuda: local rank {local_rank} has no GPU (this node shows "
+                      f"{torch.cuda.device_count()}); start at most that many processes per node")
+
+
+def _check_pretrain_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Corpus specs resolve to readable text shards; validation has data when asked for."""
+    from data.spec import SpecError, resolve
+
+    for flag in ("corpus_path", "eval_corpus"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        try:
+            resolve(value)
+        except SpecError as e:
+            _fail(parser, f"--{flag} {e}" if str(e).startswith(value.split(",")[0].rsplit(":", 1)[0])
+                  else f"--{flag} {value}: {e}")
+    if args.eval_corpus and args.eval_fraction is not None:
+        _fail(parser, "--eval_corpus and --eval_fraction both choose the validation data; give one of them")
+    if args.eval_samples <= 0:
+        _fail(parser, f"--eval_samples must be > 0, got {args.eval_samples}")
+    if args.eval_steps < 0:
+        _fail(parser, f"--eval_steps must be >= 0, got {args.eval_steps}")
+    if args.eval_steps and not (args.eval_corpus or args.eval_fraction):
+        _fail(parser, "--eval_steps needs validation data: add --eval_corpus SPEC (held-out text) or "
+                      "--eval_fraction F (hold out that fraction of the corpus documents)")
 
 
 def parse_args(stage: int, argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,12 @@ class DistContext:
         return self.rank == 0
 
     def log(self, message: str) -> None:
-        """Print on rank 0 only."""
+        """Print on rank 0 only, above any open progress bar (tqdm.write clears and redraws it)."""
         if self.is_main:
-            print(message, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
 
 
 def _free_port() -> int:
@@ -56,7 +60,10 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        # TRAINER_PG_TIMEOUT_S: the collective timeout in seconds (tests lower it to show that no
+        # wait, e.g. for the corpus cache, happens inside a collective)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("TRAINER_PG_TIMEOUT_S", 0))
+                                     or timeout_minutes * 60)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun keeps its TCPStore across --max_restarts attempts and torch adds no

@@ -1,11 +1,14 @@
 """Export a trained model as a Hugging Face `transformers` folder, or in our own format with a
 note where `transformers` has no architecture that computes the same function.
 
-    python -m trainer.export SRC OUT [--tokenizer DIR] [--format auto|ours] [--verify]
+    python -m trainer.export SRC OUT [--tokenizer DIR] [--format auto|ours] [--verify] [--overwrite]
 
 SRC: a step-N checkpoint (torch.distributed.checkpoint, fairscale or DeepSpeed), a final/
 directory, a run directory (its final/, else its latest step-N) or a model.safetensors with
 config.json beside it.
+
+OUT: a new or empty folder, or an earlier export (it lists its files in `.written_by_trainer.json`),
+which is replaced; another folder only with --overwrite, a run directory never (trainer/safety.py).
 
 What each model becomes (`hf_target`):
 - transformer, post-LN, no sharing, no factorized embeddings -> BERT (BertForMaskedLM/BertModel);
@@ -14,9 +17,13 @@ What each model becomes (`hf_target`):
 - transformer, pre-LN, no sharing, no factorized embeddings -> RoBERTa-PreLayerNorm
   (its embeddings, per-sublayer LayerNorms and final LayerNorm are ours; positions are offset
   by pad_token_id + 1 as in RoBERTa, so padding positions get another position vector);
+- modernbert -> ModernBERT (ModernBertForMaskedLM/ModernBertModel; the SOP head has no
+  counterpart and is left out);
 - anything else (Switch MoE, Mix LM, pre-LN with sharing or factorization): our weights and
   config plus EXPORT_NOTE.md.
-The weight names come from `models.hf_compat.key_table` (the BERT table), renamed per target.
+The weight names come from `models.hf_compat.key_table` (the BERT table), renamed per target,
+and `models.hf_compat.modernbert_key_table` for ModernBERT. A ModernBERT `transformers` folder is
+also read as a source (`load_source`), so it can start a run (`--checkpoint FOLDER`).
 """
 from __future__ import annotations
 
@@ -32,8 +39,9 @@ import torch
 from torch import Tensor
 
 from models import ModelConfig, build_model
+from models import hf_compat
 from models.hf_compat import key_table
-from trainer import checkpoint
+from trainer import checkpoint, safety
 
 # Substring renames (each applied once, in order) from the BERT names of
 # `key_table(..., hf_prefix="bert.", heads=True)`. BERT's own names need none.
@@ -64,8 +72,10 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
-PREFIX = {"bert": "bert.", "albert": "albert.", "roberta-prelayernorm": "roberta_prelayernorm."}
-CLASS_PREFIX = {"bert": "Bert", "albert": "Albert", "roberta-prelayernorm": "RobertaPreLayerNorm"}
+PREFIX = {"bert": "bert.", "albert": "albert.", "roberta-prelayernorm": "roberta_prelayernorm.",
+          "modernbert": "model."}
+CLASS_PREFIX = {"bert": "Bert", "albert": "Albert", "roberta-prelayernorm": "RobertaPreLayerNorm",
+                "modernbert": "ModernBert"}
 
 
 @dataclass
@@ -78,39 +88,6 @@ class Source:
 
 
 # --- reading ---------------------------------------------------------------------------
-def read_dcp_model(dcp_dir: Path) -> dict[str, Tensor]:
-    """The "model" entry of a torch.distributed.checkpoint directory, on one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    import warnings
-
-    meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
-    model: dict[str, Tensor] = {}
-    for key, m in meta.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(m, TensorStorageMetadata):
-            model[key[len("model."):]] = torch.empty(m.size, dtype=m.properties.dtype)
-    if not model:
-        raise ValueError(f"{dcp_dir}: no model weights in this torch.distributed.checkpoint")
-    state = {"model": model}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
-    return state["model"]
-
-
-def _read_step_weights(step_dir: Path) -> dict[str, Tensor]:
-    if (step_dir / "dcp").is_dir():
-        return read_dcp_model(step_dir / "dcp")
-    if (step_dir / "fairscale" / "model.pt").is_file():
-        return torch.load(step_dir / "fairscale" / "model.pt", map_location="cpu", weights_only=True)
-    if (step_dir / "ds").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
-    raise FileNotFoundError(f"{step_dir}: no model weights (dcp/, fairscale/model.pt or ds/)")
-
-
 def _tokenizer_dir(candidates: list[Path | str | None]) -> Path | None:
     for c in candidates:
         if c and (Path(c) / "tokenizer.json").is_file():
@@ -132,7 +109,7 @@ def load_source(src: str | Path) -> Source:
     if src.is_dir() and (src / checkpoint.META).is_file():
         meta = checkpoint.read_meta(src)
         args = meta.get("args", {})
-        return Source(_read_step_weights(src), ModelConfig.from_dict(meta["model_config"]),
+        return Source(checkpoint.read_step_weights(src), ModelConfig.from_dict(meta["model_config"]),
                       _tokenizer_dir([meta.get("tokenizer"), args.get("tokenizer")]),
                       {"path": str(src), "kind": "step", "step": meta.get("step"),
                        "train_mode": args.get("train_mode"), "objective": args.get("objective")})
@@ -143,25 +120,38 @@ def load_source(src: str | Path) -> Source:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} missing: an exported model needs its config.json beside "
                                 f"{weights.name}")
+    if hf_compat.is_hf_config(json.loads(config_path.read_text())):
+        return _load_hf_source(weights, config_path)
     args_path = weights.parent / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        step = (f.metadata() or {}).get("step", "")
+    step = checkpoint.read_safetensors(weights, metadata_only=True)[1].get("step", "")
     return Source(checkpoint.load_weights(weights), ModelConfig.from_json(config_path),
                   _tokenizer_dir([weights.parent, args.get("tokenizer")]),
                   {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
                    "train_mode": args.get("train_mode"), "objective": args.get("objective")})
 
 
+def _load_hf_source(weights: Path, config_path: Path) -> Source:
+    """A `transformers` ModernBERT folder (ours exported, or anyone's) as our weights and config."""
+    config = hf_compat.config_from_hf(json.loads(config_path.read_text()))
+    try:
+        state = hf_compat.modernbert_from_hf_state(checkpoint.read_safetensors(weights)[0], config)
+    except KeyError as e:
+        raise ValueError(f"{weights}: {e.args[0]}; not a complete ModernBERT checkpoint") from None
+    return Source(state, config, _tokenizer_dir([weights.parent]),
+                  {"path": str(weights), "kind": "transformers", "step": None, "train_mode": None,
+                   "objective": "mlm" if "mlm_head.bias" in state else None})
+
+
 # --- mapping ---------------------------------------------------------------------------
 def hf_target(config: ModelConfig) -> tuple[str | None, str]:
     """(HF family or None, why): which `transformers` architecture computes our model exactly."""
+    if config.model_type == "modernbert":
+        return "modernbert", "ModernBERT = transformers' ModernBERT"
     if config.model_type != "transformer":
         return None, (f"model_type {config.model_type!r} (MixConv token mixing) has no "
                       f"`transformers` architecture")
-    if config.n_experts > 1:
+    if config.is_moe:
         return None, (f"n_experts {config.n_experts}: Switch Transformer FFNs inside a BERT-style "
                       f"encoder have no `transformers` architecture (SwitchTransformers is T5)")
     factorized = config.embedding_dim != config.hidden_size
@@ -188,9 +178,15 @@ def _rename(name: str, target: str) -> str:
     return name
 
 
-def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str) -> tuple[dict[str, Tensor], list[str]]:
-    """Our weights -> `target`'s names (ForPreTraining/ForMaskedLM naming, tied decoder left to HF).
-    Returns (HF state, our keys that were not exported)."""
+def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str,
+                expected: set[str] | None = None) -> tuple[dict[str, Tensor], list[str]]:
+    """Our weights -> `target`'s names (ForPreTraining/ForMaskedLM naming, tied decoder left to HF),
+    only those in `expected` (the keys of the exported class, `hf_class_keys`) when given: a key
+    the class lacks would be reported UNEXPECTED by every load. Returns (HF state, our keys that
+    were not exported)."""
+    if target == "modernbert":
+        out, left = hf_compat.modernbert_to_hf_state(state, config)
+        return {k: v.detach().float().contiguous() for k, v in out.items()}, left
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for ours, hf in key_table(_bert_shaped(config), ours_prefix="encoder.", hf_prefix="bert.", heads=True):
@@ -201,6 +197,8 @@ def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str) -> t
         names = [_rename(h, target) for h in hf]
         if target == "roberta-prelayernorm" and names[0].startswith("cls."):
             continue                                     # RoBERTa has no SOP classifier
+        if expected is not None and not set(names) <= expected:
+            continue                                     # e.g. the SOP pooler of a ...ForMaskedLM export
         parts = state[ours].chunk(len(names)) if len(names) > 1 else (state[ours],)
         out.update({n: p.contiguous() for n, p in zip(names, parts)})
         used.add(ours)
@@ -228,6 +226,14 @@ def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str) -> t
     return out, sorted(set(state) - used)
 
 
+def hf_class_keys(cfg) -> set[str]:
+    """The state-dict keys of the class `cfg.architectures[0]` (built on the meta device: no memory)."""
+    import transformers
+
+    with torch.device("meta"):
+        return set(getattr(transformers, cfg.architectures[0])(cfg).state_dict())
+
+
 def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, tokenizer_ids: dict | None = None):
     """A transformers config object for `target`."""
     import transformers
@@ -240,6 +246,11 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
                   initializer_range=config.initializer_range, layer_norm_eps=config.LN_eps,
                   pad_token_id=config.pad_token_id, tie_word_embeddings=True)
     ids = tokenizer_ids or {}
+    if target == "modernbert":
+        specials = {"bos_token_id": ids.get("cls", 2), "cls_token_id": ids.get("cls", 2),
+                    "eos_token_id": ids.get("sep", 3), "sep_token_id": ids.get("sep", 3)}
+        arch = ["ModernBertForMaskedLM" if has_mlm else "ModernBertModel"]
+        return transformers.ModernBertConfig(**hf_compat.modernbert_hf_config(config, architectures=arch, **specials))
     head = "ForPreTraining" if has_sop and target != "roberta-prelayernorm" else "ForMaskedLM" if has_mlm else "Model"
     if target == "roberta-prelayernorm" and has_mlm and config.act_fn != "gelu":
         head = "Model"   # RoBERTa's LM head applies gelu whatever hidden_act says
@@ -288,7 +299,10 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
     cfg = transformers.AutoConfig.from_pretrained(out_dir, local_files_only=True)
     ours = build_ours(source)
     g = torch.Generator().manual_seed(seed)
-    B, L = 3, min(16, source.config.max_position_embedding)
+    modern = source.config.model_type == "modernbert"
+    # ModernBERT: longer than the local window, so sliding-window layers differ from global ones
+    L = source.config.local_attention + 8 if modern else 16
+    B, L = 3, min(L, source.config.max_position_embedding)
     ids = torch.randint(6, source.config.vocab_size, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, L // 2:] = 0
@@ -299,12 +313,14 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
     h_ours, logits_ours = ours_outputs(ours, ids, mask, types)
     real = mask.bool()
     result = {}
-    base = transformers.AutoModel.from_pretrained(out_dir, local_files_only=True).eval()
-    h_hf = base(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    inputs = dict(input_ids=ids, attention_mask=mask) | ({} if modern else dict(token_type_ids=types))
+    # the exported class itself (AutoModel would list its head weights as UNEXPECTED), and its encoder
+    full = getattr(transformers, cfg.architectures[0]).from_pretrained(out_dir, local_files_only=True).eval()
+    h_hf = full.base_model(**inputs).last_hidden_state
     result["hidden_max_abs_diff"] = (h_hf - h_ours)[real].abs().max().item()
     if logits_ours is not None and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in cfg.architectures):
-        mlm = transformers.AutoModelForMaskedLM.from_pretrained(out_dir, local_files_only=True).eval()
-        logits_hf = mlm(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        out = full(**inputs)
+        logits_hf = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
         result["logits_max_abs_diff"] = (logits_hf - logits_ours)[real].abs().max().item()
     return result
 
@@ -358,39 +374,37 @@ def _tokenizer_note(tok: dict) -> str:
 
 
 def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-           fmt: str = "auto", do_verify: bool = False) -> dict:
-    """Write the export folder; returns a summary (target, architectures, files, verification)."""
+           fmt: str = "auto", do_verify: bool = False, overwrite: bool = False) -> dict:
+    """Write the export folder; returns a summary (target, architectures, files, verification).
+    `out` may be new, empty or an earlier export (safety.staged_dir); anything else needs
+    `overwrite`, and a run directory is never replaced."""
+    out = Path(out)
+    safety.check_replaceable(out, overwrite=overwrite, source=Path(src))  # before reading the source
     source = load_source(src)
     if tokenizer is not None:
         source.tokenizer_dir = Path(tokenizer)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     target, why = hf_target(source.config) if fmt == "auto" else (None, "--format ours was asked for")
-    tok = write_tokenizer(source.tokenizer_dir, tmp, source.config.max_position_embedding)
     summary = {"source": source.info, "target": target or "ours", "reason": why}
-    if target is None:
-        _write_ours(source, tmp, why, tok)
-    else:
-        _write_hf(source, tmp, target, why, tok, summary, out.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    summary["files"] = sorted(p.name for p in out.iterdir())
+    with safety.staged_dir(out, overwrite=overwrite, source=Path(src),
+                           info={"by": "python -m trainer.export", "source": source.info}) as tmp:
+        tok = write_tokenizer(source.tokenizer_dir, tmp, source.config.max_position_embedding)
+        if target is None:
+            _write_ours(source, tmp, why, tok)
+        else:
+            _write_hf(source, tmp, target, why, tok, summary, out.name)
+    summary["files"] = sorted(p.name for p in out.iterdir() if p.name != safety.MARKER)
     if do_verify and target is not None:
         summary["verify"] = verify(out, source)
     return summary
 
 
 def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summary: dict, name: str) -> None:
-    from safetensors.torch import save_file
-
-    state, left = to_hf_state(source.state, source.config, target)
     has_mlm = "mlm_head.bias" in source.state
     has_sop = "sop_head.classifier.weight" in source.state
     cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"))
+    state, left = to_hf_state(source.state, source.config, target, hf_class_keys(cfg))
     cfg.save_pretrained(out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    checkpoint.write_safetensors(state, out / "model.safetensors", {"format": "pt"})
     (out / "ko_model_config.json").write_text(source.config.to_json())
     summary["architectures"] = cfg.architectures
     summary["not_exported"] = left
@@ -408,7 +422,14 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     if has_mlm and not arch.endswith("Model"):
         lines.append("mlm = AutoModelForMaskedLM.from_pretrained(PATH)    # MLM logits")
     lines += ["```", "", f"Config: `config.json` ({family}, architectures {cfg.architectures}); our own "
-              "config is kept in `ko_model_config.json`.", "", _tokenizer_note(tok)]
+              "config is kept in `ko_model_config.json`.", ""]
+    if not arch.endswith("Model"):
+        lines += [f"The weights are exactly those of `{arch}`, which loads with no missing or unexpected keys "
+                  f"(its `.base_model` is the encoder). A class with fewer heads (`AutoModel`, the encoder "
+                  f"alone; `AutoModelForMaskedLM` of a pretraining export) lists the weights of the heads it "
+                  f"leaves out as UNEXPECTED in transformers' load report: harmless, nothing it uses is "
+                  f"missing.", ""]
+    lines.append(_tokenizer_note(tok))
     if target == "roberta-prelayernorm":
         lines.append("RoBERTa numbers positions from pad_token_id + 1 and gives padding tokens position "
                      "pad_token_id, so hidden states at *padding* positions differ from ours; real "
@@ -417,8 +438,11 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
             lines.append(f"RoBERTa's LM head always applies gelu but this model uses {source.config.act_fn}: "
                          "the MLM head is included in the weights but `AutoModelForMaskedLM` would not "
                          "reproduce our logits; use the encoder.\n")
-    if has_sop and target == "roberta-prelayernorm":
-        lines.append("The SOP classifier is not exported (RoBERTa has no pretraining sequence head).\n")
+    if has_sop and target in ("roberta-prelayernorm", "modernbert"):
+        lines.append(f"The SOP classifier is not exported ({family} has no pretraining sequence head).\n")
+    if target == "modernbert":
+        lines.append("ModernBERT has no token-type embeddings: pass input_ids and attention_mask only "
+                     "(the tokenizer's token_type_ids are not model inputs).\n")
     if left:
         lines.append("Weights of ours not exported (task heads without a `transformers` counterpart here): "
                      + ", ".join(f"`{k}`" for k in left) + ".\n")
@@ -462,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="step-N checkpoint, final/ directory, run directory or model.safetensors")
-    p.add_argument("out", help="output folder (replaced)")
+    p.add_argument("out", help="output folder: new, empty or an earlier export (replaced); never a run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT even if it holds files an export did not write (never a run directory)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
     p.add_argument("--format", choices=("auto", "ours"), default="auto",
                    help="auto: a transformers architecture where one computes our model exactly, else "
@@ -470,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="load the export with transformers and print the max difference to our model")
     a = p.parse_args(argv)
-    summary = export(a.src, a.out, a.tokenizer, a.format, a.verify)
+    try:
+        summary = export(a.src, a.out, a.tokenizer, a.format, a.verify, a.overwrite)
+    except (ValueError, FileNotFoundError) as e:  # a damaged or missing source: one line, no traceback
+        p.exit(1, f"{p.prog}: error: {e}\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -8,18 +8,21 @@ environment variable TRAINER_TEST_FAULT is set, as `POINT:STEP:RANK`:
     in_save:4:0      rank 0 SIGKILLs itself while writing step-4: after the data and meta.json
                      are in .step-4.tmp, before the rename to step-4
     sigterm:3:1      rank 1 sends itself SIGTERM after step 3 (as slurm preemption would)
+    disk_full:4:0    rank 0's write of step-4 fails with OSError(ENOSPC) after the engine wrote its
+                     part into .step-4.tmp (a full disk, without filling one)
 
 With TRAINER_TEST_FAULT_ONCE=PATH the fault fires only if PATH does not exist and creates it
 first, so that a restarted job (torchrun --max_restarts) runs through.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 ENV = "TRAINER_TEST_FAULT"
 ONCE_ENV = "TRAINER_TEST_FAULT_ONCE"
-POINTS = ("after_step", "in_save", "sigterm")
+POINTS = ("after_step", "in_save", "sigterm", "disk_full")
 
 
 def _parse(spec: str) -> tuple[str, int, int] | None:
@@ -47,4 +50,6 @@ def inject(point: str, step: int, rank: int) -> None:
         except FileExistsError:
             return
     print(f"[{ENV}] {point} at step {step} on rank {rank}", flush=True)
+    if point == "disk_full":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGKILL)

@@ -1,16 +1,18 @@
 """The one training loop, shared by train.py, train_zero_one.py and train_zero_two.py."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer import checkpoint, dist, engines, faults, tasks
+from trainer import checkpoint, dist, engines, faults, probe, safety, tasks, tracking
 from trainer.args import parse_args, public_args, run_dir
 from trainer.batch_size import find_batch_size
 from trainer.metrics import Logger, MetricMeter, memory_mb
@@ -18,7 +20,7 @@ from trainer.sampler import BatchList, EpochSampler, TrainState
 
 
 class Stop(Exception):
-    """Training stops early (non-finite steps, SIGTERM) after saving a checkpoint."""
+    """Training stops early (non-finite steps, SIGTERM, SIGINT) after saving a checkpoint."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -36,30 +38,73 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     ctx = dist.init(args.device)
     try:
         run(args, ctx)
-    except Stop as e:
+    except (Stop, checkpoint.SaveError) as e:
         if ctx.is_main:
             print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.code)
+        sys.exit(getattr(e, "code", 1))
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (setup, evaluation, export)
+        print(f"[train] interrupted (SIGINT) on rank {ctx.rank} outside the training steps; the checkpoints "
+              f"written so far are kept", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:  # also on SystemExit (bad input found after init): leave no process group behind
         dist.shutdown()
 
 
 def run(args: Namespace, ctx) -> dict:
+    """Train/evaluate holding the run directory's lock (global rank 0 takes it; every rank learns
+    whether it was free, so a second run with the same --model_name stops at once)."""
     rd = run_dir(args)
+    lock, refused = safety.RunLock(rd) if ctx.is_main else None, None
+    if lock is not None:
+        try:  # a restarted torchrun attempt may start while its killed predecessor is still exiting
+            lock.acquire(wait_s=60 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) else 0)
+        except safety.RunLocked as e:
+            refused = str(e)
+        except OSError as e:
+            refused = f"--output_dir {args.output_dir}: cannot create {rd} ({e.strerror}); pick a writable --output_dir"
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise SystemExit(refused)
     try:
-        resume_path, resume_kind = checkpoint.resolve(args.checkpoint, rd)
-        resume_meta = checkpoint.read_meta(resume_path) if resume_kind == "step" else None
+        return _run(args, ctx, rd)
+    finally:
+        if lock is not None:
+            lock.release()  # and removes the run directory if this run left it empty
+
+
+def _run(args: Namespace, ctx, rd) -> dict:
+    from models import load_config
+
+    try:
+        start = checkpoint.resolve_start(args.checkpoint, rd)  # once: the task gets it too
     except checkpoint.CheckpointError as e:
         raise SystemExit(str(e)) from None
+    resume_path, resume_kind, resume_meta = start.path, start.kind, start.meta
     full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
-    if resume_meta is not None:
-        _check_compatible(args, resume_meta, resume_path)
+    start.check_config(load_config(args.model).to_dict())
     existing = checkpoint.list_checkpoints(rd)
     if resume_path is None and existing:
         raise SystemExit(f"{rd} already holds checkpoints ({existing[-1].name} is the latest) and would be "
                          f"overwritten; resume it with --checkpoint auto, or pick another --model_name/--output_dir")
+    own = full_resume and resume_path.resolve().parent == rd.resolve()
+    if existing and not own:  # weights of another run or task: its step-N would mix with (and rotate out) these
+        raise SystemExit(f"{rd} already holds checkpoints ({existing[-1].name} is the latest) and would be "
+                         f"overwritten by a run starting from --checkpoint {resume_path} ("
+                         f"{'weights only' if not full_resume else 'another run'}); continue this run with "
+                         f"--checkpoint auto, or pick another --model_name/--output_dir")
+    if full_resume and 0 < args.num_steps < resume_meta["step"]:
+        step = resume_meta["step"]
+        raise SystemExit(f"--checkpoint {resume_path} is at step {step}, past --num_steps {args.num_steps}: there is "
+                         f"nothing to train. --num_steps is the total, not the steps to add: pass --num_steps "
+                         f"{step} or more (e.g. {step + args.num_steps}), or resume from a checkpoint at step "
+                         f"{args.num_steps} or below")
+    # resuming an older step of this run: the newer checkpoints and final/ are moved aside, not
+    # overwritten (an evaluation-only run, --num_steps 0, writes neither)
+    newer = checkpoint.newer_than(rd, resume_meta["step"]) if own and args.num_steps > 0 else []
+    if args.num_steps > 0 and not any(p.name == checkpoint.FINAL for p in newer):
+        checkpoint.check_final(rd)
     seed_everything(args.seed)  # identical initial weights on every rank
-    task = tasks.build(args, ctx)
+    task = tasks.build(args, ctx, start)
     engine = engines.create(args, ctx)
     if args.train_batch_size == 0:
         limit = 4096
@@ -80,56 +125,100 @@ def run(args: Namespace, ctx) -> dict:
             ctx.log(f"[checkpoint] resumed {resume_path} at step {state.step} "
                           f"(epoch {state.epoch}, sample {state.samples_in_epoch})")
         elif resume_kind == "step":
-            engine.load(resume_path, weights_only=True)
+            try:
+                engine.load_weights(checkpoint.read_step_weights(resume_path), resume_path)
+            except checkpoint.CheckpointError as e:  # damaged shards
+                raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path} "
                           f"({resume_meta['args']['train_mode']} checkpoint)")
         else:
-            _load_exported(engine, resume_path)
+            try:
+                engine.load_weights(_exported_weights(resume_path), resume_path)
+            except checkpoint.CheckpointError as e:  # a damaged model.safetensors
+                raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
+    if full_resume and task.dataset is not None and ctx.is_main:
+        _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state)
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
-            "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None}
+            "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None,
+            "num_samples": len(task.dataset) if task.dataset is not None else None}
     sampler = None
     if task.dataset is not None:
         # before the Logger, which rewrites loss.tsv: an impossible batch must not touch the run directory
         try:
             sampler = EpochSampler(len(task.dataset), args.train_batch_size, ctx.world_size, ctx.rank, args.seed,
-                                   args.gradient_accumulation_steps, args.max_steps_per_epoch)
+                                   args.gradient_accumulation_steps, args.max_steps_per_epoch,
+                                   lengths=task.train_lengths())
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if newer and ctx.is_main:
+        aside = checkpoint.move_aside(rd, newer, resume_meta["step"])
+        ctx.log(f"[checkpoint] resuming step {resume_meta['step']} of a run that went further: moved "
+                f"{', '.join(p.name for p in newer)} (and a copy of loss.tsv) to {aside}; delete that folder "
+                f"if you do not need them")
     logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
                     {"args": meta["args"], "model_config": meta["model_config"]},
-                    progress=not args.no_progress and task.dataset is not None and state.step < args.num_steps)
+                    progress=not args.no_progress and task.dataset is not None and state.step < args.num_steps,
+                    tensorboard="tensorboard" in args.report_to,
+                    tracking=tracking.start(args, rd, resume_meta, ctx.world_size, ctx.log)
+                    if ctx.is_main else None)
+    meta["tracking"] = logger.tracking_ids  # checkpoints keep the run ids: a resume continues the same runs
+    logger.reserve([f"eval/{k}" for k in task.validation_metrics()] + probe.tags(args))
     try:
-        if task.dataset is not None and state.step < args.num_steps:
+        trains = task.dataset is not None and state.step < args.num_steps
+        if trains:
             _train(args, ctx, task, engine, model, state, logger, rd, meta, sampler)
+        elif task.dataset is not None and args.num_steps > 0:
+            ctx.log(f"[train] already at --num_steps {args.num_steps} ({resume_path} is step {state.step}); "
+                    f"nothing to train. Raise --num_steps to train on, or start fresh under another "
+                    f"--model_name or --output_dir")
         results = task.evaluate(engine)
         if results:
             logger.log_eval(state.step, results)
             ctx.log("[eval] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         if args.num_steps > 0 and task.dataset is not None:
-            out = checkpoint.export(engine, rd, dict(meta, step=state.step), task.config.to_dict(),
-                                    task.tokenizer_dir)
-            ctx.log(f"[export] {out}")
+            if not trains and dist.broadcast_object(checkpoint.exported_step(rd) if ctx.is_main else None) == state.step:
+                ctx.log(f"[export] {rd / 'final'} already holds step {state.step}; kept")
+            else:
+                out = checkpoint.export(engine, rd, dict(meta, step=state.step), task.config.to_dict(),
+                                        task.tokenizer_dir)
+                ctx.log(f"[export] {out}")
+                for name in ("config.json", "args.json"):
+                    logger.artifact(out / name, "final")
     finally:
         logger.close()
     return {"state": state, "eval": results}
 
 
-def _check_compatible(args: Namespace, meta: dict, path) -> None:
-    from models import load_config
+def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState) -> None:
+    """Resuming on other data is allowed (continued pretraining on a new corpus) but no longer
+    reproduces the original run: say so, on stderr."""
+    saved, changes = meta["args"], []
+    for flag in ("corpus_path", "train_file"):
+        before, now = saved.get(flag), getattr(args, flag, None)
+        if not _same_path(before, saved.get("cwd"), now):
+            changes.append(f"--{flag} {before} -> {now}")
+    if meta.get("num_samples") not in (None, num_samples):
+        changes.append(f"{meta['num_samples']} -> {num_samples} samples")
+    if changes:
+        print(f"[checkpoint] warning: {path} was trained on other data ({'; '.join(changes)}). Training goes on "
+              f"from its data position (epoch {state.epoch}, sample {state.samples_in_epoch}) in this data, so "
+              f"it is not the continuation of the original run; pass the original data to continue that one "
+              f"exactly", file=sys.stderr, flush=True)
 
-    shown = checkpoint.config_mismatch(meta["model_config"], load_config(args.model).to_dict())
-    if shown:
-        raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
-                         f"pass the same --model as the checkpoint ({meta['args'].get('model')})")
+
+def _same_path(before: str | None, cwd: str | None, now: str | None) -> bool:
+    if before is None or now is None:
+        return before == now
+    old = Path(before) if Path(before).is_absolute() or cwd is None else Path(cwd) / before
+    return old.resolve() == Path(now).resolve()
 
 
-def _load_exported(engine, path) -> None:
-    matched = checkpoint.matching_weights(checkpoint.load_weights(path), engine.module.state_dict(), path)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def _exported_weights(path) -> dict[str, torch.Tensor]:
+    from trainer.export import load_source  # reads transformers ModernBERT folders too
 
-    set_model_state_dict(engine.model, matched, options=StateDictOptions(full_state_dict=True, strict=False))
+    return load_source(path).state if (path.parent / "config.json").is_file() else checkpoint.load_weights(path)
 
 
 def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
@@ -141,7 +230,7 @@ def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=BatchList(sampler.batches(state.epoch, state.samples_in_epoch)),
             collate_fn=task.collate, num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=_ignore_sigterm,
+            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
             # its own generator: creating an iterator must not draw from the global RNG (dropout),
             # or a resumed run's random stream would be shifted against the uninterrupted one
             generator=torch.Generator().manual_seed(args.seed + state.epoch))
@@ -152,24 +241,38 @@ def _micro_batches(args, ctx, task, sampler: EpochSampler, state: TrainState):
         state.samples_in_epoch = 0
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM: torchrun and slurm signal the worker's whole process
-    group, and a worker dying first would crash the rank before it can save. They exit with it."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: torchrun, slurm and a terminal's Ctrl-C signal
+    the worker's whole process group, and a worker dying first would crash the rank before it can
+    save. They exit with it (the rank closes its loader; torch's watchdog ends orphaned workers)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Terminate:
-    """SIGTERM (slurm preemption, torchrun shutdown) asks the loop to checkpoint and stop."""
+    """SIGTERM (slurm preemption, torchrun shutdown) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    at the end of the step and stop (exit 128 + signal); a second SIGINT exits at once, unsaved."""
 
-    def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, verbose: bool = True):
+        self.signum = 0  # the first stop signal received
+        self.verbose = verbose
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        # os.write: print() could re-enter a stderr write (the progress bar's) it interrupted
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            os.write(2, b"[train] second SIGINT: exiting now without saving; the last complete step-N is kept\n")
+            os._exit(130)
+        if signum == signal.SIGINT and self.verbose:
+            os.write(2, b"[train] SIGINT: saving a checkpoint at the end of this step, then stopping "
+                        b"(Ctrl-C again to exit at once without saving)\n")
+        self.signum = self.signum or signum
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _optimizer_state_mb(engine) -> dict[str, float]:
@@ -179,11 +282,35 @@ def _optimizer_state_mb(engine) -> dict[str, float]:
     return {"perf/optimizer_state_mb": total.item() / dist.world_size(), "perf/optimizer_state_max_mb": largest.item()}
 
 
-def _is_bad_step(loss_ok: bool, skipped: bool, loss_scale: float, fp16: bool) -> bool:
-    """A step counts towards --max_bad_steps when its loss is not finite, or its gradients are not
-    finite and no fp16 loss scaler can still fix that: an fp16 overflow at a loss scale > 1 is the
-    scaler's normal search (it skips the step and halves the scale), not a bad step."""
-    return not loss_ok or (skipped and (not fp16 or loss_scale <= 1.0))
+def _step_scalars(meter: MetricMeter, engine, state: TrainState, lr: float, result: engines.StepResult,
+                  since: tuple[float, int]) -> dict[str, float]:
+    """The logged row of a step: the training metrics since the last row (`since`: seconds and
+    steps), rates, optimizer state and memory (collective: the meter and optimizer state are reduced)."""
+    scalars, tokens, samples = meter.reduce(engine.ctx.device)
+    elapsed = max(since[0], 1e-9)
+    return {f"train/{k}": v for k, v in scalars.items()} | {
+        "train/lr": lr, "train/grad_norm": result.grad_norm,
+        "train/loss_scale": result.loss_scale, "train/epoch": state.epoch,
+        "perf/tokens_per_s": tokens / elapsed, "perf/samples_per_s": samples / elapsed,
+        "perf/step_time_s": elapsed / max(1, since[1]),
+        **_optimizer_state_mb(engine)} | memory_mb(engine.ctx.device)
+
+
+def _stop_bad_steps(engine, state: TrainState, rd, meta: dict, last_loss: float, result: engines.StepResult) -> None:
+    """--max_bad_steps consecutive bad steps: save them for inspection and raise Stop naming the
+    last good checkpoint to resume from."""
+    first_bad = state.step - state.bad_steps + 1
+    good = [p for p in checkpoint.list_checkpoints(rd) if int(p.name.split("-")[1]) < first_bad]
+    # keep=0: the checkpoints from before the bad steps must survive this one
+    path = checkpoint.save(engine, state, rd, meta, keep=0)
+    before = (f"the last checkpoint before them is {good[-1]}" if good
+              else "no checkpoint precedes them")
+    again = f"resume from --checkpoint {good[-1]}" if good else "train again"
+    raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients (steps "
+               f"{first_bad}-{state.step}; last loss {last_loss}, grad norm {result.grad_norm}, "
+               f"loss scale {result.loss_scale}); saved {path} for inspection, {before}. "
+               f"Lower --learning_rate, raise --warmup_steps or use --bf16 instead of --fp16, and "
+               f"{again} (or raise --max_bad_steps)", code=3)
 
 
 def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd, meta: dict,
@@ -191,12 +318,13 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
     batches = _micro_batches(args, ctx, task, sampler, state)
     meter = MetricMeter()
     accum = args.gradient_accumulation_steps
-    term = _Terminate()
+    term = _Terminate(verbose=ctx.is_main)
     engine.train()
     last_log, last_step = time.perf_counter(), state.step
     ctx.log(f"[train] {args.launcher} engine={engine.name} stage={engine.stage} processes={ctx.world_size} "
                   f"device={ctx.device} batch={args.train_batch_size}x{accum}x{ctx.world_size} "
                   f"samples={len(task.dataset)} steps {state.step}->{args.num_steps}")
+    prober = probe.Prober(args, ctx, task, meta) if args.probe_steps else None
 
     def save():
         return checkpoint.save(engine, state, rd, meta, keep=args.keep_checkpoints)
@@ -215,52 +343,44 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
                 finite &= torch.isfinite(last_loss)
             lr = engine.lr()  # the rate this step applies
             result = engine.step()
-            loss_ok = bool(finite)
             state.step += 1
             logger.advance()
-            bad = _is_bad_step(loss_ok, result.skipped, result.loss_scale, args.fp16)
+            bad = not bool(finite) or result.bad  # the engine judges its gradients (StepResult.bad)
             faults.inject("after_step", state.step, ctx.rank)  # test hooks, no-ops unless TRAINER_TEST_FAULT
             faults.inject("sigterm", state.step, ctx.rank)
             # One all-reduce per step makes every rank take the same decision: a loss can be
             # non-finite on one rank only, and SIGTERM may reach the ranks at different steps.
             if ctx.world_size > 1:
-                flags = torch.tensor([float(bad), float(term.requested)], device=ctx.device)
+                flags = torch.tensor([float(bad), float(term.signum)], device=ctx.device)
                 dist.all_reduce(flags, "max")
-                bad, terminate = bool(flags[0].item()), bool(flags[1].item())
+                bad, terminate = bool(flags[0].item()), int(flags[1].item())
             else:
-                terminate = term.requested
+                terminate = term.signum
             state.bad_steps = state.bad_steps + 1 if bad else 0
 
-            if state.step % args.logging_steps == 0 or state.step == args.num_steps:
-                scalars, tokens, samples = meter.reduce(ctx.device)
+            # held-out validation (task.validate) every --eval_steps and at the last step, in the same row
+            eval_due = bool(task.validation_metrics()) and (
+                state.step == args.num_steps or bool(args.eval_steps and state.step % args.eval_steps == 0))
+            # downstream probes (trainer/probe.py) every --probe_steps and at the last step; not when stopping
+            probe_due = prober is not None and prober.due(state.step) and not terminate
+            if state.step % args.logging_steps == 0 or state.step == args.num_steps or eval_due or probe_due:
                 now = time.perf_counter()
-                elapsed = max(now - last_log, 1e-9)
-                scalars = {f"train/{k}": v for k, v in scalars.items()} | {
-                    "train/lr": lr, "train/grad_norm": result.grad_norm,
-                    "train/loss_scale": result.loss_scale, "train/epoch": state.epoch,
-                    "perf/tokens_per_s": tokens / elapsed, "perf/samples_per_s": samples / elapsed,
-                    "perf/step_time_s": elapsed / max(1, state.step - last_step),
-                    **_optimizer_state_mb(engine)} | memory_mb(ctx.device)
+                scalars = _step_scalars(meter, engine, state, lr, result, (now - last_log, state.step - last_step))
+                if eval_due:
+                    evaluated = task.validate(engine)
+                    scalars |= {f"eval/{k}": v for k, v in evaluated.items()}
+                    ctx.log(f"[eval] step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
+                if probe_due:
+                    scalars |= prober.run(state.step, engine)
                 logger.log(state.step, scalars)
-                last_log, last_step = now, state.step
+                last_log, last_step = (time.perf_counter() if eval_due or probe_due else now), state.step
 
             if state.bad_steps >= args.max_bad_steps:
-                first_bad = state.step - state.bad_steps + 1
-                good = [p for p in checkpoint.list_checkpoints(rd) if int(p.name.split("-")[1]) < first_bad]
-                # keep=0: the checkpoints from before the bad steps must survive this one
-                path = checkpoint.save(engine, state, rd, meta, keep=0)
-                before = (f"the last checkpoint before them is {good[-1]}" if good
-                          else "no checkpoint precedes them")
-                again = f"resume from --checkpoint {good[-1]}" if good else "train again"
-                raise Stop(f"{state.bad_steps} consecutive steps with non-finite loss or gradients (steps "
-                           f"{first_bad}-{state.step}; last loss {float(last_loss)}, grad norm {result.grad_norm}, "
-                           f"loss scale {result.loss_scale}); saved {path} for inspection, {before}. "
-                           f"Lower --learning_rate, raise --warmup_steps or use --bf16 instead of --fp16, and "
-                           f"{again} (or raise --max_bad_steps)", code=3)
+                _stop_bad_steps(engine, state, rd, meta, float(last_loss), result)
             if terminate:
                 path = save()
-                raise Stop(f"SIGTERM at step {state.step}: saved checkpoint {path}; "
-                           f"resume with --checkpoint auto", code=143)
+                raise Stop(f"{signal.Signals(terminate).name} at step {state.step}: saved checkpoint {path}; "
+                           f"resume with --checkpoint auto", code=128 + terminate)
             # no periodic save inside a run of bad steps: --keep_checkpoints rotation would replace
             # the good checkpoints from before it by broken ones
             if (args.save_steps and state.step % args.save_steps == 0 and state.step < args.num_steps
@@ -269,3 +389,6 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
         save()
     finally:
         term.restore()
+        # shut the DataLoader workers down now: a loader kept alive by a traceback would meet
+        # multiprocessing's exit-time terminate(), which the workers ignore, and hang the exit
+        batches.close()

@@ -2,14 +2,14 @@
 
 Per-micro-batch metrics stay on the device as tensors and are summed; at each logging step
 they are averaged over the interval and over processes (one all-reduce), then written.
-Tags: `train/<metric>` (loss, mlm_loss, mlm_acc, sop_acc, ...), `train/lr`, `train/grad_norm`,
-`train/loss_scale`, `perf/tokens_per_s`, `perf/samples_per_s`, `perf/step_time_s`,
-`perf/rss_mb`, `perf/cuda_max_allocated_mb`.
+The tags, and when each is written: README's TensorBoard table (tests/test_plot.py checks it
+against the tags of a real run). Every scalar also goes to the `--report_to` trackers (MLflow,
+W&B: trainer/tracking.py) through `Logger._scalars`, the one place scalars are written.
 """
 from __future__ import annotations
 
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -60,25 +60,30 @@ def memory_mb(device: torch.device) -> dict[str, float]:
 
 
 class Logger:
-    """Rank 0 writes TensorBoard events and loss.tsv and drives the progress bar."""
+    """Rank 0 writes TensorBoard events and loss.tsv and drives the progress bar; it hands the
+    same parameters, scalars and files to the `--report_to` trackers (`tracking`, trainer/tracking.py)."""
 
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
-                 run_info: dict, progress: bool = True):
+                 run_info: dict, progress: bool = True, tensorboard: bool = True, tracking=None):
         self.is_main = is_main
         self.writer = None
         self.bar = None
+        self.tracking = tracking if is_main else None
         self.tsv_path = run_dir / "loss.tsv"
-        self.last_time = time.perf_counter()
-        self.last_step = start_step
         self.columns: list[str] | None = None
+        self.reserved: list[str] = []      # loss.tsv columns that later rows fill (validation: eval_*)
+        self.last_eval: dict[str, str] = {}  # the last validation stays in the progress bar
         if not is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
-        for name, value in run_info.items():
-            self.writer.add_text(name, "```\n" + json.dumps(value, indent=2, default=str) + "\n```", start_step)
+        if tensorboard:
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+            for name, value in run_info.items():
+                self.writer.add_text(name, "```\n" + json.dumps(value, indent=2, default=str) + "\n```", start_step)
+        if self.tracking is not None:
+            self.tracking.params(run_info, start_step)
         self._truncate_tsv(start_step)
         if progress:
             from tqdm import tqdm
@@ -98,41 +103,70 @@ class Logger:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.is_main:
             return
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-        row = {"step": step, **{k.split("/", 1)[-1]: v for k, v in scalars.items()}}
-        if self.columns is None:  # fixed by the first row; later new keys go to TensorBoard only
-            self.columns = list(row)
+        self._scalars(step, scalars)
+        # loss.tsv columns: train/x -> x, eval/x (validation during training) -> eval_x,
+        # probe/task/x (trainer/probe.py) -> probe_task_x
+        row = {"step": step, **{k.replace("/", "_") if k.startswith(("eval/", "probe/")) else k.split("/", 1)[-1]: v
+                                for k, v in scalars.items()}}
+        if self.columns is None:  # fixed by the first row (and `reserve`); later new keys go to TensorBoard only
+            self.columns = list(row) + [c for c in self.reserved if c not in row]
             self.tsv_path.write_text("\t".join(self.columns) + "\n")
         with open(self.tsv_path, "a") as f:
             f.write("\t".join(_fmt(row.get(c, "")) for c in self.columns) + "\n")
         if self.bar is not None:
-            post = {k: f"{row[k]:.4g}" for k in ("loss", "mlm_acc", "lr", "tokens_per_s") if k in row}
+            self.last_eval.update({k: f"{row[k]:.4g}" for k in ("eval_mlm_loss", "eval_mlm_acc") if k in row})
+            post = {k: f"{row[k]:.4g}" for k in ("loss", "mlm_acc", "lr", "tokens_per_s") if k in row} | self.last_eval
             self.bar.set_postfix(post, refresh=False)
+            if self.bar.n >= self.bar.total:  # closed now: its final it/s must not include evaluation or export
+                self.bar.close()
+
+    def reserve(self, tags: list[str]) -> None:
+        """Columns for tags logged only at some steps (e.g. `eval/mlm_loss` every --eval_steps)."""
+        self.reserved = [t.replace("/", "_") for t in tags]
 
     def log_eval(self, step: int, results: dict[str, float]) -> None:
         """Evaluation results: TensorBoard `eval/*` and `eval.json` (loss.tsv stays training-only)."""
         if not self.is_main:
             return
-        for k, v in results.items():
-            self.writer.add_scalar(f"eval/{k}", v, step)
-        self.writer.flush()
+        self._scalars(step, {f"eval/{k}": v for k, v in results.items()})
         (self.tsv_path.parent / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+        self.artifact(self.tsv_path.parent / "eval.json")
+
+    def _scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """The one place scalars go: TensorBoard and the trackers."""
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.tracking is not None:
+            self.tracking.metrics(step, scalars)
+
+    def artifact(self, path: Path, artifact_dir: str = "") -> None:
+        """A file for the trackers' run (e.g. the exported config); TensorBoard has no place for it."""
+        if self.tracking is not None:
+            self.tracking.artifact(path, artifact_dir)
+
+    @property
+    def tracking_ids(self) -> dict:
+        """The trackers' run ids, for the checkpoints' meta.json ({} when none)."""
+        return self.tracking.ids if self.tracking is not None else {}
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
-
-    def text(self, tag: str, value: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, value, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.tracking is not None:
+            from trainer.tracking import exit_status
+
+            # called from the loop's `finally`: an exception on its way out makes the run FAILED/KILLED
+            status, code = exit_status(sys.exc_info()[1])
+            self.tracking.close(status, code)
+            self.tracking = None
 
 
 def _fmt(v) -> str:

@@ -6,11 +6,14 @@ A run is `output_dir/<model_name>` (its `tensorboard/` is read) or a TensorBoard
 Figures: `loss.png` (total and auxiliary loss), one per objective (`mlm.png`, `sop.png`,
 `ict.png`, ...: loss and accuracy), `lr.png` (and epoch), `grad.png` (gradient norm, loss scale),
 `throughput.png` (tokens/s, samples/s, step time), `memory.png`, and one per other tag prefix
-(e.g. `eval.png`). The runs are the legend.
+(e.g. `eval.png`). The runs are the legend. A bookkeeping series with one value throughout
+(aux loss without MoE, loss scale without fp16, epoch) gets no panel; its value is printed.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 import sys
 from collections import defaultdict
@@ -29,6 +32,31 @@ FIXED_FIGURES: dict[str, list[str]] = {
                "perf/optimizer_state_max_mb"],
 }
 OBJECTIVE_TAG = re.compile(r"^train/(\w+?)_(loss|acc)$")
+logger = logging.getLogger(__name__)
+
+
+class Plotted(dict):
+    """figure -> tag -> run -> (steps, values); `constant`: tag -> value of the series left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.constant: dict[str, float] = {}
+
+
+def constant_series(data: dict[str, dict[str, Series]]) -> dict[str, float]:
+    """Bookkeeping series of FIXED_FIGURES (aux loss without MoE, loss scale without fp16, epoch,
+    optimizer state, ...) that hold one value at every step of every run: a flat panel shows
+    nothing, so they are named with their value instead. The total loss, objective metrics and
+    evaluation results are always drawn (a flat accuracy is a finding), as is a single point."""
+    out: dict[str, float] = {}
+    for tag in {t for ts in FIXED_FIGURES.values() for t in ts} - {"train/loss"}:
+        series = [d[tag][1] for d in data.values() if tag in d]
+        if not series or all(len(v) < 2 for v in series):
+            continue
+        values = np.concatenate(series)
+        if np.all(values == values[0]):
+            out[tag] = float(values[0])
+    return dict(sorted(out.items()))
 
 
 def log_dir(run: Path) -> Path:
@@ -40,17 +68,64 @@ def read_scalars(run: str | Path) -> dict[str, Series]:
     which is what a resumed run logged after its checkpoint)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"{run}: no such directory; pass a run directory (output_dir/model_name) or "
+                                f"a TensorBoard log directory")
     d = log_dir(Path(run))
-    if not d.is_dir() or not any(d.rglob("events.out.tfevents.*")):
+    files = sorted(d.rglob("events.out.tfevents.*"))
+    if not files:
         raise FileNotFoundError(f"{run}: no TensorBoard event files (expected {d}/events.out.tfevents.*)")
-    acc = EventAccumulator(str(d), size_guidance={"scalars": 0})   # 0 = keep every point
-    acc.Reload()
+    damaged = [problem for f in files if (problem := event_file_damage(f))]
+    for problem in damaged:  # TensorBoard's reader stops there silently
+        logger.warning("warning: %s", problem)
+    # Each file on its own, oldest first by the time of its first point: a resumed run's file
+    # replaces the points from its first step on (TensorBoard orders files by name, and the
+    # writer's per-process counter in the name sorts ".10" before ".9").
+    per_file = []
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})   # 0 = keep every point
+        acc.Reload()
+        series = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+        first = min((e.wall_time for events in series.values() for e in events), default=None)
+        if first is not None:
+            per_file.append((first, str(f), series))
+    by_tag: dict[str, dict[int, float]] = {}
+    for _, _, series in sorted(per_file):
+        restart = min(e.step for events in series.values() for e in events)
+        for points in by_tag.values():
+            for step in [s for s in points if s >= restart]:
+                del points[step]
+        for tag, events in series.items():
+            points = by_tag.setdefault(tag, {})
+            points.update((e.step, e.value) for e in events)
     out: dict[str, Series] = {}
-    for tag in acc.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        out[tag] = steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    for tag, points in by_tag.items():
+        steps = np.array(sorted(points), dtype=np.int64)
+        out[tag] = steps, np.array([points[s] for s in steps], dtype=np.float64)
+    if not out:
+        raise ValueError(f"{run}: no scalars could be read from {len(files)} event file(s)"
+                         + (f" ({'; '.join(damaged)})" if damaged else " (a run that logged nothing yet?)"))
     return out
+
+
+def event_file_damage(path: Path) -> str | None:
+    """Why the records of a TensorBoard event file end early (truncated, failed checksum), or None."""
+    from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
+
+    reader = pywrap_tensorflow.PyRecordReader_New(str(path))
+    records = 0
+    try:
+        while True:
+            reader.GetNext()
+            records += 1
+    except errors.OutOfRangeError:
+        return None
+    except errors.DataLossError as e:
+        reason = str(e.message).replace(str(path), "").strip()
+        return (f"{path} is damaged after {records} readable record(s) ({reason}); what follows is lost "
+                f"(a copy cut short, or a run still writing it)")
+    finally:
+        reader.file_handle.close()
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -98,9 +173,9 @@ def run_names(runs: list[Path]) -> list[str]:
 
 
 def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.0,
-              names: list[str] | None = None, dpi: int = 110) -> dict[str, dict[str, dict[str, Series]]]:
+              names: list[str] | None = None, dpi: int = 110) -> Plotted:
     """Write one PNG per figure; returns what was plotted: figure -> tag -> run -> (steps, values),
-    values after smoothing."""
+    values after smoothing, with the constant series left out in `.constant`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,11 +186,13 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.
     if len(names) != len(runs):
         raise ValueError(f"{len(names)} names for {len(runs)} runs")
     data = {name: read_scalars(r) for name, r in zip(names, runs)}
-    layout = figure_layout(set().union(*(d.keys() for d in data.values())))
+    constant = constant_series(data)
+    layout = figure_layout(set().union(*(d.keys() for d in data.values())) - set(constant))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    plotted: dict[str, dict[str, dict[str, Series]]] = {}
+    plotted = Plotted()
+    plotted.constant = constant
     for fig_name, tags in layout.items():
         fig, axes = plt.subplots(1, len(tags), figsize=(5.2 * len(tags), 3.8), squeeze=False)
         plotted[fig_name] = {}
@@ -157,9 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0.0 <= a.smooth < 1.0:
         p.error(f"--smooth must be in [0, 1), got {a.smooth}")
-    plotted = plot_runs(a.runs, a.out, a.smooth, a.names)
+    if a.names is not None and len(a.names) != len(a.runs):
+        p.error(f"--names: {len(a.names)} name(s) for {len(a.runs)} run(s); give one per run")
+    out = Path(a.out)
+    existing = next(q for q in (out, *out.absolute().parents) if q.exists())
+    if not existing.is_dir():
+        p.error(f"--out {out}: {existing} is a file, not a directory; pick another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: cannot write in {existing} (permissions); pick another --out")
+    try:
+        plotted = plot_runs(a.runs, a.out, a.smooth, a.names)
+    except (ValueError, OSError) as e:  # a missing run, no event files, no readable scalars: one line
+        p.exit(1, f"{p.prog}: error: {e}\n")
     for fig, tags in plotted.items():
         print(f"{Path(a.out) / (fig + '.png')}: {', '.join(tags)}")
+    if plotted.constant:
+        print("constant, not plotted: " + ", ".join(f"{t} = {v:.6g}" for t, v in plotted.constant.items()))
     return 0
 
 

@@ -59,6 +59,13 @@ class Searcher:
         if loaded.config.to_dict() != self.info["model_config"]:
             raise SystemExit(f"--checkpoint {source} has another model config than the one that encoded {folder} "
                              f"({self.info.get('checkpoint')}); use the same checkpoint")
+        from trainer.tasks.pooling import retrieval_trained
+
+        if self.info["pooling"] == "cls" and not retrieval_trained(loaded.info):
+            print(f"[search] warning: {folder} was encoded with --pooling cls from a {loaded.info.get('train_mode')} "
+                  f"checkpoint that was not retrieval-trained: its [CLS] vectors are nearly identical, so the "
+                  f"scores hardly differ; encode again with --pooling mean (the default, auto, picks it)",
+                  file=sys.stderr, flush=True)
         self.tokenizer = KoTokenizer.load(self.info["tokenizer"])
         self.device = torch.device(device)
         model = build_model(loaded.config, "encoder", pooling=self.info["pooling"], normalize=True)

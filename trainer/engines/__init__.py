@@ -7,17 +7,22 @@ from trainer.dist import DistContext
 from trainer.engines.base import Engine, StepResult
 
 
-def create(args: Namespace, ctx: DistContext) -> Engine:
-    if args.engine == "torch":
+def engine_class(name: str) -> type[Engine]:
+    """The Engine of --engine (its module imports the backend library only when used)."""
+    if name == "torch":
         from trainer.engines.torch import TorchEngine
-        return TorchEngine(args, ctx, args.stage)
-    if args.engine == "deepspeed":
+        return TorchEngine
+    if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(args, ctx, args.stage)
-    if args.engine == "fairscale":
+        return DeepSpeedEngine
+    if name == "fairscale":
         from trainer.engines.fairscale import FairscaleEngine
-        return FairscaleEngine(args, ctx, args.stage)
-    raise ValueError(f"unknown engine {args.engine!r}")
+        return FairscaleEngine
+    raise ValueError(f"unknown engine {name!r}")
 
 
-__all__ = ["Engine", "StepResult", "create"]
+def create(args: Namespace, ctx: DistContext) -> Engine:
+    return engine_class(args.engine)(args, ctx, args.stage)
+
+
+__all__ = ["Engine", "StepResult", "create", "engine_class"]

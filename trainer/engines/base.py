@@ -25,24 +25,61 @@ class StepResult:
     grad_norm: float      # before clipping; inf/nan when the gradients were not finite
     skipped: bool         # the optimizer step was not applied (non-finite gradients)
     loss_scale: float     # fp16 loss scale (1.0 without fp16)
+    bad: bool = False     # non-finite gradients that no loss scaler can still fix (counts to --max_bad_steps)
+
+
+def is_bad_step(loss_ok: bool, skipped: bool, loss_scale: float, fp16: bool) -> bool:
+    """A step counts towards --max_bad_steps when its loss is not finite, or its gradients are not
+    finite and no fp16 loss scaler can still fix that: an fp16 overflow at a loss scale > 1 is the
+    scaler's normal search (it skips the step and halves the scale), not a bad step."""
+    return not loss_ok or (skipped and (not fp16 or loss_scale <= 1.0))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-D parameter)."""
+    """AdamW groups: no weight decay on biases and LayerNorm weights (every 1-D parameter; a
+    sharded parameter is judged by its original shape, fairscale FSDP's `_orig_size`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "_orig_size", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 to the peak, then linear decay to 0 at `total_steps`."""
+def adamw_kwargs(args: Namespace) -> dict:
+    """AdamW's arguments from the flags (the weight decay is per group: `param_groups`)."""
+    return dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+
+
+def schedule_steps(args: Namespace) -> int:
+    """The LR schedule's length: --scheduler_num_steps, 0 meaning --num_steps."""
+    return args.scheduler_num_steps or args.num_steps
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "linear", decay_steps: int = 0):
+    """The LR factor of each step: linear warm-up from 0 to the peak, then
+    linear: linear decay to 0 at `total_steps`;
+    wsd (warmup-stable-decay): the peak until the last `decay_steps` steps, then 1-sqrt decay
+    (factor 1 - sqrt(progress through the decay), Hägele et al. 2024, as ModernBERT) to 0 at `total_steps`."""
+    if schedule not in ("linear", "wsd"):
+        raise ValueError(f"schedule must be 'linear' or 'wsd', got {schedule!r}")
+    decay_start = total_steps - decay_steps
+
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
+        if schedule == "wsd":
+            if step < decay_start:
+                return 1.0
+            return max(0.0, 1.0 - math.sqrt(min(1.0, (step - decay_start) / max(1, decay_steps))))
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return f
+
+
+def schedule_lambda(args: Namespace):
+    """lr_lambda for the run's flags (--warmup_steps, --scheduler_num_steps or --num_steps,
+    --lr_schedule, --decay_steps): the one schedule of every engine."""
+    return lr_lambda(args.warmup_steps, schedule_steps(args),
+                     getattr(args, "lr_schedule", "linear"), getattr(args, "decay_steps", 0))
 
 
 def reset_peak_lr(scheduler, peak_lr: float) -> None:
@@ -80,16 +117,52 @@ class Engine(ABC):
         self.args, self.ctx, self.stage = args, ctx, stage
         self.amp_dtype = amp_dtype(args)
         self.model: nn.Module | None = None
+        self._inner: nn.Module | None = None  # the unwrapped model, set by `wrap`
 
     # -- setup -------------------------------------------------------------------------
+    @classmethod
+    def flag_problems(cls, args: Namespace, stage: int) -> list[str]:
+        """The engine-specific flags (--auto_wrap, --compile, --cpu_offload, --deepspeed_config) this
+        engine cannot honour at ZeRO `stage` (3 = train_zero_two.py --zero3), each with its fix;
+        trainer.args.validate_args stops on them before any work. Here: the DeepSpeed-only flags."""
+        problems = []
+        if args.cpu_offload:
+            problems.append("--cpu_offload is a DeepSpeed feature: add --engine deepspeed")
+        if args.deepspeed_config:
+            problems.append("--deepspeed_config needs --engine deepspeed")
+        return problems
+
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard/wrap the model, build optimizer, scheduler and loss scaler; return the model to call."""
 
+    def compile_blocks(self, model: nn.Module) -> None:
+        """--compile: torch.compile each encoder layer in place (regional compilation), before
+        wrapping. Parameter names stay (checkpoints are the same as eager ones), DDP/FSDP/ZeRO
+        see ordinary modules, and a layer type is compiled once, not once per layer."""
+        if not getattr(self.args, "compile", False):
+            return
+        for block in model.encoder.blocks():
+            block.compile()
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, sharded_grads: bool) -> None:
+        """self.optimizer, the LR schedule over it (`schedule_lambda`) and, with --fp16, the loss
+        scaler: ShardedGradScaler when each rank holds only its shard of the gradients (it agrees on
+        inf/nan across ranks), else GradScaler."""
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(self.args))
+        self.scaler = None
+        if self.args.fp16:
+            if sharded_grads:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+                self.scaler = ShardedGradScaler(device=self.ctx.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.ctx.device.type)
+
     @property
     def module(self) -> nn.Module:
         """The unwrapped model (its attributes, e.g. gather_fn)."""
-        return self.model
+        return self._inner
 
     # -- one step ----------------------------------------------------------------------
     def autocast(self):
@@ -117,8 +190,24 @@ class Engine(ABC):
         """Write model + optimizer + scheduler + scaler state into ckpt_dir (collective)."""
 
     @abstractmethod
-    def load(self, ckpt_dir: Path, weights_only: bool = False) -> None:
-        """Read what `save` wrote (collective). weights_only: model weights present in both, nothing else."""
+    def load(self, ckpt_dir: Path) -> None:
+        """Read what `save` wrote (collective)."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor], source: Path | str = "") -> None:
+        """Initialise the model from the weights of another run or task (collective; every rank
+        passes the same full tensors): those whose name and shape match, `checkpoint.matching_weights`
+        (at least the encoder's, else SystemExit naming `source`). Optimizer state stays fresh."""
+        from trainer import checkpoint
+
+        self._set_weights(checkpoint.matching_weights(weights, self.weight_shapes(), source))
+
+    def weight_shapes(self) -> dict[str, torch.Size]:
+        """Name -> full (unsharded) shape of every entry of the model's state dict."""
+        return {k: v.shape for k, v in self.module.state_dict().items()}
+
+    @abstractmethod
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy `weights` (full tensors of some of the model's entries) into the model (collective)."""
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:

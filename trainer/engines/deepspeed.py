@@ -13,7 +13,9 @@ skips overflowing steps and advances our LambdaLR (the torch engine's schedule) 
 Optimizer: torch.optim.AdamW on the CPU (no compiled op), DeepSpeed's FusedAdam on the GPU,
 DeepSpeedCPUAdam with `--cpu_offload`; the weight-decay groups of `param_groups`.
 Checkpoints: DeepSpeed's own (`save_checkpoint(dir, tag="ds")`), resumed with
-`load_checkpoint`; they are tied to the process count (ZeRO partitions).
+`load_checkpoint`. Its ZeRO partitions fit one process count: on another count (or from
+ZeRO-1 to 2) step-N/ds/ is converted once by DeepSpeed's `ds_to_universal` into
+step-N/ds_universal/ (ds/ is only read) and loaded with `load_universal`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups, reset_peak_lr,
+                                  schedule_lambda, schedule_steps, tensor_state_bytes)
 
 TAG = "ds"
 AUTO = "auto"
@@ -68,7 +71,7 @@ def _same(a, b) -> bool:
 def flag_values(args: Namespace, stage: int, world_size: int) -> list[tuple[str, object, str]]:
     """(config path, value the flags imply, the flag to change) for every key the flags decide."""
     accum = args.gradient_accumulation_steps
-    total = args.scheduler_num_steps or args.num_steps
+    total = schedule_steps(args)
     return [
         ("train_micro_batch_size_per_gpu", args.train_batch_size, "--train_batch_size"),
         ("gradient_accumulation_steps", accum, "--gradient_accumulation_steps"),
@@ -139,7 +142,10 @@ def build_config(args: Namespace, stage: int, world_size: int, user: dict | None
         problems.append(f"  optimizer.type = {opt_type!r} in {args.deepspeed_config}: this trainer's flags describe "
                         f"AdamW (--learning_rate, --adam_betas, --adam_epsilon, --weight_decay); use AdamW or drop it")
     sched_type = _get(user, "scheduler.type")
-    if sched_type is not None and sched_type != "WarmupDecayLR":
+    if sched_type is not None and getattr(args, "lr_schedule", "linear") != "linear":
+        problems.append(f"  scheduler section in {args.deepspeed_config}, but --lr_schedule {args.lr_schedule} has "
+                        f"no DeepSpeed scheduler; drop the scheduler section to use the flags'")
+    elif sched_type is not None and sched_type != "WarmupDecayLR":
         problems.append(f"  scheduler.type = {sched_type!r} in {args.deepspeed_config}: the flags describe linear "
                         f"warm-up and linear decay (WarmupDecayLR); drop the scheduler section to use the flags'")
     if problems:
@@ -150,6 +156,17 @@ def build_config(args: Namespace, stage: int, world_size: int, user: dict | None
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+
+    @classmethod
+    def flag_problems(cls, args: Namespace, stage: int) -> list[str]:
+        problems = []
+        if args.cpu_offload and stage < 1:
+            problems.append("--cpu_offload offloads ZeRO-partitioned optimizer state: use train_zero_one.py, "
+                            "train_zero_two.py (or --zero3) with --engine deepspeed")
+        if args.auto_wrap:
+            problems.append("--auto_wrap has no effect with --engine deepspeed (DeepSpeed ZeRO-3 gathers parameters "
+                            "per module itself): drop it")
+        return problems
 
     def __init__(self, args: Namespace, ctx, stage: int):
         super().__init__(args, ctx, stage)
@@ -173,17 +190,11 @@ class DeepSpeedEngine(Engine):
                 except json.JSONDecodeError as e:
                     raise SystemExit(f"--deepspeed_config {args.deepspeed_config}: not valid JSON ({e})") from None
         self._user = user
-        if args.cpu_offload and stage < 1:
-            raise SystemExit("--cpu_offload offloads ZeRO-partitioned optimizer state: use train_zero_one.py, "
-                             "train_zero_two.py (or --zero3) with --engine deepspeed")
-        if args.auto_wrap and ctx.is_main:
-            print("[deepspeed] --auto_wrap has no effect: DeepSpeed ZeRO-3 gathers parameters per module itself",
-                  flush=True)
 
     # -- setup -------------------------------------------------------------------------
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         args = self.args
-        adam = dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+        adam = adamw_kwargs(args)
         if args.cpu_offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
@@ -199,27 +210,25 @@ class DeepSpeedEngine(Engine):
         self.config = build_config(args, self.stage, ctx.world_size, self._user)
         model.to(ctx.device)
         self._inner = model
+        self.compile_blocks(model)
         groups = param_groups(model, args.weight_decay)
-        total = args.scheduler_num_steps or args.num_steps
         kwargs: dict = {}
         if "optimizer" in self.config:  # the user's optimizer section (checked against the flags)
             kwargs["model_parameters"] = groups
+            adam = adamw_kwargs(args)
             self.config["optimizer"].setdefault("params", {}).update(
-                lr=args.learning_rate, betas=list(args.adam_betas), eps=args.adam_epsilon,
-                weight_decay=args.weight_decay)
+                adam, betas=list(adam["betas"]), weight_decay=args.weight_decay)
         else:
             kwargs["optimizer"] = self._optimizer(groups)
         if "scheduler" not in self.config:
             sched_opt = kwargs.get("optimizer")
             if sched_opt is not None:
-                kwargs["lr_scheduler"] = torch.optim.lr_scheduler.LambdaLR(
-                    sched_opt, lr_lambda(args.warmup_steps, total))
+                kwargs["lr_scheduler"] = torch.optim.lr_scheduler.LambdaLR(sched_opt, schedule_lambda(args))
             else:  # an optimizer DeepSpeed builds: pass a factory
-                kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                    opt, lr_lambda(args.warmup_steps, total))
+                kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(args))
         else:
             params = self.config["scheduler"].setdefault("params", {})
-            params.update(warmup_num_steps=args.warmup_steps, total_num_steps=total,
+            params.update(warmup_num_steps=args.warmup_steps, total_num_steps=schedule_steps(args),
                           warmup_max_lr=args.learning_rate, warmup_min_lr=params.get("warmup_min_lr", 0),
                           warmup_type=params.get("warmup_type", "linear"))
         if ctx.is_main:
@@ -231,10 +240,6 @@ class DeepSpeedEngine(Engine):
             raise SystemExit(f"--engine deepspeed: DeepSpeed rejected the configuration: {e}") from None
         self.model = self.ds
         return self.ds
-
-    @property
-    def module(self) -> nn.Module:
-        return self._inner
 
     # -- one step ----------------------------------------------------------------------
     def autocast(self):
@@ -265,7 +270,8 @@ class DeepSpeedEngine(Engine):
         scale = 1.0
         if self.args.fp16:
             scale = float(self.ds._get_optimizer_loss_scale() or 1.0)
-        return StepResult(norm, not applied or not self.finite(norm), scale)
+        skipped = not applied or not self.finite(norm)
+        return StepResult(norm, skipped, scale, bad=is_bad_step(True, skipped, scale, bool(self.args.fp16)))
 
     def lr(self) -> float:
         return self.ds.get_lr()[0]
@@ -274,57 +280,76 @@ class DeepSpeedEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
 
-    def load(self, ckpt_dir: Path, weights_only: bool = False) -> None:
+    def load(self, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)
-        if not weights_only:
-            if not (ckpt_dir / TAG).is_dir():
-                raise SystemExit(f"--checkpoint {ckpt_dir}: not a DeepSpeed checkpoint (no {TAG}/); it was written "
-                                 f"by another engine: resume it with that engine, or start from its exported "
-                                 f"weights (final/model.safetensors)")
-            self._check_world_size(ckpt_dir)
-            path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+        if not (ckpt_dir / TAG).is_dir():
+            raise SystemExit(f"--checkpoint {ckpt_dir}: not a DeepSpeed checkpoint (no {TAG}/); it was written "
+                             f"by another engine: resume it with that engine, or start from its exported "
+                             f"weights (final/model.safetensors)")
+        load_dir = self._resume_dir(ckpt_dir)
+        universal = load_dir != ckpt_dir
+        # the hyperparameters of each group, from this run's flags: DeepSpeed's ZeRO-3 universal load
+        # copies the first saved group's into every group (weight decay onto biases and LayerNorm)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups]
+        # DeepSpeed reads this config key only inside load_checkpoint: set it for this load alone
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.ds.load_checkpoint(str(load_dir), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
-            if path is None:
-                raise SystemExit(f"--checkpoint {ckpt_dir}: DeepSpeed could not load {ckpt_dir / TAG}")
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
-                reset_peak_lr(self.scheduler, self.args.learning_rate)
-            return
-        self.load_weights(read_full_weights(ckpt_dir))
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise SystemExit(f"--checkpoint {ckpt_dir}: DeepSpeed could not load {load_dir / TAG}")
+        if universal:
+            for group, own in zip(self.ds.optimizer.param_groups, groups):
+                group.update(own)
+            # ZeRO-3's universal load gives every partition the same `step` tensor object, which
+            # AdamW then advances once per partition: each needs its own
+            for state in self._base_optimizer().state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            reset_peak_lr(self.scheduler, self.args.learning_rate)
 
-    def _check_world_size(self, ckpt_dir: Path) -> None:
-        meta = ckpt_dir / "meta.json"
-        if self.stage >= 1 and meta.is_file():
-            saved = json.loads(meta.read_text()).get("world_size")
-            if saved and saved != self.ctx.world_size:
-                raise SystemExit(
-                    f"--checkpoint {ckpt_dir}: DeepSpeed ZeRO-{self.stage} checkpoint written by {saved} processes, "
-                    f"resumed by {self.ctx.world_size}; DeepSpeed's ZeRO partitions need the same count (or convert "
-                    f"it with deepspeed.checkpoint.ds_to_universal). Run with {saved} processes")
+    def _resume_dir(self, ckpt_dir: Path) -> Path:
+        """ckpt_dir itself when its ZeRO partitions fit this run, else its universal conversion."""
+        meta = json.loads((ckpt_dir / "meta.json").read_text())
+        saved_size, saved_stage = meta.get("world_size", self.ctx.world_size), meta.get("stage", self.stage)
+        if saved_stage == self.stage and (saved_size == self.ctx.world_size or self.stage == 0):
+            return ckpt_dir  # the same partitions (stage 0 keeps the whole optimizer state in one file)
+        if 0 in (saved_stage, self.stage) or (saved_stage == 3) != (self.stage == 3):
+            # stage 0 has no ZeRO partitions to convert; the universal loaders of stages 1-2 and of 3 read
+            # differently laid out optimizer_state.pt files (DeepSpeed 0.19.8: KeyError 'optimizer_state_dict')
+            raise SystemExit(
+                f"--checkpoint {ckpt_dir}: DeepSpeed checkpoint of ZeRO stage {saved_stage} ({saved_size} "
+                f"processes), resumed with stage {self.stage} ({self.ctx.world_size} processes); DeepSpeed's "
+                f"universal checkpoint converts to any process count within stages 1-2 or within stage 3, not "
+                f"across. Resume with the launcher that wrote it ({_LAUNCHER[saved_stage]}, any process count), "
+                f"or start from its exported weights (final/model.safetensors)")
+        self.ctx.log(f"[deepspeed] {ckpt_dir} holds ZeRO-{saved_stage} partitions of {saved_size} processes; "
+                     f"this run is ZeRO-{self.stage} on {self.ctx.world_size}: loading its universal checkpoint")
+        return universal_checkpoint(ckpt_dir, self.ctx.is_main, self.ctx.log)
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> int:
-        """Copy the weights whose name and shape match into the model (collective); returns how many."""
+    def weight_shapes(self) -> dict[str, torch.Size]:
+        # ZeRO-3 parameters are empty outside a GatheredParameters block; ds_shape is the full shape
+        shapes = {name: getattr(p, "ds_shape", p.shape)
+                  for name, p in self._inner.named_parameters(remove_duplicate=False)}
+        return shapes | {name: b.shape for name, b in self._inner.named_buffers()}
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         import deepspeed
 
-        named = dict(self._inner.named_parameters(remove_duplicate=False))
-        buffers = dict(self._inner.named_buffers())
-        count = 0
-        for name, p in named.items():
-            w = weights.get(name)
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            if w is None or tuple(w.shape) != shape:
-                continue
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-                with torch.no_grad():
-                    p.data.copy_(w.to(p.dtype))
-            count += 1
-        for name, b in buffers.items():
-            w = weights.get(name)
-            if w is not None and w.shape == b.shape:
-                b.data.copy_(w.to(b.dtype))
+        for name, p in self._inner.named_parameters(remove_duplicate=False):
+            if name in weights:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                    with torch.no_grad():
+                        p.data.copy_(weights[name].to(p.dtype))
+        for name, b in self._inner.named_buffers():
+            if name in weights:
+                b.data.copy_(weights[name].to(b.dtype))
         opt = self.ds.optimizer
-        if hasattr(opt, "refresh_fp32_params"):
+        if hasattr(opt, "refresh_fp32_params"):  # the fp32 master copy of mixed-precision ZeRO
             opt.refresh_fp32_params()
-        return count
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         import deepspeed
@@ -349,28 +374,92 @@ class DeepSpeedEngine(Engine):
                 out[name] = b.detach().cpu()
         return out if self.ctx.is_main else {}
 
-    def optimizer_state_bytes(self) -> int:
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer inside DeepSpeed's ZeRO / fp16 wrappers."""
         base = self.ds.optimizer
         while not isinstance(base, torch.optim.Optimizer) or isinstance(getattr(base, "optimizer", None),
                                                                          torch.optim.Optimizer):
             base = base.optimizer
-        return tensor_state_bytes(base.state)
+        return base
+
+    def optimizer_state_bytes(self) -> int:
+        return tensor_state_bytes(self._base_optimizer().state)
 
 
-def read_full_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 model weights from a checkpoint of any engine (every rank reads them)."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / TAG).is_dir():
-        zero_files = list((ckpt_dir / TAG).glob("*zero_pp_rank_*_optim_states.pt"))
-        if zero_files:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
-        states = torch.load(ckpt_dir / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    if (ckpt_dir / "dcp").is_dir():  # the torch engine's distributed checkpoint
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-        state = _load_state_dict_from_keys(checkpoint_id=str(ckpt_dir / "dcp"))
-        return dict(state.get("model", {}))
-    if (ckpt_dir / "fairscale").is_dir():
-        return torch.load(ckpt_dir / "fairscale" / "model.pt", map_location="cpu", weights_only=False)
-    raise SystemExit(f"--checkpoint {ckpt_dir}: no model weights found (no {TAG}/, dcp/ or fairscale/)")
+_LAUNCHER = {0: "train.py", 1: "train_zero_one.py", 2: "train_zero_two.py", 3: "train_zero_two.py --zero3"}
+UNIVERSAL = "ds_universal"
+_SOURCE = "source.json"
+
+
+def _fingerprint(ds_dir: Path) -> dict[str, list[int]]:
+    """Name -> [size, mtime_ns] of every file of a DeepSpeed checkpoint: what a conversion was made from."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(ds_dir.iterdir()) if p.is_file()}
+
+
+def universal_checkpoint(ckpt_dir: Path, is_main: bool, log=print) -> Path:
+    """step-N/ds_universal/: DeepSpeed's universal checkpoint of step-N/ds/, converted once by
+    `deepspeed.checkpoint.ds_to_universal` and kept beside it (step-N/ds/ is only read); remade
+    when ds/ changed since. Collective: rank 0 converts, every rank returns the folder or exits."""
+    from trainer import dist
+
+    out = ckpt_dir / UNIVERSAL
+    error = None
+    if is_main:
+        try:
+            _convert(ckpt_dir, out, log)
+        except SystemExit as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise SystemExit(error)
+    return out
+
+
+def _convert(ckpt_dir: Path, out: Path, log) -> None:
+    import io
+    import shutil
+    import socket
+    import time
+
+    from data.corpus import pid_alive
+
+    source = _fingerprint(ckpt_dir / TAG)
+    if (out / _SOURCE).is_file() and json.loads((out / _SOURCE).read_text()) == source:
+        log(f"[deepspeed] using {out}, converted before")
+        return
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    host = socket.gethostname()
+    for stale in ckpt_dir.glob(f".{UNIVERSAL}.*-{host}-*"):  # left by conversions killed on this host
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = ckpt_dir / f".{UNIVERSAL}.tmp-{host}-{os.getpid()}"
+    old = ckpt_dir / f".{UNIVERSAL}.old-{host}-{os.getpid()}"
+    start = time.perf_counter()
+    chatter = io.StringIO()
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        # one worker: a process pool would fork this process, process group included
+        job = Namespace(input_folder=str(ckpt_dir / TAG), output_folder=str(tmp / TAG), num_extract_workers=1,
+                        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal(job)
+        (tmp / _SOURCE).write_text(json.dumps(source))
+        if out.exists():  # converted from an earlier ds/ of this step
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"--checkpoint {ckpt_dir}: cannot write its universal checkpoint beside it ({e}); "
+                         f"copy {ckpt_dir} to a writable place and resume from the copy") from None
+    except Exception as e:  # noqa: BLE001 - the converter raises anything from AssertionError to KeyError
+        shutil.rmtree(tmp, ignore_errors=True)
+        said = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
+        raise SystemExit(f"--checkpoint {ckpt_dir}: deepspeed.checkpoint.ds_to_universal could not convert "
+                         f"{ckpt_dir / TAG} ({type(e).__name__}: {e}; it said: {said}). Resume with the process "
+                         f"count and launcher that wrote it (see its meta.json)") from None
+    log(f"[deepspeed] converted {ckpt_dir / TAG} to the universal checkpoint {out} "
+        f"in {time.perf_counter() - start:.1f} s")

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
-from trainer import dist
-from trainer.engines.base import StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
-from trainer.engines.torch import TorchEngine
+from trainer import checkpoint, dist
+from trainer.engines.base import Engine, StepResult, adamw_kwargs, param_groups, reset_peak_lr, tensor_state_bytes
+from trainer.engines.torch import TorchEngine, ddp
 
 SUB = "fairscale"
 ALTERNATIVES = ("use `--engine torch` (train_zero_two.py --zero3: PyTorch FSDP2) or `--engine deepspeed` "
@@ -45,15 +44,6 @@ def _import_fairscale():
         raise SystemExit(f"--engine fairscale: cannot import fairscale on torch {torch.__version__} "
                          f"({type(e).__name__}: {e}); `pip install fairscale`, or use --engine torch / "
                          f"--engine deepspeed") from None
-
-
-def _fsdp_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """`param_groups` for FSDP shards: decide by the parameter's original shape, not the shard's."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if len(getattr(p, "_orig_size", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class _FirstStepGuard(nn.Module):
@@ -79,6 +69,18 @@ class _FirstStepGuard(nn.Module):
 class FairscaleEngine(TorchEngine):
     name = "fairscale"
 
+    @classmethod
+    def flag_problems(cls, args: Namespace, stage: int) -> list[str]:
+        problems = Engine.flag_problems(args, stage)  # not the torch engine's: its stage 2 is FSDP2
+        if args.auto_wrap and stage < 3:
+            problems.append("--auto_wrap wraps layers into fairscale FSDP units, which --engine fairscale uses only "
+                            "in ZeRO-3: add --zero3 (train_zero_two.py), or use --engine torch (train_zero_two.py)")
+        if args.compile and stage == 3:
+            problems.append("--compile is not supported with fairscale's FullyShardedDataParallel (--engine fairscale "
+                            "--zero3): it swaps parameter storage around every forward, outside what torch.compile "
+                            "guards; use --engine torch (FSDP2) or --engine deepspeed for ZeRO-3 with --compile")
+        return problems
+
     def __init__(self, args: Namespace, ctx, stage: int):
         super().__init__(args, ctx, stage)
         _import_fairscale()
@@ -97,28 +99,20 @@ class FairscaleEngine(TorchEngine):
         args, ctx = self.args, self.ctx
         model.to(ctx.device)
         self._inner = model
-        adam = dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+        self.compile_blocks(model)
         if self.stage == 3:
             self.model = self._wrap_fsdp(model)
-            self.optimizer = torch.optim.AdamW(_fsdp_param_groups(self.model, args.weight_decay), **adam)
+            # unflattened shards: param_groups judges each by its original shape
+            optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), **adamw_kwargs(args))
         else:
-            self.optimizer = OSS(param_groups(model, args.weight_decay), optim=torch.optim.AdamW, **adam)
+            optimizer = OSS(param_groups(model, args.weight_decay), optim=torch.optim.AdamW, **adamw_kwargs(args))
             if self.stage == 1:
-                self.model = DistributedDataParallel(
-                    model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=getattr(getattr(model, "config", None), "n_experts", 1) > 1)
+                self.model = ddp(model, ctx)
             else:
                 from fairscale.nn.data_parallel import ShardedDataParallel
-                self.model = ShardedDataParallel(model, self.optimizer, reduce_buffer_size=0)
-        total = args.scheduler_num_steps or args.num_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, total))
-        self.scaler = None
-        if args.fp16:
-            if self.stage == 1:
-                self.scaler = torch.amp.GradScaler(ctx.device.type)
-            else:  # gradients live on their owner only: agree on inf/nan across ranks
-                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-                self.scaler = ShardedGradScaler(device=ctx.device.type)
+                self.model = ShardedDataParallel(model, optimizer, reduce_buffer_size=0)
+        # stages 2-3: gradients live on their owner only
+        self._schedule(optimizer, sharded_grads=self.stage >= 2)
         return self.model
 
     def _wrap_fsdp(self, model: nn.Module) -> nn.Module:
@@ -137,10 +131,6 @@ class FairscaleEngine(TorchEngine):
                     if id(child) in wrapped and parent is not wrapped[id(child)]:
                         setattr(parent, name, wrapped[id(child)])
         return _FirstStepGuard(fsdp(model))
-
-    @property
-    def module(self) -> nn.Module:
-        return self._inner
 
     # -- one step ----------------------------------------------------------------------
     def autocast(self):
@@ -188,20 +178,19 @@ class FairscaleEngine(TorchEngine):
             torch.save(self._small_state(), out / "engine_state.pt")
         dist.barrier()
 
-    def load(self, ckpt_dir: Path, weights_only: bool = False) -> None:
+    def load(self, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)
         if self.stage == 0 and (ckpt_dir / "dcp").is_dir():
-            return super().load(ckpt_dir, weights_only)
-        if weights_only:
-            from trainer.engines.deepspeed import read_full_weights
-            self._load_weights(read_full_weights(ckpt_dir), strict=False)
-            return
+            return super().load(ckpt_dir)
         if not (ckpt_dir / SUB).is_dir():
             raise SystemExit(f"--checkpoint {ckpt_dir}: written by another engine or stage (no {SUB}/); resume it "
                              f"with the engine and launcher that wrote it (see its meta.json), or start from its "
                              f"exported weights (final/model.safetensors)")
-        self._load_weights(torch.load(ckpt_dir / SUB / "model.pt", map_location="cpu", weights_only=False),
-                           strict=True)
+        own = self.weight_shapes()
+        matched = checkpoint.matching_weights(checkpoint.read_step_weights(ckpt_dir), own, ckpt_dir)
+        if set(matched) != set(own):
+            raise SystemExit(f"checkpoint weights do not match the model: missing {sorted(set(own) - set(matched))[:5]}")
+        self._set_weights(matched)
         optim = torch.load(ckpt_dir / SUB / "optimizer.pt", map_location="cpu", weights_only=False)
         if self.stage == 3:
             optim = self.model.inner.get_shard_from_optim_state_dict(optim)
@@ -212,15 +201,18 @@ class FairscaleEngine(TorchEngine):
         if self.scaler and small["scaler"]:
             self.scaler.load_state_dict(small["scaler"])
 
-    def _load_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
-        own = self._inner.state_dict() if self.stage < 3 else self.full_state_dict_all()
-        matched = {k: v for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-        if strict and set(matched) != set(own):
-            raise SystemExit(f"checkpoint weights do not match the model: missing {sorted(set(own) - set(matched))[:5]}")
-        if self.stage == 3:
-            self.model.inner.load_state_dict(own | matched)
-        else:
-            self._inner.load_state_dict(matched, strict=False)
+    def weight_shapes(self) -> dict[str, torch.Size]:
+        if self.stage == 3:  # the shards' full shapes: gathered (collective)
+            return {k: v.shape for k, v in self.full_state_dict_all().items()}
+        return super().weight_shapes()
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.stage == 0:
+            return super()._set_weights(weights)
+        if self.stage == 3:  # fairscale FSDP loads a complete full state dict and keeps its shards
+            self.model.inner.load_state_dict(self.full_state_dict_all() | weights)
+        else:  # stages 1-2: every rank holds the full weights
+            self._inner.load_state_dict(weights, strict=False)
 
     def full_state_dict_all(self) -> dict[str, torch.Tensor]:
         # fairscale FSDP's state_dict() gathers the full parameters (collective)

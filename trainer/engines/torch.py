@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,16 +24,31 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import Engine, StepResult, lr_lambda, param_groups, reset_peak_lr, tensor_state_bytes
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups, reset_peak_lr,
+                                  tensor_state_bytes)
+
+
+def ddp(model: nn.Module, ctx) -> DistributedDataParallel:
+    """DDP over `model`; a Switch MoE model may leave experts without tokens in a step (unused parameters)."""
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   find_unused_parameters=model.config.is_moe)
 
 
 class TorchEngine(Engine):
     name = "torch"
 
+    @classmethod
+    def flag_problems(cls, args, stage: int) -> list[str]:
+        problems = super().flag_problems(args, stage)
+        if args.auto_wrap and stage < 2:
+            problems.append("--auto_wrap wraps layers for parameter sharding; use it with train_zero_two.py")
+        return problems
+
     def wrap(self, model: nn.Module) -> nn.Module:
         args, ctx = self.args, self.ctx
         model.to(ctx.device)
         self._inner = model
+        self.compile_blocks(model)
         if self.stage >= 2:
             from torch.distributed.fsdp import fully_shard
 
@@ -45,35 +59,19 @@ class TorchEngine(Engine):
             fully_shard(model, reshard_after_forward=reshard)
             self.model = model
         elif ctx.world_size > 1:
-            moe = getattr(getattr(model, "config", None), "n_experts", 1) > 1
-            self.model = DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                find_unused_parameters=moe and getattr(model.config, "model_type", "") == "transformer")
+            self.model = ddp(model, ctx)
         else:
             self.model = model
 
         groups = param_groups(model, args.weight_decay)
-        adam = dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
         if self.stage == 1:
-            self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                                     weight_decay=args.weight_decay, **adam)
-            self.optimizer.add_param_group(groups[1])
+            optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                                weight_decay=args.weight_decay, **adamw_kwargs(args))
+            optimizer.add_param_group(groups[1])
         else:
-            self.optimizer = torch.optim.AdamW(groups, **adam)
-        total = args.scheduler_num_steps or args.num_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, total))
-        self.scaler = None
-        if args.fp16:
-            if self.stage >= 2:
-                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-                self.scaler = ShardedGradScaler(device=ctx.device.type)
-            else:
-                self.scaler = torch.amp.GradScaler(ctx.device.type)
+            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(args))
+        self._schedule(optimizer, sharded_grads=self.stage >= 2)
         return self.model
-
-    @property
-    def module(self) -> nn.Module:
-        return self._inner
 
     def accumulate(self, sync: bool):
         if sync or self.ctx.world_size == 1:
@@ -108,7 +106,7 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.scheduler.step()
-        return StepResult(norm, not finite, scale)
+        return StepResult(norm, not finite, scale, bad=is_bad_step(True, not finite, scale, self.scaler is not None))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -130,14 +128,8 @@ class TorchEngine(Engine):
         if self.ctx.is_main:
             torch.save(self._small_state(), ckpt_dir / "engine_state.pt")
 
-    def load(self, ckpt_dir: Path, weights_only: bool = False) -> None:
-        model_sd = get_model_state_dict(self.model)
-        if weights_only:
-            dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir / "dcp"),
-                     planner=DefaultLoadPlanner(allow_partial_load=True))
-            set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
-            return
-        state = {"model": model_sd}
+    def load(self, ckpt_dir: Path) -> None:
+        state = {"model": get_model_state_dict(self.model)}
         has_dcp_optim = not (ckpt_dir / "optimizer_zero1.pt").exists()
         if self.stage != 1 and has_dcp_optim:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -156,6 +148,10 @@ class TorchEngine(Engine):
         reset_peak_lr(self.scheduler, self.args.learning_rate)
         if self.scaler and small["scaler"]:
             self.scaler.load_state_dict(small["scaler"])
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        # full tensors on every rank: DDP copies them, FSDP2 keeps each rank's shard
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -2,7 +2,6 @@
 counting, and `predict` (sharded inference through the wrapped model) for the evaluations."""
 from __future__ import annotations
 
-import json
 import math
 from argparse import Namespace
 from pathlib import Path
@@ -20,15 +19,27 @@ class Task:
     name = "base"
     model: nn.Module
     dataset: torch.utils.data.Dataset | None = None
+    # --unpad auto opts a task in: "train" = length-bucketed training micro-batches (its samples
+    # need input_ids), "eval" = `predict` runs length-sorted batches and restores the order
+    unpad: tuple[str, ...] = ()
 
-    def __init__(self, args: Namespace, ctx: DistContext):
+    def __init__(self, args: Namespace, ctx: DistContext, start=None):
+        """start: the resolved --checkpoint (`checkpoint.Start`; the loop resolves it once and has
+        checked its model config), resolved here when None."""
         from models import load_config
+        from trainer import checkpoint
+        from trainer.args import run_dir
 
         self.args, self.ctx = args, ctx
         self.config = load_config(args.model)  # validated by trainer.args.validate_args
         self.tokenizer_dir: Path | None = None
-        self.checkpoint_tokenizer: Path | None = None
-        self._check_checkpoint()
+        if start is None:
+            try:
+                start = checkpoint.resolve_start(args.checkpoint, run_dir(args))
+            except checkpoint.CheckpointError as e:
+                raise SystemExit(str(e)) from None
+        self.start = start
+        self.checkpoint_tokenizer: Path | None = start.tokenizer()  # for `load_tokenizer`
 
     # -- hooks -------------------------------------------------------------------------
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -58,50 +69,41 @@ class Task:
     def evaluate(self, engine) -> dict[str, float]:
         return {}
 
+    def validation_metrics(self) -> list[str]:
+        """Names of what `validate` returns ([] = no periodic validation)."""
+        return []
+
+    def validate(self, engine) -> dict[str, float]:
+        """Held-out metrics during training: the loop calls it every --eval_steps and at the last step."""
+        return {}
+
     @staticmethod
     def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
         """Real (non-padding) tokens in a batch: every *attention_mask summed."""
         masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
         return sum(m.sum() for m in masks) if masks else 0
 
+    def unpads(self, what: str) -> bool:
+        """Whether --unpad applies to `what` ("train" or "eval") here: the task opted in, --unpad
+        auto, and the model computes each sample alone (Switch MoE layers do not: expert capacity
+        is shared by the tokens of a batch, so regrouping samples changes their outputs)."""
+        return (what in self.unpad and getattr(self.args, "unpad", "off") == "auto"
+                and not self.config.is_moe)
+
+    def train_lengths(self) -> np.ndarray | None:
+        """Tokens of every training sample when training batches are length-bucketed, else None."""
+        from trainer.sampler import example_lengths
+
+        if self.dataset is None or not self.unpads("train"):
+            return None
+        self.ctx.log("[unpad] training micro-batches of similar lengths, each padded to its own longest row "
+                     "(--unpad off: random batches)")
+        return example_lengths(self.dataset)
+
     # -- checkpoint and tokenizer ------------------------------------------------------
-    def _check_checkpoint(self) -> None:
-        """An exported checkpoint (final/) must have been trained with this model config (the loop
-        checks step-N checkpoints); remember the checkpoint's tokenizer for `load_tokenizer`."""
-        from trainer import checkpoint
-        from trainer.args import run_dir
-
-        args = self.args
-        try:
-            path, kind = checkpoint.resolve(args.checkpoint, run_dir(args))
-            meta = checkpoint.read_meta(path) if kind == "step" else None
-        except (FileNotFoundError, checkpoint.CheckpointError) as e:
-            raise SystemExit(str(e)) from None
-        if path is None:
-            return
-        if meta is not None:
-            recorded = meta.get("tokenizer")
-            if recorded:
-                tok = Path(recorded)
-                if not tok.is_absolute() and not (tok / "tokenizer.json").is_file():
-                    tok = Path(meta.get("args", {}).get("cwd", ".")) / tok
-                self.checkpoint_tokenizer = tok
-            return
-        folder = path.parent
-        if (folder / "config.json").is_file():
-            shown = checkpoint.config_mismatch(json.loads((folder / "config.json").read_text()),
-                                               self.config.to_dict())
-            if shown:
-                raise SystemExit(f"--checkpoint {path} was trained with another model config ({shown}); "
-                                 f"pass --model {folder / 'config.json'} (the checkpoint's config)")
-        if (folder / "tokenizer.json").is_file():
-            self.checkpoint_tokenizer = folder
-
     def _tokenizer_path(self) -> Path | None:
         """--tokenizer if given (it must be the checkpoint's, when there is a checkpoint), else the
         checkpoint's tokenizer, else None."""
-        from data.tokenizer import KoTokenizer
-
         args, ckpt_tok = self.args, self.checkpoint_tokenizer
         if ckpt_tok is not None and not (ckpt_tok / "tokenizer.json").is_file():
             if not args.tokenizer:
@@ -114,7 +116,7 @@ class Task:
             return ckpt_tok
         given = Path(args.tokenizer)
         if ckpt_tok is not None:
-            mine, theirs = KoTokenizer.load(given), KoTokenizer.load(ckpt_tok)
+            mine, theirs = _load_tokenizer(given), _load_tokenizer(ckpt_tok)
             if mine.fingerprint != theirs.fingerprint:
                 raise SystemExit(
                     f"--tokenizer {given} (vocab {mine.vocab_size}, fingerprint {mine.fingerprint}) is not the "
@@ -126,7 +128,7 @@ class Task:
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
         trained there (rank 0) if missing."""
-        from data.tokenizer import KoTokenizer, check_vocab_size, train_tokenizer
+        from data.tokenizer import check_vocab_size, train_tokenizer
 
         args = self.args
         path = self._tokenizer_path()
@@ -142,7 +144,7 @@ class Task:
         elif path is None:
             raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
                              f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")
-        tok = KoTokenizer.load(path)
+        tok = _load_tokenizer(path)
         try:
             check_vocab_size(tok, self.config.vocab_size)
         except ValueError as e:
@@ -164,8 +166,17 @@ class Task:
 
         Every process makes the same number of forward calls (FSDP and ZeRO-3 gather parameters
         inside each call): a process with fewer rows repeats dataset[0] and drops the result.
+        With --unpad (`unpads("eval")`) the rows run longest first, each batch padded to its own
+        longest row, and come back in the order of `indices`: the arrays then group consecutive
+        rows of one shape instead of following the batches.
         """
         bs = self.args.eval_batch_size
+        order = None  # with --unpad: positions of `indices` in the order they run (longest first)
+        if self.unpads("eval"):
+            from trainer.sampler import example_lengths, length_sorted
+
+            order = length_sorted(example_lengths(dataset, indices))
+            indices = [indices[p] for p in order]
         count = torch.tensor([math.ceil(len(indices) / bs)], dtype=torch.int64, device=self.ctx.device)
         num_batches = int(dist.all_reduce(count, "max").item())
         model = engine.model
@@ -192,7 +203,38 @@ class Task:
             engine.train(True)
             if bar is not None:
                 bar.close()
+        if order is not None:
+            outputs = {k: restore_order(v, order) for k, v in outputs.items()}
         return gather_to_main(outputs, self.ctx)
+
+
+def _load_tokenizer(path: Path):
+    """KoTokenizer.load with its error as the exit message (a checkpoint's tokenizer is not checked
+    by validate_args)."""
+    from data.tokenizer import KoTokenizer, TokenizerError
+
+    try:
+        return KoTokenizer.load(path)
+    except (TokenizerError, FileNotFoundError) as e:
+        raise SystemExit(f"tokenizer {path}: {e}") from None
+
+
+def restore_order(batches: list[np.ndarray], order: np.ndarray) -> list[np.ndarray]:
+    """Rows of `batches` (row p is sample order[p]) back in sample order, as arrays of consecutive
+    rows of one shape (rows padded to their batch's length differ in shape)."""
+    rows = [row for b in batches for row in b]
+    restored = [None] * len(rows)
+    for p, i in enumerate(order):
+        restored[i] = rows[p]
+    out, run = [], []
+    for row in restored:
+        if run and row.shape != run[0].shape:
+            out.append(np.stack(run))
+            run = []
+        run.append(row)
+    if run:
+        out.append(np.stack(run))
+    return out
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:

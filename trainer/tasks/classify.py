@@ -2,7 +2,6 @@
 on --eval_file (or a held-out --eval_fraction of the training rows)."""
 from __future__ import annotations
 
-import random
 from argparse import Namespace
 
 import numpy as np
@@ -14,10 +13,12 @@ from trainer.tasks.base import Task, shard_range
 
 class ClassifyTask(Task):
     name = "classify"
+    unpad = ("train", "eval")
 
-    def __init__(self, args: Namespace, ctx: DistContext):
-        super().__init__(args, ctx)
-        from data.classification import ClassificationDataset, load_classification_tsv
+    def __init__(self, args: Namespace, ctx: DistContext, start=None):
+        super().__init__(args, ctx, start)
+        from data.classification import (ClassificationDataset, label_counts, load_classification_tsv,
+                                         resolve_num_labels, split_held_out)
         from models import build_model
 
         self.tokenizer = self.load_tokenizer()
@@ -32,22 +33,25 @@ class ClassifyTask(Task):
         if args.eval_file:
             evals = load(args.eval_file, "max_eval_examples")
         elif train:
-            order = list(range(len(train)))
-            random.Random(args.seed).shuffle(order)
-            held = set(order[:max(1, round(args.eval_fraction * len(train)))])
-            evals = self.limit([e for i, e in enumerate(train) if i in held], "max_eval_examples")
-            train = [e for i, e in enumerate(train) if i not in held]
+            train, held = split_held_out(train, args.eval_fraction, args.seed)
+            evals = self.limit(held, "max_eval_examples")
         else:
             raise SystemExit("--train_mode classify needs --train_file and/or --eval_file")
-        num_labels = max(e.label for e in train + evals) + 1
+        sources = {f"--train_file {args.train_file}": train + ([] if args.eval_file else evals),
+                   f"--eval_file {args.eval_file}": evals if args.eval_file else []}
+        sources = {name: rows for name, rows in sources.items() if rows}
+        try:
+            num_labels = resolve_num_labels(sources, args.num_labels)
+        except ValueError as e:
+            raise SystemExit(f"--train_mode classify: {e}") from None
         L = args.max_seq_length
         self.dataset = ClassificationDataset(train, self.tokenizer, L, num_labels) if train else None
         self.eval_dataset = ClassificationDataset(evals, self.tokenizer, L, num_labels)
         self.num_labels = num_labels
         self.model = build_model(self.config, "classify", num_labels=num_labels)
-        counts = np.bincount([e.label for e in train], minlength=num_labels).tolist() if train else []
-        self.ctx.log(f"[classify] {len(train)} training rows (labels {counts}, {self.dataset.num_truncated if train else 0} "
-                     f"cut at {L} tokens), {len(evals)} evaluation rows, {num_labels} labels")
+        self.ctx.log(f"[classify] {len(train)} training rows (label counts {label_counts(train)}, "
+                     f"{self.dataset.num_truncated if train else 0} cut at {L} tokens), {len(evals)} evaluation "
+                     f"rows (label counts {label_counts(evals)}), {num_labels} labels")
 
     def make_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)

@@ -18,9 +18,10 @@ from trainer.tasks.base import Task, shard_range
 
 class EncoderTask(Task):
     name = "encoder"
+    unpad = ("eval",)
 
-    def __init__(self, args: Namespace, ctx: DistContext):
-        super().__init__(args, ctx)
+    def __init__(self, args: Namespace, ctx: DistContext, start=None):
+        super().__init__(args, ctx, start)
         from data.retrieval import EncodeDataset, read_text_file
         from models import build_model
 

@@ -10,53 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.retrieval import QueryView, read_pairs_tsv
 from trainer.dist import DistContext
 from trainer.tasks.base import Task, shard_range
-
-
-def read_pairs_tsv(path: str | Path) -> list:
-    """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as data.retrieval.Pair."""
-    from data.retrieval import Pair
-
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-                raise ValueError(f"{path}:{line_no}: expected 'query<TAB>passage' (2 non-empty fields), "
-                                 f"got {len(parts)} field(s)")
-            if line_no == 1 and parts[0].strip().lower() == "query":
-                continue
-            pairs.append(Pair(parts[0].strip(), parts[1].strip()))
-    if not pairs:
-        raise ValueError(f"{path} holds no query<TAB>passage lines")
-    return pairs
-
-
-class QueryView(torch.utils.data.Dataset):
-    """An EncodeDataset whose batches are named query_* (ICTModel encodes that side alone)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[i]
-
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return {f"query_{k}": v for k, v in self.dataset.collate(samples).items()}
 
 
 class ICTTask(Task):
     name = "ict"
 
-    def __init__(self, args: Namespace, ctx: DistContext):
-        super().__init__(args, ctx)
+    def __init__(self, args: Namespace, ctx: DistContext, start=None):
+        super().__init__(args, ctx, start)
         from data.mrc import load_squad, split_by_article
         from data.retrieval import PairDataset, korquad_eval_set, korquad_pairs
         from models import build_model

@@ -14,10 +14,11 @@ from trainer.tasks.base import Task, shard_range
 
 class MRCTask(Task):
     name = "mrc"
+    unpad = ("eval",)  # training windows are mostly full (doc stride)
 
-    def __init__(self, args: Namespace, ctx: DistContext):
-        super().__init__(args, ctx)
-        from data.mrc import MRCDataset, build_features, load_squad, split_by_article
+    def __init__(self, args: Namespace, ctx: DistContext, start=None):
+        super().__init__(args, ctx, start)
+        from data.mrc import MRCDataset, build_features, check_answer_alignment, load_squad, split_by_article
         from models import build_model
 
         self.tokenizer = self.load_tokenizer()
@@ -46,6 +47,13 @@ class MRCTask(Task):
                          f"({room} tokens with --max_seq_length {args.max_seq_length}, --max_query_length "
                          f"{args.max_query_length}): windows will not overlap, answers across a cut are lost")
         self.dataset = MRCDataset(features(train)) if train else None
+        if self.dataset is not None:
+            try:
+                warning = check_answer_alignment(self.dataset.features, f"--train_file {args.train_file}")
+            except ValueError as e:
+                raise SystemExit(f"--train_mode mrc: {e}") from None
+            if warning:
+                self.ctx.log(f"[mrc] warning: {warning}")
         self.eval_features = features(evals)
         self.eval_dataset = MRCDataset(self.eval_features)
         self.model = build_model(self.config, "mrc")
