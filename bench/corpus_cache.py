@@ -70,30 +70,13 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _measure(kind: str, corpus: Path, tokenizer: Path, workers: int) -> dict:
-    """Run one build in a subprocess; sample the RSS of its whole process tree."""
-    import psutil
-
+    """Run one build in a subprocess; sample the RSS of its whole process tree (`_tree_peak`)."""
     with tempfile.TemporaryDirectory(prefix=f"bench_{kind}_") as work:
-        cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--tokenizer", str(tokenizer),
-               "--workers", str(workers), "--workdir", work]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        ps = psutil.Process(proc.pid)
-        peak_tree = peak_one = 0
-        while proc.poll() is None:
-            try:
-                rss = [p.memory_info().rss for p in [ps, *ps.children(recursive=True)]]
-            except psutil.Error:
-                rss = []
-            if rss:
-                peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss))
-            time.sleep(0.05)
-        out, err = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"{kind} build failed:\n{err[-3000:]}")
-        res = json.loads(out.strip().splitlines()[-1])
-    return {**res, "tokens_per_s": res["tokens"] / res["seconds"], "peak_tree_mb": peak_tree / 2**20,
-            "peak_proc_mb": peak_one / 2**20}
+        run = _tree_peak([sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--tokenizer",
+                          str(tokenizer), "--workers", str(workers), "--workdir", work])
+        res = json.loads(run["output"].strip().splitlines()[-1])
+    return {**res, "tokens_per_s": res["tokens"] / res["seconds"], "peak_tree_mb": run["peak_tree_mb"],
+            "peak_proc_mb": run["peak_proc_mb"]}
 
 
 def _make_shards(src: Path, out: Path, total_bytes: int, num_shards: int, offset: int = 0) -> list[Path]:
