@@ -370,9 +370,16 @@ def main(argv: list[str] | None = None) -> None:
     test = (encode_rows(ko, test_texts, args.seq_len), test_labels)
     rows, results = [], {}
     for label, (hf_dir, seconds) in models.items():
-        res = score_mlm(hf_dir, sets)
-        accs = [finetune_sentiment(hf_dir, ko, train, test, seed, args) for seed in range(args.seeds)]
-        res |= {"sentiment_acc": accs, "pretrain_seconds": seconds}
+        scored = hf_dir.with_suffix(".scores.json")  # scores are kept: a rerun adding rows scores only the new ones
+        if scored.exists() and json.loads(scored.read_text())["seeds"] == args.seeds:
+            res = json.loads(scored.read_text())["scores"]
+        else:
+            res = score_mlm(hf_dir, sets)
+            res["sentiment_acc"] = [finetune_sentiment(hf_dir, ko, train, test, seed, args)
+                                    for seed in range(args.seeds)]
+            scored.write_text(json.dumps({"seeds": args.seeds, "scores": res}))
+        accs = res["sentiment_acc"]
+        res |= {"pretrain_seconds": seconds}
         results[label] = res
         rows.append({"model": label, "reviews MLM acc": f"{100 * res['reviews_mlm_acc']:.2f}",
                      "reviews MLM loss": f"{res['reviews_mlm_loss']:.3f}",

@@ -48,6 +48,8 @@ from data.tokenizer import KoTokenizer
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("sop", "ict", "mlm")
+MLM_SEPARATORS = ("eod", "sep", "wrap")
+MLM_PACKINGS = ("units", "full")
 ICT_KEEP_QUERY = 0.1
 _MLM_BLOCK_UNITS = 256  # mlm packs inside blocks of this many units, so packing is vectorised
 
@@ -103,8 +105,45 @@ def _runs(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
+def _mlm_layout(separator: str, packing: str, max_seq_length: int) -> tuple[int, int, int]:
+    """(extra tokens per unit, row prefix, row suffix) of an mlm row layout; budget = L - prefix - suffix."""
+    if separator not in MLM_SEPARATORS or packing not in MLM_PACKINGS:
+        raise ValueError(f"mlm separator must be one of {MLM_SEPARATORS} and packing one of {MLM_PACKINGS}, "
+                         f"got {separator!r}, {packing!r}")
+    return {"eod": 0, "sep": 1, "wrap": 2}[separator], int(separator != "wrap"), int(separator == "eod")
+
+
+def _mlm_groups(cum: np.ndarray, doc_units: np.ndarray, keep_doc: np.ndarray, budget: int,
+                packing: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """mlm rows of one shard: (N, 2) unit ranges, (N,) rendered tokens skipped at the start of each
+    row's first unit (full packing), tokens dropped in runt rows. cum: (U + 1,) rendered cost."""
+    rs, re_ = _runs(keep_doc)
+    s, e = doc_units[rs], doc_units[re_]
+    if packing == "units":  # greedy whole units, inside blocks of _MLM_BLOCK_UNITS units (vectorised)
+        n_blocks = -(-(e - s) // _MLM_BLOCK_UNITS)
+        first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
+        starts = np.repeat(s, n_blocks) + (np.arange(n_blocks.sum()) - first) * _MLM_BLOCK_UNITS
+        ends = np.minimum(starts + _MLM_BLOCK_UNITS, np.repeat(e, n_blocks))
+        groups = _greedy_pack(cum, starts, ends, budget)
+        return groups, np.zeros(len(groups), dtype=np.int64), 0
+    # full rows: each run of kept documents rendered as one stream, cut every `budget` tokens
+    lo, hi = cum[s], cum[e]
+    n_rows = -(-(hi - lo) // budget)
+    first = np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    v = np.repeat(lo, n_rows) + (np.arange(n_rows.sum(), dtype=np.int64) - first) * budget
+    end = np.minimum(v + budget, np.repeat(hi, n_rows))
+    # a run's last row with under budget/8 tokens is dropped (it would be mostly padding)
+    runt = (end - v < budget // 8) & (np.repeat(n_rows, n_rows) > 1) & (end == np.repeat(hi, n_rows))
+    dropped = int((end - v)[runt].sum())
+    v, end = v[~runt], end[~runt]
+    u0 = np.searchsorted(cum, v, side="right") - 1
+    u1 = np.searchsorted(cum, end, side="left")
+    return np.stack([u0, u1], axis=1).astype(np.int64), (v - cum[u0]).astype(np.int64), dropped
+
+
 def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
-                 keep_doc: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                 keep_doc: np.ndarray, mlm_separator: str = "eod",
+                 mlm_packing: str = "units") -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The sample index of one shard in its own coordinates (units, token offsets, groups)."""
     piece = max_seq_length - 3
     so = np.asarray(so, dtype=np.int64)
@@ -120,15 +159,10 @@ def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length:
              "extra_pieces": int((n_pieces - 1).sum()), "documents": int(keep_doc.sum())}
     out = {"unit_offsets": U, "unit_is_doc_end": is_end}
     if objective == "mlm":
-        # pack inside blocks of _MLM_BLOCK_UNITS units of consecutive kept documents
-        rs, re_ = _runs(keep_doc)
-        s, e = doc_units[rs], doc_units[re_]
-        n_blocks = -(-(e - s) // _MLM_BLOCK_UNITS)
-        first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
-        starts = np.repeat(s, n_blocks) + (np.arange(n_blocks.sum()) - first) * _MLM_BLOCK_UNITS
-        ends = np.minimum(starts + _MLM_BLOCK_UNITS, np.repeat(e, n_blocks))
-        cum = np.concatenate([[0], np.cumsum(np.diff(U) + is_end)])
-        out["groups"] = _greedy_pack(cum, starts, ends, max_seq_length - 2)
+        extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing, max_seq_length)
+        cum = np.concatenate([[0], np.cumsum(np.diff(U) + extra + is_end)])
+        out["groups"], out["mlm_skip"], stats["dropped_tail_tokens"] = _mlm_groups(
+            cum, doc_units, keep_doc, max_seq_length - prefix - suffix, mlm_packing)
     elif objective == "sop":
         groups = _greedy_pack(U, doc_units[:-1][keep_doc], doc_units[1:][keep_doc], max_seq_length - 3)
         short = U[groups[:, 1]] - U[groups[:, 0]] < 2
@@ -163,12 +197,13 @@ def _blend(part_ranges: list[tuple[int, int]], weights: list[float], seed: int) 
 
 
 _INDEX_VERSION = 1
-_INDEX_ARRAYS = ("unit_offsets", "unit_is_doc_end", "groups", "ict_group", "ict_unit", "blend")
+_INDEX_ARRAYS = ("unit_offsets", "unit_is_doc_end", "groups", "ict_group", "ict_unit", "mlm_skip", "blend")
 
 
 def _index_key(corpus: Corpus, objective: str, max_seq_length: int, split: str, fraction: float,
-               seed: int) -> str:
+               seed: int, mlm_layout: tuple[str, str]) -> str:
     key = {"v": _INDEX_VERSION, "caches": [c.path.name for c in corpus.caches], "objective": objective,
+           **({"mlm_layout": list(mlm_layout)} if objective == "mlm" else {}),
            "L": max_seq_length, "split": split, "fraction": fraction if split != "all" else 0,
            "weights": [p.weight for p in corpus.spec.parts] if corpus.spec.weighted else None,
            "blend_seed": seed if corpus.spec.weighted else None}
@@ -176,14 +211,15 @@ def _index_key(corpus: Corpus, objective: str, max_seq_length: int, split: str, 
 
 
 def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str = "all",
-                fraction: float = 0.0, seed: int = 0) -> tuple[Path, dict]:
+                fraction: float = 0.0, seed: int = 0,
+                mlm_layout: tuple[str, str] = ("eod", "units")) -> tuple[Path, dict]:
     """Build (once: a file lock keeps the other processes of the node, or of every node on a shared
     file system, waiting for it) the memory-mappable sample index; returns its directory and stats.
 
     The arrays are written shard by shard, so building needs the memory of the largest shard only."""
     first = corpus.caches[0].path
     d = cache_home(first.parent, f"{first.name.rsplit('.', 2)[0]}."
-                                  f"{_index_key(corpus, objective, max_seq_length, split, fraction, seed)}.index")
+                                  f"{_index_key(corpus, objective, max_seq_length, split, fraction, seed, mlm_layout)}.index")
     meta = d / "index.json"
     if meta.exists():
         return d, json.loads(meta.read_text())
@@ -202,7 +238,8 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
                 cache.check_offsets()
                 held = held_out_documents(Path(cache.manifest["corpus"]["path"]).name, cache.num_documents, fraction)
                 keep = {"all": np.ones_like(held), "train": ~held, "eval": held}[split]
-                arrays, st = _shard_index(cache.sent_offsets, cache.doc_offsets, objective, max_seq_length, keep)
+                arrays, st = _shard_index(cache.sent_offsets, cache.doc_offsets, objective, max_seq_length, keep,
+                                          *mlm_layout)
                 for name, v in st.items():
                     stats[name] = stats.get(name, 0) + v
                 U = arrays["unit_offsets"]
@@ -212,6 +249,8 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
                 if objective == "ict":
                     (arrays["ict_group"] + group_base).tofile(files["ict_group"])
                     (arrays["ict_unit"] + unit_base).tofile(files["ict_unit"])
+                if objective == "mlm":
+                    arrays["mlm_skip"].tofile(files["mlm_skip"])
                 samples_per_shard.append(len(arrays["ict_unit"] if objective == "ict" else arrays["groups"]))
                 unit_base += len(U) - 1
                 group_base += len(arrays["groups"])
@@ -241,11 +280,13 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
 
 def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray]:
     specs = {"unit_offsets": (np.int64, 1), "unit_is_doc_end": (np.bool_, 1), "groups": (np.int64, 2),
-             "ict_group": (np.int64, 1), "ict_unit": (np.int64, 1), "blend": (np.int64, 1)}
+             "ict_group": (np.int64, 1), "ict_unit": (np.int64, 1), "mlm_skip": (np.int64, 1),
+             "blend": (np.int64, 1)}
     out = {}
     for name, (dtype, width) in specs.items():
         f = d / f"{name}.bin"
-        if (name.startswith("ict_") and objective != "ict") or (name == "blend" and not weighted):
+        if ((name.startswith("ict_") and objective != "ict") or (name == "mlm_skip" and objective != "mlm")
+                or (name == "blend" and not weighted)):
             continue
         n = f.stat().st_size // (np.dtype(dtype).itemsize * width)
         shape = (n, width) if width > 1 else (n,)
@@ -256,9 +297,11 @@ def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray
 class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, cache: Corpus | CorpusCache, tokenizer: KoTokenizer, max_seq_length: int,
                  objective: str = "sop", mlm_probability: float = 0.15, whole_word_mask: bool = False,
-                 seed: int = 0, split: str = "all", eval_fraction: float = 0.0):
+                 seed: int = 0, split: str = "all", eval_fraction: float = 0.0, mlm_separator: str = "eod",
+                 mlm_packing: str = "units"):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        _mlm_layout(mlm_separator, mlm_packing, max_seq_length)
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length={max_seq_length} is too small for pretraining samples (need >= 8)")
         if not 0.0 <= mlm_probability < 1.0:
@@ -286,12 +329,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.word_start = tokenizer.is_word_start()
         self.random_ids = np.flatnonzero(~self.special)
 
-        self.index_dir, stats = build_index(corpus, objective, max_seq_length, split, eval_fraction, seed)
+        self.mlm_separator, self.mlm_packing = mlm_separator, mlm_packing
+        self.index_dir, stats = build_index(corpus, objective, max_seq_length, split, eval_fraction, seed,
+                                            (mlm_separator, mlm_packing))
         arrays = _open_index(self.index_dir, objective, corpus.spec.weighted)
         self.unit_offsets, self.unit_is_doc_end, self.groups = (
             arrays["unit_offsets"], arrays["unit_is_doc_end"], arrays["groups"])
         self.ict_group, self.ict_unit = arrays.get("ict_group"), arrays.get("ict_unit")
         self.blend = arrays.get("blend")
+        self.mlm_skip = arrays.get("mlm_skip")
         self.stats = {k: v for k, v in stats.items() if k not in ("units", "groups", "samples_per_shard")}
         self.samples_per_shard = stats["samples_per_shard"]
         self.stats["samples"] = len(self)
@@ -350,6 +396,28 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _single(self, body: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self.mask_tokens(np.concatenate([[self.cls_id], body, [self.sep_id]]), rng)
 
+    def _mlm_row(self, s: int, e: int, skip: int) -> np.ndarray:
+        """Units [s, e) rendered in the mlm layout (separators, [EOD] after a document's last unit),
+        `skip` rendered tokens dropped at the start, cut to the row budget, with [CLS]/[SEP] edges."""
+        body = self._span(s, e)
+        rel = np.asarray(self.unit_offsets[s:e + 1]) - int(self.unit_offsets[s])
+        n = e - s
+        # at a boundary: the unit's [SEP], then [EOD] when it ends a document, then the next unit's [CLS]
+        pos, rank, val = [], [], []
+        if self.mlm_separator == "wrap":
+            pos.append(rel[:-1]); rank.append(np.full(n, 2)); val.append(np.full(n, self.cls_id))
+        if self.mlm_separator != "eod":
+            pos.append(rel[1:]); rank.append(np.zeros(n, dtype=np.int64)); val.append(np.full(n, self.sep_id))
+        ends = np.flatnonzero(self.unit_is_doc_end[s:e])
+        pos.append(rel[ends + 1]); rank.append(np.ones(len(ends), dtype=np.int64))
+        val.append(np.full(len(ends), self.eod_id))
+        pos, rank, val = np.concatenate(pos), np.concatenate(rank), np.concatenate(val)
+        order = np.lexsort((rank, pos))
+        stream = np.insert(body, pos[order], val[order].astype(body.dtype))
+        _, prefix, suffix = _mlm_layout(self.mlm_separator, self.mlm_packing, self.max_seq_length)
+        stream = stream[skip:skip + self.max_seq_length - prefix - suffix]
+        return np.concatenate([[self.cls_id] * prefix, stream, [self.sep_id] * suffix]).astype(np.int64)
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -367,10 +435,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                     "passage_input_ids": p_ids, "passage_mlm_labels": p_labels, "query_kept": keep}
         s, e = (int(x) for x in self.groups[i])
         if self.objective == "mlm":
-            body = self._span(s, e)
-            ends = np.flatnonzero(self.unit_is_doc_end[s:e]) + s + 1
-            body = np.insert(body, np.asarray(self.unit_offsets[ends]) - self.unit_offsets[s], self.eod_id)
-            ids, labels = self._single(body, rng)
+            ids, labels = self.mask_tokens(self._mlm_row(s, e, int(self.mlm_skip[i])), rng)
             return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
         body = self._span(s, e)
         if e - s >= 2:

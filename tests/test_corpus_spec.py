@@ -237,7 +237,7 @@ def test_tokenizer_training_is_deterministic_and_takes_specs(shards, tmp_path):
 
 def _run(root, tok_dir, cfg, name, nproc, batch, extra=(), env=None):
     args = ["--model", str(cfg), "--model_name", name, "--output_dir", str(root / "out"),
-            "--corpus_path", f"{root / 'wiki'},{root / 'news'}", "--tokenizer", str(tok_dir),
+            "--corpus_path", f"{root / 'wiki'},{root / 'news'}", *(["--tokenizer", str(tok_dir)] if tok_dir else []),
             "--max_seq_length", "64", "--train_batch_size", str(batch), "--num_steps", "4", "--save_steps", "2",
             "--logging_steps", "1", "--learning_rate", "5e-3", "--scheduler_num_steps", "100",
             "--num_workers", "0", "--no_progress", "--eval_fraction", "0.2", "--eval_steps", "2",
@@ -250,20 +250,25 @@ def _evals(run_dir):
             if "eval_mlm_loss" in r]
 
 
-def test_slow_build_outlasts_pg_timeout_and_validation_equal_on_1_and_2_processes(shards, tiny_tokenizer_dir):
-    """2 processes: rank 0 builds the largest shard for longer than the lowered process-group
-    timeout while rank 1 waits by polling, and the job trains and validates. The same weights
-    validated by 1 process (an evaluate-only resume of step-4) give the 2-process values."""
+def test_slow_build_outlasts_pg_timeout_and_validation_equal_on_1_and_2_processes(shards):
+    """2 processes, no --tokenizer: one process trains the tokenizer, then rank 0 builds the largest
+    shard, each for longer than the lowered process-group timeout, while the other waits (on the
+    tokenizer's file lock, then by polling the caches), and the job trains and validates. The same
+    weights validated by 1 process (an evaluate-only resume of step-4) give the 2-process values."""
     root, wiki, news = shards
     cfg = write_config(root / "tiny.json")
     biggest = max(wiki + news, key=lambda p: p.stat().st_size)
-    two = _run(root, tiny_tokenizer_dir, cfg, "two", 2, 4,
-               env={"TRAINER_PG_TIMEOUT_S": "3", "CORPUS_TEST_BUILD_DELAY": f"{biggest.name}:6"})
-    assert "rank 1: waiting for 1 shard cache(s) being built by other processes" in two.stdout + two.stderr
+    two = _run(root, None, cfg, "two", 2, 4,
+               env={"TRAINER_PG_TIMEOUT_S": "3", "CORPUS_TEST_BUILD_DELAY": f"{biggest.name}:6",
+                    "TOKENIZER_TEST_TRAIN_DELAY": "5"})
+    log = two.stdout + two.stderr
+    assert "waiting for the tokenizer another process is training" in log
+    assert "rank 1: waiting for 1 shard cache(s) being built by other processes" in log
+    assert (sorted(wiki)[0].parent / (sorted(wiki)[0].name + ".tokenizer") / "tokenizer.json").is_file()
     out = root / "out"
     e2 = _evals(out / "two")
     assert len(e2) == 2 and set(e2[0]) == {"eval_mlm_loss", "eval_mlm_acc", "eval_perplexity", "eval_sop_acc"}
-    _run(root, tiny_tokenizer_dir, cfg, "one", 1, 8, ["--checkpoint", str(out / "two" / "step-4")])
+    _run(root, None, cfg, "one", 1, 8, ["--checkpoint", str(out / "two" / "step-4")])
     e1 = json.loads((out / "one" / "eval.json").read_text())
     assert e1["step"] == 4
     for k, v in e2[-1].items():

@@ -141,6 +141,42 @@ def test_mlm_packs_across_documents_with_eod(synthetic):
     assert len(ds) < cache.num_sentences / 5  # packed, not one sentence per sample
 
 
+@pytest.mark.parametrize("separator", ["eod", "sep", "wrap"])
+@pytest.mark.parametrize("packing", ["units", "full"])
+def test_mlm_layouts(synthetic, separator, packing):
+    """Every mlm layout renders each sentence once, in corpus order, with its separators; full packing
+    fills every row but a run's last to max_seq_length, greedy packing never cuts a sentence."""
+    cache, tok, doc_of, pos_of, sizes = synthetic
+    L = 32
+    ds = PretrainDataset(cache, tok, L, "mlm", mlm_probability=0.0, mlm_separator=separator, mlm_packing=packing)
+    special = {tok.cls_id, tok.sep_id, tok.eod_id}
+    rows = [ds[i]["input_ids"] for i in range(len(ds))]
+    assert all(len(r) <= L for r in rows)
+    if packing == "full":
+        assert all(len(r) == L for r in rows[:-1])
+    stream = []
+    for r in rows:
+        if separator != "wrap":
+            assert r[0] == tok.cls_id
+            r = r[1:]
+        if separator == "eod":
+            assert r[-1] == tok.sep_id
+            r = r[:-1]
+        stream += [int(t) for t in r]
+    if packing == "units":  # rows end at a sentence boundary: the stream is the plain concatenation
+        words = [t for t in stream if t not in special]
+        assert sentences(words, doc_of, pos_of) == [(d, k) for d, n in enumerate(sizes) for k in range(n)]
+    expect = []
+    for d, n in enumerate(sizes):
+        for k in range(n):
+            unit = [tok.token_to_id(DOC_WORDS[d]), tok.token_to_id(POS_WORDS[k])]
+            expect += ([tok.cls_id] if separator == "wrap" else []) + unit + ([tok.sep_id] if separator != "eod" else [])
+        expect.append(tok.eod_id)
+    assert stream == expect
+    if packing == "full":  # the same rows as cutting that stream every budget tokens
+        assert len(ds) == -(-len(expect) // (L - (separator != "wrap") - (separator == "eod")))
+
+
 def test_ict_queries_and_passages(synthetic):
     cache, tok, doc_of, pos_of, sizes = synthetic
     ds = PretrainDataset(cache, tok, 24, "ict", mlm_probability=0.0)

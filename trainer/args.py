@@ -47,6 +47,12 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
                    help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")
     g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of tokens masked for MLM")
     g.add_argument("--whole_word_mask", action="store_true", help="mask whole words (a head piece and its ## pieces)")
+    g.add_argument("--mlm_separator", choices=("eod", "sep", "wrap"), default="eod",
+                   help="--objective mlm rows: 'eod' = units run together, [EOD] after each document; 'sep' = [SEP] "
+                        "after every unit (sentence or line); 'wrap' = every unit as [CLS] unit [SEP] (run_mlm's layout)")
+    g.add_argument("--mlm_packing", choices=("units", "full"), default="units",
+                   help="--objective mlm rows: 'units' = whole units packed greedily up to --max_seq_length; 'full' = "
+                        "every row filled to --max_seq_length, units cut at row edges")
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus_path", default=None,
@@ -218,6 +224,10 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         _fail(parser, "--num_labels is for --train_mode classify")
     if args.device == "cuda":
         _check_cuda(parser)
+    for flag, default in (("mlm_separator", "eod"), ("mlm_packing", "units")):
+        if getattr(args, flag) != default and (args.train_mode != "pretrain" or args.objective != "mlm"):
+            _fail(parser, f"--{flag} {getattr(args, flag)} shapes --objective mlm rows only (here: --train_mode "
+                          f"{args.train_mode}, --objective {args.objective}); drop it or pass --objective mlm")
     if not 0 < args.mlm_probability < 1:
         _fail(parser, f"--mlm_probability must be between 0 and 1, got {args.mlm_probability}")
     if args.eval_fraction is None and args.train_mode != "pretrain":

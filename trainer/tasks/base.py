@@ -3,6 +3,8 @@ counting, and `predict` (sharded inference through the wrapped model) for the ev
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from argparse import Namespace
 from pathlib import Path
 from typing import Sequence
@@ -125,6 +127,39 @@ class Task:
                     f"trained embeddings. Leave out --tokenizer to use the checkpoint's, or pass --tokenizer {ckpt_tok}")
         return given
 
+    def _train_tokenizer_once(self, train_inputs: list[str], path: Path) -> None:
+        """Train the tokenizer into `path` unless another process has: the first process to take the
+        file lock beside it trains (into a staging folder, renamed into place), every other process of
+        the job, on any node, waits on that lock, outside any collective, so a training longer than
+        the process-group timeout cannot kill the job. On node-local disks each node trains its own
+        copy, byte-identical (the trainer is deterministic)."""
+        from data.corpus import _file_lock
+        from data.tokenizer import train_tokenizer
+
+        lock = path.with_name(path.name + ".lock")
+        with _file_lock(lock, blocking=False) as mine:
+            if not mine:
+                print(f"[tokenizer] rank {self.ctx.rank}: waiting for the tokenizer another process is "
+                      f"training into {path}", flush=True)
+        with _file_lock(lock):
+            if (path / "tokenizer.json").is_file():
+                return
+            if os.environ.get("TOKENIZER_TEST_TRAIN_DELAY"):  # tests: a training longer than the pg timeout
+                import time
+                time.sleep(float(os.environ["TOKENIZER_TEST_TRAIN_DELAY"]))
+            print(f"[tokenizer] none given: rank {self.ctx.rank} trains WordPiece (vocab {self.config.vocab_size}, "
+                  f"morpheme {self.args.morpheme}) on {train_inputs[0]} into {path}", flush=True)
+            tmp = path.with_name(f"{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                train_tokenizer(train_inputs, self.config.vocab_size, tmp,
+                                morpheme=None if self.args.morpheme == "none" else self.args.morpheme)
+                if path.exists():  # a folder without tokenizer.json (a killed earlier attempt's leftovers?)
+                    raise SystemExit(f"{path} exists but holds no tokenizer.json; move it away or pass --tokenizer")
+                os.rename(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
         trained there (rank 0) if missing."""
@@ -135,12 +170,8 @@ class Task:
         if path is None and train_inputs:
             first = Path(train_inputs[0])
             path = first.with_name(first.name + ".tokenizer")
-            if self.ctx.is_main and not (path / "tokenizer.json").is_file():
-                self.ctx.log(f"[tokenizer] none given: training WordPiece (vocab {self.config.vocab_size}, "
-                             f"morpheme {args.morpheme}) on {first} into {path}")
-                train_tokenizer(train_inputs, self.config.vocab_size, path,
-                                morpheme=None if args.morpheme == "none" else args.morpheme)
-            dist.barrier()
+            if not (path / "tokenizer.json").is_file():
+                self._train_tokenizer_once(train_inputs, path)
         elif path is None:
             raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
                              f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")

@@ -45,7 +45,8 @@ class PretrainTask(Task):
             raise SystemExit(f"{flag} {args.eval_corpus if eval_spec and flag == '--eval_corpus' else args.corpus_path}"
                              f": {e}") from None
         common = dict(objective=args.objective, mlm_probability=args.mlm_probability,
-                      whole_word_mask=args.whole_word_mask, seed=args.seed)
+                      whole_word_mask=args.whole_word_mask, seed=args.seed,
+                      mlm_separator=args.mlm_separator, mlm_packing=args.mlm_packing)
         fraction = args.eval_fraction or 0.0
         try:
             self.dataset = PretrainDataset(corpus, self.tokenizer, args.max_seq_length,
