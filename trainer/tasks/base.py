@@ -162,8 +162,8 @@ class Task:
 
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
-        trained there (rank 0) if missing."""
-        from data.tokenizer import check_vocab_size, train_tokenizer
+        trained there (by the first process to get its lock) if missing."""
+        from data.tokenizer import check_vocab_size
 
         args = self.args
         path = self._tokenizer_path()
