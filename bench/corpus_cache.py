@@ -19,6 +19,8 @@ the NSMC text from a different starting line, wrapped around), then
   - adding one 10 MB shard to the full corpus vs the full build (goal < 5%);
   - RSS of one rank's data pipeline (corpus view + sample index + 2,000 samples) at both sizes (flat).
     python bench/corpus_cache.py --scale [--scale_mb 1024] [--shards 100]   (smoke: --scale_mb 8 --shards 8)
+    python bench/corpus_cache.py --scale --pipeline_only   (the last point alone: our builds, no datasets, no runs;
+      the pipeline RSS is split into RssAnon, private, and RssFile, mapped file pages)
 """
 from __future__ import annotations
 
@@ -136,12 +138,19 @@ def _pipeline_child(args: argparse.Namespace) -> None:
     from data.pretrain import PretrainDataset
     from data.tokenizer import KoTokenizer
 
+    def status() -> dict[str, float]:  # private (anonymous) and file-backed (page cache, shared) resident MiB
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
+
     tok = KoTokenizer.load(args.tokenizer)
+    before = status()  # interpreter, torch, numpy, tokenizers: the same at any corpus size
     ds = PretrainDataset(open_corpus(args.corpus, tok, progress=False), tok, 128, "sop")
     rng = np.random.default_rng(0)
     for i in rng.integers(0, len(ds), 2000):
         ds[int(i)]
-    print(json.dumps({"rss_mb": psutil.Process().memory_info().rss / 2**20, "samples": len(ds)}))
+    after = status()
+    print(json.dumps({"rss_mb": psutil.Process().memory_info().rss / 2**20, "samples": len(ds),
+                      "imports_mb": before, "pipeline_mb": {k: after[k] - before[k] for k in after}}))
 
 
 def _scale(args: argparse.Namespace) -> None:
@@ -169,6 +178,16 @@ def _scale(args: argparse.Namespace) -> None:
                                str(tok_dir), "--num_workers", str(args.workers), "--no_progress"],
                               env={"CORPUS_CACHE_DIR": str(cache)})
             tokens = int(re.search(r"'tokens': (\d+)", ours["output"]).group(1))
+            env = {"CORPUS_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+            if args.pipeline_only:  # one rank's data pipeline RSS only: a first child builds the sample index
+                pipes = [_tree_peak([sys.executable, __file__, "--child", "pipeline", "--corpus", spec, "--tokenizer",
+                                     str(tok_dir), "--workdir", str(tmp)], env=env) for _ in range(2)]
+                res = json.loads(pipes[1]["output"].strip().splitlines()[-1])
+                rows[name] = dict(pipe_rss=res["rss_mb"], pipeline=res["pipeline_mb"])
+                print(f"{name}: {n} shards, {nbytes / 2**20:.0f} MiB, {tokens:,} tokens, {res['samples']:,} samples | "
+                      f"one rank's data pipeline: RSS {res['rss_mb']:.0f} MiB, of which imports {res['imports_mb']} and "
+                      f"the opened corpus + index + 2,000 samples {res['pipeline_mb']}", flush=True)
+                continue
             with tempfile.TemporaryDirectory(prefix="bench_ds_", dir=tmp) as work:
                 base = _tree_peak([sys.executable, __file__, "--child", "datasets", "--corpus", ",".join(map(str, shards)),
                                    "--tokenizer", str(tok_dir), "--workers", str(args.workers), "--workdir", work])
@@ -178,7 +197,6 @@ def _scale(args: argparse.Namespace) -> None:
                    "--tokenizer", str(tok_dir), "--max_seq_length", "128", "--train_batch_size", "8",
                    "--num_steps", "2", "--logging_steps", "1", "--save_steps", "0", "--num_workers", "1",
                    "--no_progress", "--output_dir", str(tmp / "runs")]
-            env = {"CORPUS_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
             times = []
             for k in range(2):
                 tsv = tmp / "runs" / f"{name}{k}" / "loss.tsv"
@@ -196,6 +214,11 @@ def _scale(args: argparse.Namespace) -> None:
                   f"{base_s:.1f} s ({tokens / base_s:,.0f} tokens/s, {base['peak_tree_mb']:.0f} MiB) -> "
                   f"{base_s / ours['seconds']:.2f}x | launch to first step: first run {times[0]:.1f} s, second "
                   f"{times[1]:.1f} s | data pipeline RSS of one rank {pipe_rss:.0f} MiB", flush=True)
+        if args.pipeline_only:
+            h, f = rows["half"], rows["full"]
+            print(f"\nsummary: data pipeline RSS of one rank: half {h['pipe_rss']:.0f} MiB, full {f['pipe_rss']:.0f} MiB "
+                  f"(full/half {f['pipe_rss'] / h['pipe_rss']:.3f}, goal flat)")
+            return
         # one 10 MB shard (1/100 of 1 GB at full scale) added to the full corpus
         add = _make_shards(src, tmp / "full", max(1, total // 100), 1, offset=args.shards)[0]
         added = _tree_peak([sys.executable, "-m", "data.corpus", "build", "--corpus_path", str(tmp / "full"),
@@ -226,6 +249,8 @@ def main() -> None:
     ap.add_argument("--scale", action="store_true", help="scale mode: a sharded corpus made on the fly (see above)")
     ap.add_argument("--scale_mb", type=int, default=1024, help="scale mode: full corpus size in MiB (half is measured too)")
     ap.add_argument("--shards", type=int, default=100, help="scale mode: shards of the full corpus")
+    ap.add_argument("--pipeline_only", action="store_true",
+                    help="scale mode: build with ours only and measure one rank's data pipeline RSS (no datasets, no runs)")
     ap.add_argument("--child", choices=["ours", "datasets", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -76,8 +76,65 @@ def _damaged(path: Path, what: str) -> ValueError:
                       f"from the corpus on the next run (or with `python -m data.corpus build`)")
 
 
+class FileArray:
+    """A read-only 1-D (or (N, width) 2-D) array in a raw .bin file, read with os.pread: indexing
+    reads just those bytes into private memory and nothing stays mapped. (An np.memmap maps 64 KiB
+    around every page it faults in, and those pages count in the process's RSS for as long as the
+    map lives, so random samples over a large corpus grow every rank's RSS with the corpus.) The
+    descriptor is opened on first use; forked DataLoader workers may share it (pread has no file
+    position), a pickled copy opens its own."""
+
+    def __init__(self, path: str | Path, dtype, width: int = 1, length: int | None = None):
+        self.path, self.dtype, self.width = Path(path), np.dtype(dtype), width
+        n = self.path.stat().st_size // (self.dtype.itemsize * width) if length is None else length
+        self.shape = (n, width) if width > 1 else (n,)
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        row = self.dtype.itemsize * self.width
+        n = max(0, stop - start) * row
+        buf = os.pread(self._fd, n, start * row) if n else b""
+        if len(buf) != n:
+            raise ValueError(f"{self.path} is shorter than expected ({start * row + len(buf)} of "
+                             f"{stop * row} bytes); delete its directory and it will be rebuilt")
+        a = np.frombuffer(buf, dtype=self.dtype)
+        return a.reshape(-1, self.width) if self.width > 1 else a
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][key[1:] if len(key) > 2 else key[1]]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            return self._read(start, stop)[::step] if step > 0 else np.asarray(self)[key]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {int(key)} out of range for {len(self)} rows of {self.path.name}")
+            return self._read(i, i + 1)[0]
+        return np.asarray(self)[key]  # fancy indexing: reads the whole file
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._read(0, len(self))
+        return a.astype(dtype) if dtype is not None else a
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
 class CorpusCache:
-    """One shard's built cache, opened read-only with memory maps."""
+    """One shard's built cache, opened read-only (FileArray: read with pread, nothing mapped)."""
 
     def __init__(self, path: Path, manifest: dict, tokens: np.ndarray, sent_offsets: np.ndarray,
                  doc_offsets: np.ndarray):
@@ -115,7 +172,7 @@ class CorpusCache:
             expect = n * np.dtype(dtype).itemsize
             if not f.exists() or f.stat().st_size != expect:
                 raise _damaged(path, f"{f.name} is truncated or missing: expected {expect} bytes")
-            arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            arrays[name] = FileArray(f, dtype, length=n)
         so, do = arrays["sent_offsets"], arrays["doc_offsets"]
         if so[0] != 0 or so[-1] != len(arrays["tokens"]) or do[0] != 0 or do[-1] != len(so) - 1:
             raise _damaged(path, "sentence or document offsets do not span the tokens")
@@ -133,11 +190,17 @@ class CorpusCache:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
-    def check_offsets(self) -> None:
-        """Offsets must be non-decreasing (reads them whole: done once, when a sample index is built)."""
+    def read_offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sentence offsets, document offsets) read whole into private memory, checked to be
+        non-decreasing: done once, when a sample index is built. Read, not through the memory maps,
+        so the pages do not stay mapped (and counted in the RSS of every process) afterwards."""
+        out = []
         for name, arr in (("sent_offsets", self.sent_offsets), ("doc_offsets", self.doc_offsets)):
-            if len(arr) > 1 and (np.diff(arr) < 0).any():
+            a = np.fromfile(self.path / f"{name}.bin", dtype=np.int64, count=len(arr)) if len(arr) else np.asarray(arr)
+            if len(a) != len(arr) or (len(a) > 1 and (np.diff(a) < 0).any()):
                 raise _damaged(self.path, f"{name}.bin is not increasing")
+            out.append(a)
+        return out[0], out[1]
 
     def __repr__(self) -> str:
         c = self.manifest["counts"]

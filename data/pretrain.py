@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.corpus import Corpus, CorpusCache, _file_lock, cache_home
+from data.corpus import Corpus, CorpusCache, FileArray, _file_lock, cache_home
 from data.tokenizer import KoTokenizer
 
 logger = logging.getLogger(__name__)
@@ -235,10 +235,10 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
             unit_base = group_base = 0
             samples_per_shard = []
             for k, cache in enumerate(corpus.caches):
-                cache.check_offsets()
+                so, do = cache.read_offsets()
                 held = held_out_documents(Path(cache.manifest["corpus"]["path"]).name, cache.num_documents, fraction)
                 keep = {"all": np.ones_like(held), "train": ~held, "eval": held}[split]
-                arrays, st = _shard_index(cache.sent_offsets, cache.doc_offsets, objective, max_seq_length, keep,
+                arrays, st = _shard_index(so, do, objective, max_seq_length, keep,
                                           *mlm_layout)
                 for name, v in st.items():
                     stats[name] = stats.get(name, 0) + v
@@ -288,9 +288,7 @@ def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray
         if ((name.startswith("ict_") and objective != "ict") or (name == "mlm_skip" and objective != "mlm")
                 or (name == "blend" and not weighted)):
             continue
-        n = f.stat().st_size // (np.dtype(dtype).itemsize * width)
-        shape = (n, width) if width > 1 else (n,)
-        out[name] = np.memmap(f, dtype=dtype, mode="r", shape=shape) if n else np.zeros(shape, dtype)
+        out[name] = FileArray(f, dtype, width)
     return out
 
 

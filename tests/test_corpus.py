@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import data.corpus as corpus_mod
-from data.corpus import CorpusCache, build_cache, cache_dir_for, load_or_build
+from data.corpus import CorpusCache, FileArray, build_cache, cache_dir_for, load_or_build
 from data.tokenizer import KoTokenizer
 
 
@@ -62,13 +62,13 @@ def test_cache_matches_reference_and_documents(corpus_copy, tiny_tokenizer):
     assert as_docs(cache) == ref
     assert cache.path.parent == corpus_copy.parent and cache.path.name.startswith("c.dat.")
     assert cache.path.name.endswith(".cache") and len(cache.path.name.split(".")[2]) == 12
-    assert isinstance(cache.tokens, np.memmap) and cache.tokens.dtype == np.uint16
+    assert isinstance(cache.tokens, FileArray) and cache.tokens.dtype == np.uint16
     c = cache.manifest["counts"]
     assert (c["documents"], c["sentences"], c["tokens"]) == (len(ref), sum(map(len, ref)),
                                                             sum(len(s) for d in ref for s in d))
     assert cache.manifest["tokenizer"]["fingerprint"] == tiny_tokenizer.fingerprint
     assert cache.manifest["skipped"] == {}
-    assert cache.tokens.max() < tiny_tokenizer.vocab_size and not set(np.unique(cache.tokens)) & {0, 2, 3, 4, 5}
+    assert np.asarray(cache.tokens).max() < tiny_tokenizer.vocab_size and not set(np.unique(cache.tokens)) & {0, 2, 3, 4, 5}
 
 
 def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):

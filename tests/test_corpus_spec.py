@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import data.corpus as corpus_mod
-from data.corpus import CorpusCache, build_cache, ensure_caches, open_corpus
+from data.corpus import CorpusCache, FileArray, build_cache, ensure_caches, open_corpus
 from data.pretrain import PretrainDataset
 from data.spec import SpecError, resolve
 from tests.trainer_util import launch, read_tsv, write_config
@@ -128,7 +128,7 @@ def test_adding_a_shard_builds_only_it_and_index_is_shared(shards, tiny_tokenize
     mtime = (a.index_dir / "index.json").stat().st_mtime_ns
     b = PretrainDataset(corpus, tiny_tokenizer, 64, "sop")
     assert b.index_dir == a.index_dir and (b.index_dir / "index.json").stat().st_mtime_ns == mtime
-    assert isinstance(b.groups, np.memmap) and isinstance(b.unit_offsets, np.memmap)
+    assert isinstance(b.groups, FileArray) and isinstance(b.unit_offsets, FileArray)
     assert b[5]["input_ids"].tolist() == a[5]["input_ids"].tolist()
 
 
