@@ -105,6 +105,8 @@ CASES = [
     ("flag_negative_batch", {"train_batch_size": "-4"}, "--train_batch_size must be >= 0, got -4"),
     ("flag_zero_max_bad_steps", {"max_bad_steps": "0"}, "--max_bad_steps must be > 0, got 0"),
     ("flag_mlm_probability", {"mlm_probability": "1.5"}, "--mlm_probability must be between 0 and 1, got 1.5"),
+    ("flag_mlm_layout_without_mlm", {"objective": "ict", "mlm_separator": "wrap"},
+     "--mlm_separator wrap shapes --objective mlm rows only (here: --train_mode pretrain, --objective ict)"),
     ("flag_fp16_and_bf16", {"fp16": "", "bf16": ""}, "--fp16 and --bf16 are exclusive"),
     ("flag_warmup_longer_than_schedule", {"warmup_steps": "500"}, "--warmup_steps (500) exceeds the schedule length (100 steps)"),
     ("flag_zero3_on_train_py", {"zero3": ""}, "--zero3 only works with train_zero_two.py"),

@@ -224,8 +224,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         _fail(parser, "--num_labels is for --train_mode classify")
     if args.device == "cuda":
         _check_cuda(parser)
-    for flag, default in (("mlm_separator", "eod"), ("mlm_packing", "units")):
-        if getattr(args, flag) != default and (args.train_mode != "pretrain" or args.objective != "mlm"):
+    for flag in ("mlm_separator", "mlm_packing"):
+        if getattr(args, flag) != parser.get_default(flag) and (args.train_mode != "pretrain" or args.objective != "mlm"):
             _fail(parser, f"--{flag} {getattr(args, flag)} shapes --objective mlm rows only (here: --train_mode "
                           f"{args.train_mode}, --objective {args.objective}); drop it or pass --objective mlm")
     if not 0 < args.mlm_probability < 1:
