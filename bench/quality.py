@@ -20,7 +20,8 @@ it (`DataCollatorForLanguageModeling`, 15% masking, 80/10/10, full 128-token blo
     python bench/quality.py --quick                # smoke run (seconds)
 
 Each `--ours "FLAGS"` adds one row trained with those extra train.py flags (default: the
-defaults). Results are written to OUT/results.json and printed as a table.
+defaults); `--arch modernbert` among them trains a `modernbert` model of the same width, depth,
+heads and parameters instead (exported to `ModernBertForMaskedLM`, scored by the same code). Results are written to OUT/results.json and printed as a table.
 """
 from __future__ import annotations
 
@@ -101,7 +102,14 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def model_config(args, vocab_size: int) -> dict:
+def model_config(args, vocab_size: int, arch: str = "transformer") -> dict:
+    if arch == "modernbert":  # the same width/depth/heads; GeGLU's two input halves at 2/3 of ff: equal parameters
+        return {"model_type": "modernbert", "vocab_size": vocab_size, "hidden_size": args.hidden,
+                "num_hidden_layers": args.layers, "num_heads": args.heads, "ff_dim": args.ff * 2 // 3 // 8 * 8,
+                "act_fn": "gelu", "dropout_prob": 0.0, "initializer_range": 0.02, "max_position_embedding": 1024,
+                "type_vocab_size": 2, "LN_eps": 1e-5, "ln_pos": 0, "layer_group": 1, "n_experts": 1,
+                "kernel_size": 9, "pad_token_id": 0, "global_attn_every_n_layers": 3,
+                "local_attention": args.seq_len // 2, "global_rope_theta": 160000.0, "local_rope_theta": 10000.0}
     return {"model_type": "transformer", "vocab_size": vocab_size, "hidden_size": args.hidden,
             "num_hidden_layers": args.layers, "num_heads": args.heads, "ff_dim": args.ff, "act_fn": "gelu",
             "dropout_prob": 0.1, "initializer_range": 0.02, "max_position_embedding": 512,
@@ -109,10 +117,26 @@ def model_config(args, vocab_size: int) -> dict:
             "kernel_size": 9}
 
 
+def split_arch(extra: str) -> tuple[str, str]:
+    """`--arch NAME` of a row's flags (ours: transformer, the default, or modernbert) and the rest."""
+    words = shlex.split(extra)
+    if "--arch" not in words:
+        return "transformer", extra
+    k = words.index("--arch")
+    if k + 1 >= len(words) or words[k + 1] not in ("transformer", "modernbert"):
+        raise SystemExit(f"--ours {extra!r}: --arch takes transformer or modernbert")
+    return words[k + 1], shlex.join(words[:k] + words[k + 2:])
+
+
 def train_ours(args, name: str, extra: str, corpus: Path, tok: Path, config: Path, out: Path) -> tuple[Path, float]:
     hf_dir = out / f"{name}.hf"
     if (hf_dir / "config.json").exists():
         return hf_dir, json.loads((out / f"{name}.time.json").read_text())["seconds"]
+    arch, extra = split_arch(extra)
+    if arch != "transformer":
+        config = out / f"model_config_{arch}.json"
+        config.write_text(json.dumps(model_config(args, len(json.loads((tok / "tokenizer.json").read_text())
+                                                               ["model"]["vocab"]), arch), indent=1))
     cmd = [sys.executable, "train.py", "--model_name", name, "--output_dir", str(out / "runs"),
            "--corpus_path", str(corpus), "--tokenizer", str(tok), "--model", str(config),
            "--train_batch_size", str(args.batch), "--max_seq_length", str(args.seq_len),
@@ -221,8 +245,8 @@ def heldout_sets(ko, reviews: list[str], seq_len: int) -> dict[str, tuple[torch.
 
 @torch.no_grad()
 def score_mlm(hf_dir: Path, sets: dict) -> dict[str, float]:
-    from transformers import BertForMaskedLM
-    model = BertForMaskedLM.from_pretrained(hf_dir).eval()
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
     res = {}
     for name, (inputs, attn, labels) in sets.items():
         loss_sum, correct, count = 0.0, 0, 0
@@ -266,10 +290,10 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def finetune_sentiment(hf_dir: Path, ko, train: tuple, test: tuple, seed: int, args) -> float:
     """One epoch of BertForSequenceClassification on the training rows; accuracy on the test rows."""
-    from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
-    model = BertForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
     rows, labels = train
     steps = math.ceil(len(rows) / args.ft_batch)
     opt = torch.optim.AdamW(model.parameters(), lr=args.ft_lr, weight_decay=0.01)
