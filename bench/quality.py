@@ -8,7 +8,7 @@ number of steps, then scored by the same code:
   layouts: `reviews` (one review per row as `[CLS] review [SEP]`, the layout fine-tuning sees)
   and `blocks` (run_mlm's layout: `[CLS] line [SEP]` concatenated and cut into full rows);
 - NSMC sentiment accuracy after one fine-tuning epoch (`BertForSequenceClassification`, same
-  rows, same recipe), over several seeds (mean and spread).
+  rows, same recipe, length-bucketed batches), over several seeds (mean and spread).
 
 Ours runs the product: `train.py` in a subprocess, then `python -m trainer.export` to a
 `BertForMaskedLM` folder. The baseline is `BertForMaskedLM` trained the way `run_mlm.py` does
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -229,7 +228,7 @@ def fixed_masks(ids: torch.Tensor, special: torch.Tensor, vocab: int, rate: floa
 def heldout_sets(ko, reviews: list[str], seq_len: int) -> dict[str, tuple[torch.Tensor, ...]]:
     special = torch.from_numpy(ko.is_special())
     sets = {}
-    rows = [[ko.cls_id, *e[:seq_len - 2], ko.sep_id] for e in ko.encode_batch(reviews)]
+    rows = sorted(([ko.cls_id, *e[:seq_len - 2], ko.sep_id] for e in ko.encode_batch(reviews)), key=len)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), ko.pad_id, dtype=torch.int64)
     for i, r in enumerate(rows):
@@ -251,8 +250,9 @@ def score_mlm(hf_dir: Path, sets: dict) -> dict[str, float]:
     for name, (inputs, attn, labels) in sets.items():
         loss_sum, correct, count = 0.0, 0, 0
         for s in range(0, len(inputs), 64):
-            logits = model(input_ids=inputs[s:s + 64], attention_mask=attn[s:s + 64]).logits
-            lab = labels[s:s + 64]
+            w = int(attn[s:s + 64].sum(1).max())  # rows are sorted by length: no compute on padding
+            logits = model(input_ids=inputs[s:s + 64, :w], attention_mask=attn[s:s + 64, :w]).logits
+            lab = labels[s:s + 64, :w]
             m = lab != -100
             loss_sum += torch.nn.functional.cross_entropy(logits[m], lab[m], reduction="sum").item()
             correct += int((logits[m].argmax(-1) == lab[m]).sum())
@@ -288,6 +288,18 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, (ids != pad_id).long()
 
 
+def length_bucketed_batches(lengths: list[int], batch: int, seed: int, pool: int = 50) -> list[list[int]]:
+    """A seeded shuffle, cut into pools of `pool` batches, each sorted by length and cut into batches,
+    the batches shuffled: every row once, little padding (NSMC reviews are short and uneven)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    out = []
+    for s in range(0, len(order), pool * batch):
+        chunk = sorted(order[s:s + pool * batch], key=lambda i: lengths[i])
+        out += [chunk[k:k + batch] for k in range(0, len(chunk), batch)]
+    return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
+
 def finetune_sentiment(hf_dir: Path, ko, train: tuple, test: tuple, seed: int, args) -> float:
     """One epoch of BertForSequenceClassification on the training rows; accuracy on the test rows."""
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -295,13 +307,12 @@ def finetune_sentiment(hf_dir: Path, ko, train: tuple, test: tuple, seed: int, a
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=2)
     rows, labels = train
-    steps = math.ceil(len(rows) / args.ft_batch)
+    batches = length_bucketed_batches([len(r) for r in rows], args.ft_batch, seed)
+    steps = len(batches)
     opt = torch.optim.AdamW(model.parameters(), lr=args.ft_lr, weight_decay=0.01)
     sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     model.train()
-    for s in range(steps):
-        idx = order[s * args.ft_batch:(s + 1) * args.ft_batch]
+    for idx in batches:
         ids, attn = pad([rows[i] for i in idx], ko.pad_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=torch.tensor([labels[i] for i in idx])).loss
         loss.backward()
@@ -311,12 +322,14 @@ def finetune_sentiment(hf_dir: Path, ko, train: tuple, test: tuple, seed: int, a
         opt.zero_grad(set_to_none=True)
     model.eval()
     rows, labels = test
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     correct = 0
     with torch.no_grad():
         for s in range(0, len(rows), 128):
-            ids, attn = pad(rows[s:s + 128], ko.pad_id)
+            idx = order[s:s + 128]
+            ids, attn = pad([rows[i] for i in idx], ko.pad_id)
             pred = model(input_ids=ids, attention_mask=attn).logits.argmax(-1)
-            correct += int((pred == torch.tensor(labels[s:s + 128])).sum())
+            correct += int((pred == torch.tensor([labels[i] for i in idx])).sum())
     return correct / len(rows)
 
 
