@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
         args.steps, args.train_lines, args.eval_reviews, args.ft_rows, args.ft_test_rows = 6, 3000, 200, 64, 64
         args.hidden, args.layers, args.heads, args.ff, args.vocab_size, args.seeds = 32, 1, 2, 64, 2000, 2
         args.out = args.out + "-quick"
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    # OMP_NUM_THREADS, when set, caps the threads (two runs side by side: 1 each; oversubscribed
+    # cores make small models' many short parallel regions stall)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)))))
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the expected "pooler/classifier newly initialised" load reports
     out = Path(args.out).resolve()
@@ -414,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             res["sentiment_acc"] = [finetune_sentiment(hf_dir, ko, train, test, seed, args)
                                     for seed in range(args.seeds)]
             scored.write_text(json.dumps({"seeds": args.seeds, "scores": res}))
+        print(f"[quality] scored {label} ({hf_dir.name})", flush=True)
         accs = res["sentiment_acc"]
         res |= {"pretrain_seconds": seconds}
         results[label] = res
