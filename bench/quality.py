@@ -394,10 +394,12 @@ def main(argv: list[str] | None = None) -> None:
     config.write_text(json.dumps(model_config(args, len(ko)), indent=1))
 
     models: dict[str, tuple[Path, float]] = {}
-    for i, extra in enumerate(args.ours or [""]):
+    for extra in args.ours or [""]:
         label = f"ours {extra}".strip()
-        models[label] = train_ours(args, f"ours{i}-{zlib.crc32(extra.encode()):08x}", extra, corpus, tok_dir,
-                                   config, out)
+        crc = f"{zlib.crc32(extra.encode()):08x}"  # a row's models are found by its flags, whatever its position
+        name = next((p.name[:-3] for p in sorted(out.glob(f"ours*-{crc}.hf")) if (p / "config.json").exists()),
+                    f"ours-{crc}")
+        models[label] = train_ours(args, name, extra, corpus, tok_dir, config, out)
     if not args.skip_baseline:
         models["run_mlm baseline"] = train_baseline(args, corpus, tok_dir, out)
 
