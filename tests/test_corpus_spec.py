@@ -260,7 +260,7 @@ def test_slow_build_outlasts_pg_timeout_and_validation_equal_on_1_and_2_processe
     biggest = max(wiki + news, key=lambda p: p.stat().st_size)
     two = _run(root, None, cfg, "two", 2, 4,
                env={"TRAINER_PG_TIMEOUT_S": "3", "CORPUS_TEST_BUILD_DELAY": f"{biggest.name}:6",
-                    "TOKENIZER_TEST_TRAIN_DELAY": "5"})
+                    "TOKENIZER_TEST_TRAIN_DELAY": "4"})
     log = two.stdout + two.stderr
     assert "waiting for the tokenizer another process is training" in log
     assert "rank 1: waiting for 1 shard cache(s) being built by other processes" in log
