@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ours", action="append", default=None,
                     help="extra train.py flags for one row of ours (repeat for several rows; default: '')")
     ap.add_argument("--skip_baseline", action="store_true")
+    ap.add_argument("--skip_ours", action="store_true", help="no rows of ours (e.g. train the baseline alone, in parallel)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     args = ap.parse_args(argv)
     if args.quick:
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()  # the expected "pooler/classifier newly initialised" load reports
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("ours", "skip_baseline", "quick", "out", "seeds")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("ours", "skip_baseline", "skip_ours", "quick", "out",
+                                                                 "seeds")}
     settings_file = out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise SystemExit(f"{out} holds models trained with other settings ({settings_file}); "
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     config.write_text(json.dumps(model_config(args, len(ko)), indent=1))
 
     models: dict[str, tuple[Path, float]] = {}
-    for extra in args.ours or [""]:
+    for extra in [] if args.skip_ours else args.ours or [""]:
         label = f"ours {extra}".strip()
         crc = f"{zlib.crc32(extra.encode()):08x}"  # a row's models are found by its flags, whatever its position
         name = next((p.name[:-3] for p in sorted(out.glob(f"ours*-{crc}.hf")) if (p / "config.json").exists()),
