@@ -14,8 +14,13 @@ so per-process memory does not grow with the corpus. Groups never cross shards.
   __getitem__ the group is split at a random unit boundary (inside the unit when the group
   has one) into A and B, swapped with p=0.5 (sop_label 1 = swapped). Groups never cross
   documents. Groups of a single token are dropped and counted (`stats["dropped_short"]`);
-- mlm: units packed across documents (of one shard) up to max_seq_length - 2, [EOD] after each
-  document's last unit;
+- mlm: the units of each run of (kept) documents of a shard rendered as one stream, laid out by
+  mlm_separator: "sep" (default) [SEP] after every unit, "wrap" every unit as [CLS] unit [SEP]
+  (run_mlm's layout), "eod" units run together; in every layout [EOD] after a document's last
+  unit. mlm_packing "full" (default) cuts the stream into rows of exactly max_seq_length
+  ([CLS] + stream, or the stream alone for "wrap"; units cut at row edges; a run's last row
+  under 1/8 full is dropped, counted in `stats["dropped_tail_tokens"]`), "units" packs whole
+  units greedily (bench/quality.py measured full rows with [SEP] best per step: docs/tasks.md);
 - ict: documents packed into passages as for sop (max_seq_length - 2); every unit of a
   passage with at least two units is a query; the passage keeps the query with p=0.1.
 split="train"/"eval" leaves out / keeps only the documents held out for validation
@@ -142,8 +147,8 @@ def _mlm_groups(cum: np.ndarray, doc_units: np.ndarray, keep_doc: np.ndarray, bu
 
 
 def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
-                 keep_doc: np.ndarray, mlm_separator: str = "eod",
-                 mlm_packing: str = "units") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                 keep_doc: np.ndarray, mlm_separator: str = "sep",
+                 mlm_packing: str = "full") -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The sample index of one shard in its own coordinates (units, token offsets, groups)."""
     piece = max_seq_length - 3
     so = np.asarray(so, dtype=np.int64)
@@ -212,7 +217,7 @@ def _index_key(corpus: Corpus, objective: str, max_seq_length: int, split: str, 
 
 def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str = "all",
                 fraction: float = 0.0, seed: int = 0,
-                mlm_layout: tuple[str, str] = ("eod", "units")) -> tuple[Path, dict]:
+                mlm_layout: tuple[str, str] = ("sep", "full")) -> tuple[Path, dict]:
     """Build (once: a file lock keeps the other processes of the node, or of every node on a shared
     file system, waiting for it) the memory-mappable sample index; returns its directory and stats.
 
@@ -295,8 +300,8 @@ def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray
 class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, cache: Corpus | CorpusCache, tokenizer: KoTokenizer, max_seq_length: int,
                  objective: str = "sop", mlm_probability: float = 0.15, whole_word_mask: bool = False,
-                 seed: int = 0, split: str = "all", eval_fraction: float = 0.0, mlm_separator: str = "eod",
-                 mlm_packing: str = "units"):
+                 seed: int = 0, split: str = "all", eval_fraction: float = 0.0, mlm_separator: str = "sep",
+                 mlm_packing: str = "full"):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         _mlm_layout(mlm_separator, mlm_packing, max_seq_length)

@@ -47,10 +47,10 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
                    help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")
     g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of tokens masked for MLM")
     g.add_argument("--whole_word_mask", action="store_true", help="mask whole words (a head piece and its ## pieces)")
-    g.add_argument("--mlm_separator", choices=("eod", "sep", "wrap"), default="eod",
+    g.add_argument("--mlm_separator", choices=("eod", "sep", "wrap"), default="sep",
                    help="--objective mlm rows: 'eod' = units run together, [EOD] after each document; 'sep' = [SEP] "
                         "after every unit (sentence or line); 'wrap' = every unit as [CLS] unit [SEP] (run_mlm's layout)")
-    g.add_argument("--mlm_packing", choices=("units", "full"), default="units",
+    g.add_argument("--mlm_packing", choices=("units", "full"), default="full",
                    help="--objective mlm rows: 'units' = whole units packed greedily up to --max_seq_length; 'full' = "
                         "every row filled to --max_seq_length, units cut at row edges")
 
