@@ -131,11 +131,6 @@ def train_ours(args, name: str, extra: str, corpus: Path, tok: Path, config: Pat
     hf_dir = out / f"{name}.hf"
     if (hf_dir / "config.json").exists():
         return hf_dir, json.loads((out / f"{name}.time.json").read_text())["seconds"]
-    arch, extra = split_arch(extra)
-    if arch != "transformer":
-        config = out / f"model_config_{arch}.json"
-        config.write_text(json.dumps(model_config(args, len(json.loads((tok / "tokenizer.json").read_text())
-                                                               ["model"]["vocab"]), arch), indent=1))
     cmd = [sys.executable, "train.py", "--model_name", name, "--output_dir", str(out / "runs"),
            "--corpus_path", str(corpus), "--tokenizer", str(tok), "--model", str(config),
            "--train_batch_size", str(args.batch), "--max_seq_length", str(args.seq_len),
@@ -228,12 +223,7 @@ def fixed_masks(ids: torch.Tensor, special: torch.Tensor, vocab: int, rate: floa
 def heldout_sets(ko, reviews: list[str], seq_len: int) -> dict[str, tuple[torch.Tensor, ...]]:
     special = torch.from_numpy(ko.is_special())
     sets = {}
-    rows = sorted(([ko.cls_id, *e[:seq_len - 2], ko.sep_id] for e in ko.encode_batch(reviews)), key=len)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), ko.pad_id, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    sets["reviews"] = ids
+    sets["reviews"] = pad(sorted(encode_rows(ko, reviews, seq_len), key=len), ko.pad_id)[0]
     sets["blocks"] = run_mlm_blocks(ko, reviews, seq_len)
     out = {}
     for name, ids in sets.items():
@@ -401,7 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         crc = f"{zlib.crc32(extra.encode()):08x}"  # a row's models are found by its flags, whatever its position
         name = next((p.name[:-3] for p in sorted(out.glob(f"ours*-{crc}.hf")) if (p / "config.json").exists()),
                     f"ours-{crc}")
-        models[label] = train_ours(args, name, extra, corpus, tok_dir, config, out)
+        arch, flags = split_arch(extra)
+        row_config = config
+        if arch != "transformer":
+            row_config = out / f"model_config_{arch}.json"
+            row_config.write_text(json.dumps(model_config(args, len(ko), arch), indent=1))
+        models[label] = train_ours(args, name, flags, corpus, tok_dir, row_config, out)
     if not args.skip_baseline:
         models["run_mlm baseline"] = train_baseline(args, corpus, tok_dir, out)
 

@@ -191,13 +191,12 @@ class CorpusCache:
         return len(self.tokens)
 
     def read_offsets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sentence offsets, document offsets) read whole into private memory, checked to be
-        non-decreasing: done once, when a sample index is built. Read, not through the memory maps,
-        so the pages do not stay mapped (and counted in the RSS of every process) afterwards."""
+        """(sentence offsets, document offsets) read whole into private memory (FileArray: nothing
+        stays mapped), checked to be non-decreasing: done once, when a sample index is built."""
         out = []
         for name, arr in (("sent_offsets", self.sent_offsets), ("doc_offsets", self.doc_offsets)):
-            a = np.fromfile(self.path / f"{name}.bin", dtype=np.int64, count=len(arr)) if len(arr) else np.asarray(arr)
-            if len(a) != len(arr) or (len(a) > 1 and (np.diff(a) < 0).any()):
+            a = np.asarray(arr)
+            if len(a) > 1 and (np.diff(a) < 0).any():
                 raise _damaged(self.path, f"{name}.bin is not increasing")
             out.append(a)
         return out[0], out[1]

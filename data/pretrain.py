@@ -110,7 +110,7 @@ def _runs(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
-def _mlm_layout(separator: str, packing: str, max_seq_length: int) -> tuple[int, int, int]:
+def _mlm_layout(separator: str, packing: str) -> tuple[int, int, int]:
     """(extra tokens per unit, row prefix, row suffix) of an mlm row layout; budget = L - prefix - suffix."""
     if separator not in MLM_SEPARATORS or packing not in MLM_PACKINGS:
         raise ValueError(f"mlm separator must be one of {MLM_SEPARATORS} and packing one of {MLM_PACKINGS}, "
@@ -164,7 +164,7 @@ def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length:
              "extra_pieces": int((n_pieces - 1).sum()), "documents": int(keep_doc.sum())}
     out = {"unit_offsets": U, "unit_is_doc_end": is_end}
     if objective == "mlm":
-        extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing, max_seq_length)
+        extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing)
         cum = np.concatenate([[0], np.cumsum(np.diff(U) + extra + is_end)])
         out["groups"], out["mlm_skip"], stats["dropped_tail_tokens"] = _mlm_groups(
             cum, doc_units, keep_doc, max_seq_length - prefix - suffix, mlm_packing)
@@ -304,7 +304,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                  mlm_packing: str = "full"):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        _mlm_layout(mlm_separator, mlm_packing, max_seq_length)
+        _, self._mlm_prefix, self._mlm_suffix = _mlm_layout(mlm_separator, mlm_packing)
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length={max_seq_length} is too small for pretraining samples (need >= 8)")
         if not 0.0 <= mlm_probability < 1.0:
@@ -417,7 +417,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         pos, rank, val = np.concatenate(pos), np.concatenate(rank), np.concatenate(val)
         order = np.lexsort((rank, pos))
         stream = np.insert(body, pos[order], val[order].astype(body.dtype))
-        _, prefix, suffix = _mlm_layout(self.mlm_separator, self.mlm_packing, self.max_seq_length)
+        prefix, suffix = self._mlm_prefix, self._mlm_suffix
         stream = stream[skip:skip + self.max_seq_length - prefix - suffix]
         return np.concatenate([[self.cls_id] * prefix, stream, [self.sep_id] * suffix]).astype(np.int64)
 

@@ -47,6 +47,9 @@ def bad(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     (d / "broken_tokenizer").mkdir()
     (d / "broken_tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     (d / "not_a_dir").write_text("a file")
+    (d / "own_tok.dat").write_bytes(tiny_corpus.read_bytes())
+    (d / "own_tok.dat.tokenizer").mkdir()  # where the tokenizer would be trained: the user's folder
+    (d / "own_tok.dat.tokenizer" / "notes.txt").write_text("mine")
     # damaged copies of prev's checkpoint (prev itself must stay intact)
     step = out / "prev" / "step-4"
     shutil.copytree(step, d / "ckpt_meta" / "step-4")
@@ -137,6 +140,8 @@ CASES = [
     ("checkpoint_truncated_meta", {"checkpoint": "{d}/ckpt_meta/step-4"}, "meta.json is unreadable or incomplete"),
     ("checkpoint_truncated_shards", {"checkpoint": "{d}/ckpt_shards/step-4"}, "cannot load its model/optimizer state"),
     ("checkpoint_half_written", {"checkpoint": "{d}/ckpt_tmp/.step-6.tmp"}, ".step-6.tmp is an incomplete checkpoint left by a crash during a save"),
+    ("tokenizer_auto_train_into_a_user_folder", {"corpus_path": "{d}/own_tok.dat", "tokenizer": None},
+     "cannot train the tokenizer into {d}/own_tok.dat.tokenizer: {d}/own_tok.dat.tokenizer"),
     ("checkpoint_other_config", {"checkpoint": "{prev}/step-4", "model": "{d}/wider.json"},
      "was trained with another model config (hidden_size: checkpoint 32 vs --model 64)"),
     ("checkpoint_fresh_start_over_a_run", {"model_name": "prev"}, "{prev} already holds checkpoints (step-4 is the latest)"),

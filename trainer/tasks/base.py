@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from argparse import Namespace
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,9 @@ import torch.nn as nn
 
 from trainer import dist
 from trainer.dist import DistContext
+
+
+_TOKENIZER_FIX = "move it away or pass --tokenizer DIR"
 
 
 class Task:
@@ -135,7 +137,12 @@ class Task:
         copy, byte-identical (the trainer is deterministic)."""
         from data.corpus import _file_lock
         from data.tokenizer import train_tokenizer
+        from trainer.safety import UnsafeWrite, check_replaceable, staged_dir
 
+        try:  # a folder of the user's there is refused before anything is written (also the lock)
+            check_replaceable(path, fix=_TOKENIZER_FIX)
+        except UnsafeWrite as e:
+            raise SystemExit(f"cannot train the tokenizer into {path}: {e}") from None
         lock = path.with_name(path.name + ".lock")
         with _file_lock(lock, blocking=False) as mine:
             if not mine:
@@ -149,16 +156,12 @@ class Task:
                 time.sleep(float(os.environ["TOKENIZER_TEST_TRAIN_DELAY"]))
             print(f"[tokenizer] none given: rank {self.ctx.rank} trains WordPiece (vocab {self.config.vocab_size}, "
                   f"morpheme {self.args.morpheme}) on {train_inputs[0]} into {path}", flush=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                train_tokenizer(train_inputs, self.config.vocab_size, tmp,
-                                morpheme=None if self.args.morpheme == "none" else self.args.morpheme)
-                if path.exists():  # a folder without tokenizer.json (a killed earlier attempt's leftovers?)
-                    raise SystemExit(f"{path} exists but holds no tokenizer.json; move it away or pass --tokenizer")
-                os.rename(tmp, path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            try:  # staged beside `path`, swapped in when complete (staged_dir checks `path` again)
+                with staged_dir(path, fix=_TOKENIZER_FIX) as tmp:
+                    train_tokenizer(train_inputs, self.config.vocab_size, tmp,
+                                    morpheme=None if self.args.morpheme == "none" else self.args.morpheme)
+            except UnsafeWrite as e:
+                raise SystemExit(f"cannot train the tokenizer into {path}: {e}") from None
 
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
