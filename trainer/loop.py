@@ -1,6 +1,7 @@
 """The one training loop, shared by train.py, train_zero_one.py and train_zero_two.py."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -249,6 +250,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _kill_children() -> None:
+    """SIGKILL this process's multiprocessing children (DataLoader workers) before an immediate exit:
+    left alive, a worker serving a batch's file descriptors to the vanished parent prints a
+    ConnectionResetError traceback, and lingers until its watchdog notices."""
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+        except (OSError, ValueError):
+            pass
+
+
 class _Terminate:
     """SIGTERM (slurm preemption, torchrun shutdown) and SIGINT (Ctrl-C) ask the loop to checkpoint
     at the end of the step and stop (exit 128 + signal); a second SIGINT exits at once, unsaved."""
@@ -264,6 +276,7 @@ class _Terminate:
         # os.write: print() could re-enter a stderr write (the progress bar's) it interrupted
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             os.write(2, b"[train] second SIGINT: exiting now without saving; the last complete step-N is kept\n")
+            _kill_children()
             os._exit(130)
         if signum == signal.SIGINT and self.verbose:
             os.write(2, b"[train] SIGINT: saving a checkpoint at the end of this step, then stopping "
