@@ -51,7 +51,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20  # the largest piece of a file a worker tokenizes at once
+MIN_CHUNK_BYTES = 1 << 16
 MANIFEST = "manifest.json"
 CACHE_ENV = "CORPUS_CACHE_DIR"  # optional: directory for caches instead of beside the corpus
 POLL_SECONDS = 1.0
@@ -334,12 +335,59 @@ def _tokenize_range(args: tuple[str, int, int, str]) -> dict:
             "skipped": {k: int(v) for k, v in skipped.items() if v}, "bytes": end - start, "lines": len(lines)}
 
 
+class _TokenizerPool:
+    """The tokenizer processes of one builder, forked once and kept for every shard it builds.
+
+    One worker tokenizes in this process (the `tokenizers` library then uses its own threads)."""
+
+    def __init__(self, tokenizer: KoTokenizer, num_workers: int):
+        self.tokenizer, self.num_workers = tokenizer, num_workers
+        self._pool = None
+        self._env = os.environ.get("TOKENIZERS_PARALLELISM")
+
+    def run(self, tasks: Iterable[tuple], consume: Callable[[dict], None]) -> None:
+        """consume(_tokenize_range(task)) for each task, in order; 2 per worker in flight."""
+        if self.num_workers <= 1:
+            _worker_init(self.tokenizer)
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
+            for t in tasks:
+                consume(_tokenize_range(t))
+            return
+        if self._pool is None:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no threads in a process that forks
+            self.tokenizer.prepare_batch_encoding()  # once here, not in every forked worker
+            self._pool = mp.get_context("fork").Pool(self.num_workers, _worker_init, (self.tokenizer,))
+        window: collections.deque = collections.deque()
+        for t in tasks:
+            window.append(self._pool.apply_async(_tokenize_range, (t,)))
+            if len(window) >= 2 * self.num_workers:
+                consume(window.popleft().get())
+        while window:
+            consume(window.popleft().get())
+
+    def __enter__(self) -> "_TokenizerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        if self._env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self._env
+
+
 def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, num_workers: int,
-                 bar=None) -> dict:
-    """Tokenize `corpus` into the files of `tmp`; returns the manifest. `bar`: a tqdm over bytes or None."""
+                 bar=None, pool: _TokenizerPool | None = None) -> dict:
+    """Tokenize `corpus` into the files of `tmp`; returns the manifest. `bar`: a tqdm over bytes or None;
+    `pool`: the builder's worker processes (else made for this file)."""
     size = inputs["corpus"]["size"]
     dtype = "uint16" if tokenizer.vocab_size <= 65535 else "uint32"
-    ranges = _chunk_bounds(corpus, size, CHUNK_BYTES)
+    # small shards in smaller chunks: the workers finish a file together instead of one waiting on the other
+    chunk = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, size // (16 * max(1, num_workers))))
+    ranges = _chunk_bounds(corpus, size, chunk)
     tasks = ((str(corpus), a, b, dtype) for a, b in ranges)
     t0 = time.perf_counter()
     n_tok = n_sent = n_docs = n_lines = max_id = 0
@@ -370,28 +418,11 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
             if bar is not None:
                 bar.update(r["bytes"])
 
-        old = os.environ.get("TOKENIZERS_PARALLELISM")
-        try:
-            if num_workers <= 1:
-                _worker_init(tokenizer)
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
-                for t in tasks:
-                    consume(_tokenize_range(t))
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = "false"
-                with mp.get_context("fork").Pool(num_workers, _worker_init, (tokenizer,)) as pool:
-                    window: collections.deque = collections.deque()
-                    for t in tasks:
-                        window.append(pool.apply_async(_tokenize_range, (t,)))
-                        if len(window) >= 2 * num_workers:
-                            consume(window.popleft().get())
-                    while window:
-                        consume(window.popleft().get())
-        finally:
-            if old is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = old
+        if pool is None:
+            with _TokenizerPool(tokenizer, num_workers) as own:
+                own.run(tasks, consume)
+        else:
+            pool.run(tasks, consume)
         np.array([n_tok], dtype=np.int64).tofile(fsent)
         np.array([n_sent], dtype=np.int64).tofile(fdoc)
     seconds = time.perf_counter() - t0
@@ -460,7 +491,8 @@ def remove_stale_tmp(cache_dir: Path) -> list[Path]:
     return removed
 
 
-def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: int, bar=None) -> dict:
+def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: int, bar=None,
+                  pool: _TokenizerPool | None = None) -> dict:
     """Build out (the caller holds its lock and checked that it has no manifest)."""
     inputs = _inputs(corpus, tokenizer)
     remove_stale_tmp(out)
@@ -471,7 +503,7 @@ def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write_cache(corpus, tokenizer, tmp, inputs, num_workers, bar)
+        manifest = _write_cache(corpus, tokenizer, tmp, inputs, num_workers, bar, pool)
         _test_delay(corpus)
         now = _inputs(corpus, tokenizer)["corpus"]
         if now != inputs["corpus"]:
@@ -556,6 +588,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                      progress and bool(mine))
     built = 0
     t0 = last_report = time.monotonic()
+    pool = _TokenizerPool(tokenizer, workers)
     try:
         while True:
             waiting = []
@@ -567,7 +600,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                     if got and not (out / MANIFEST).exists():
                         if bar is not None and i not in mine:
                             bar.total += stats[i].st_size
-                        _build_locked(shards[i], tokenizer, out, workers, bar)
+                        _build_locked(shards[i], tokenizer, out, workers, bar, pool)
                         built += 1
                     elif not got:
                         waiting.append(i)
@@ -583,6 +616,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                 last_report = now
             time.sleep(poll_seconds)
     finally:
+        pool.__exit__()
         if bar is not None:
             bar.close()
     if built:

@@ -122,3 +122,42 @@ def test_morpheme_offsets_with_odd_spacing(mecab_tokenizer):
     pieces = [text[a:b] for a, b in offsets]
     assert "".join(pieces) == "".join(text.split())
     assert np.all(np.diff([a for a, _ in offsets]) > 0)
+
+
+ODD_LINES = [
+    "탭\t이 있는 줄", "전각\u3000공백", "제어\x07문자", "널\x00문자", "대체\ufffd문자", "폭 없는\u200d결합",
+    "\u1100\u1161\u11a8 풀어 쓴 한글", "e\u0301 결합 부호", "이모지 😀 줄", "漢字 섞인 줄", "사용자 영역 \ue000",
+    "미할당 \u0378", "줄\u2028구분", "ＦＵＬＬＷＩＤＴＨ 전각 영문", "ﬁ 합자", "  앞뒤 공백  ", "", "[MASK] [SEP]",
+]
+
+
+@pytest.mark.parametrize("normalizer", ["ours", "lowercase_chinese", "nfkc", "strip"])
+def test_batch_encoding_bypass_gives_the_ids_of_the_full_tokenizer(tiny_tokenizer, normalizer):
+    """encode_batch skips the normalizer for lines it would leave unchanged: the ids must be those
+    of the full tokenizer, line by line, on real reviews and on lines each normalizer changes."""
+    from tokenizers import Tokenizer, normalizers
+
+    from data.tokenizer import NormalizerBypass
+    from tests.conftest import NSMC_CORPUS
+
+    raw = Tokenizer.from_str(tiny_tokenizer.tokenizer.to_str())
+    raw.normalizer = {
+        "ours": raw.normalizer,
+        "lowercase_chinese": normalizers.Sequence([normalizers.BertNormalizer(
+            lowercase=True, strip_accents=False, handle_chinese_chars=True), normalizers.NFC()]),
+        "nfkc": normalizers.NFKC(),
+        "strip": normalizers.Sequence([normalizers.Strip(), normalizers.NFC()]),
+    }[normalizer]
+    tok = KoTokenizer(raw)
+    lines = NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[:3000] + ODD_LINES
+    want = [tok.tokenizer.encode(t, add_special_tokens=False).ids for t in lines]
+    assert tok.encode_batch(lines) == want
+    bypass = NormalizerBypass.of(tok.tokenizer)
+    if normalizer == "strip":
+        assert bypass is None  # not a per-character map: every line takes the full path
+        return
+    unchanged = [bypass.unchanged(t) for t in lines]
+    assert sum(unchanged) > 2500  # the bypass is taken for most clean text ...
+    for t, same in zip(lines, unchanged):  # ... and only where the normalizer is the identity
+        assert not same or tok.tokenizer.normalizer.normalize_str(t) == t, repr(t)
+    assert pickle.loads(pickle.dumps(tok)).encode_batch(ODD_LINES) == want[-len(ODD_LINES):]
