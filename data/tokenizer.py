@@ -209,8 +209,13 @@ class NormalizerBypass:
             changed.append((start, 0x10FFFF))
         # as one class the Basic Multilingual Plane compiles to a bitmap (constant time per character);
         # text beyond it (emoji, old scripts: rare) is sent to the full tokenizer as a whole range
-        bmp = "".join(f"\\u{a:04x}-\\u{min(b, 0xFFFF):04x}" for a, b in changed if a <= 0xFFFF)
-        self._changed = re.compile(f"[{bmp}\\U00010000-\\U0010ffff]").search
+        def search(ranges):
+            bmp = "".join(f"\\u{a:04x}-\\u{min(b, 0xFFFF):04x}" for a, b in ranges if a <= 0xFFFF and b >= a)
+            return re.compile(f"[{bmp}\\U00010000-\\U0010ffff]")
+
+        self._changed = search(changed).search
+        # the same without the line break, for texts joined by line breaks (`unchanged_mask`)
+        self._changed_joined = search([r for a, b in changed for r in ((a, min(b, 9)), (max(a, 11), b))]).finditer
         self._normal = unicodedata.is_normalized
 
     @classmethod
@@ -235,8 +240,26 @@ class NormalizerBypass:
         """Whether the normalizer would leave `text` as it is."""
         return self._changed(text) is None and all(self._normal(f, text) for f in self.forms)
 
+    def unchanged_mask(self, texts: list[str]) -> list[bool]:
+        """[unchanged(t) for t in texts], in a few C calls over the texts joined by line breaks (a
+        break never changes, composes or reorders with its neighbours: each text is normalized iff
+        the joined one is) and a look at the texts holding a character that changes."""
+        joined = "\n".join(texts)
+        if joined.count("\n") != len(texts) - 1:  # a text holds a line break
+            return [self.unchanged(t) for t in texts]
+        same = [True] * len(texts)
+        ends = None
+        for m in self._changed_joined(joined):
+            if ends is None:
+                ends = np.cumsum([len(t) + 1 for t in texts])
+            same[int(np.searchsorted(ends, m.start(), side="right"))] = False
+        for f in self.forms:
+            if not self._normal(f, joined):
+                same = [s and self._normal(f, t) for s, t in zip(same, texts)]
+        return same
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        same = [self.unchanged(t) for t in texts]
+        same = self.unchanged_mask(texts)
         if all(same):
             return _encode_fast(self.bare, texts)
         plain = iter(_encode_fast(self.bare, [t for t, s in zip(texts, same) if s]))

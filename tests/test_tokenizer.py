@@ -157,6 +157,8 @@ def test_batch_encoding_bypass_gives_the_ids_of_the_full_tokenizer(tiny_tokenize
         assert bypass is None  # not a per-character map: every line takes the full path
         return
     unchanged = [bypass.unchanged(t) for t in lines]
+    assert bypass.unchanged_mask(lines) == unchanged
+    assert bypass.unchanged_mask(["줄\n바꿈", "좋다"]) == [bypass.unchanged("줄\n바꿈"), True]
     assert sum(unchanged) > 2500  # the bypass is taken for most clean text ...
     for t, same in zip(lines, unchanged):  # ... and only where the normalizer is the identity
         assert not same or tok.tokenizer.normalizer.normalize_str(t) == t, repr(t)
