@@ -1,5 +1,5 @@
 """Training throughput (tokens/s) of our models vs `transformers` models of identical dimensions,
-in one process, interleaved, fp32, AdamW step included; MFU against a measured matmul peak.
+in one process, interleaved, fp32, fused AdamW step included; MFU against a measured matmul peak.
 Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT against HF
 `ModernBertForMaskedLM` (same dimensions, built by models.hf_compat.modernbert_hf_config);
 `--compile` adds our models with each encoder layer torch.compile'd as `--compile` trains them.
@@ -79,7 +79,9 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: i
 
 
 def train_step_fn(model: torch.nn.Module, batch: dict, labels: torch.Tensor, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW on both sides: our engines' optimizer (trainer.engines.base.fused_adamw) and the
+    # default of HF's Trainer ("adamw_torch_fused" since torch 2.8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
     key = "labels" if hf else "mlm_labels"
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                      "GFLOP/token": f"{flops / 1e9:.3f}", "MFU": f"{100 * flops * tps[name] / peak:.1f}%"})
     print(f"config {args.config}: hidden {base.hidden_size}, layers {base.num_hidden_layers}, "
           f"heads {base.num_heads}, ff {base.ff_dim}, vocab {base.vocab_size}; batch "
-          f"{args.batch_size} x seq {args.seq_len}, {args.mask_prob:.0%} masked, fp32, AdamW; "
+          f"{args.batch_size} x seq {args.seq_len}, {args.mask_prob:.0%} masked, fp32, fused AdamW; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', LD_PRELOAD=' + os.environ['LD_PRELOAD'] if os.environ.get('LD_PRELOAD') else ''}")
     if modern is not None:

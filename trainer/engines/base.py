@@ -50,6 +50,15 @@ def adamw_kwargs(args: Namespace) -> dict:
     return dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
 
 
+def fused_adamw(device: torch.device) -> dict:
+    """AdamW's `fused=True` where torch has the fused kernel for the device (CPU, CUDA, ...): one
+    kernel over all parameters instead of a dozen ops per tensor; at BERT-base size on 2 CPU cores
+    the step takes 0.065 s instead of 0.22-0.34 s (bench/README.md). Same update up to rounding."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {}
+
+
 def schedule_steps(args: Namespace) -> int:
     """The LR schedule's length: --scheduler_num_steps, 0 meaning --num_steps."""
     return args.scheduler_num_steps or args.num_steps

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups, reset_peak_lr,
-                                  schedule_lambda, schedule_steps, tensor_state_bytes)
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, fused_adamw, is_bad_step, param_groups,
+                                  reset_peak_lr, schedule_lambda, schedule_steps, tensor_state_bytes)
 
 TAG = "ds"
 AUTO = "auto"
@@ -201,7 +201,7 @@ class DeepSpeedEngine(Engine):
         if self.ctx.device.type == "cuda":
             from deepspeed.ops.adam import FusedAdam
             return FusedAdam(groups, adam_w_mode=True, **adam)
-        return torch.optim.AdamW(groups, **adam)
+        return torch.optim.AdamW(groups, **adam, **fused_adamw(self.ctx.device))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         import deepspeed

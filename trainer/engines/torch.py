@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups, reset_peak_lr,
-                                  tensor_state_bytes)
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, fused_adamw, is_bad_step, param_groups,
+                                  reset_peak_lr, tensor_state_bytes)
 
 
 def ddp(model: nn.Module, ctx) -> DistributedDataParallel:
@@ -66,10 +66,11 @@ class TorchEngine(Engine):
         groups = param_groups(model, args.weight_decay)
         if self.stage == 1:
             optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                                weight_decay=args.weight_decay, **adamw_kwargs(args))
+                                                weight_decay=args.weight_decay, **adamw_kwargs(args),
+                                                **fused_adamw(ctx.device))
             optimizer.add_param_group(groups[1])
         else:
-            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(args))
+            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(args), **fused_adamw(ctx.device))
         self._schedule(optimizer, sharded_grads=self.stage >= 2)
         return self.model
 
