@@ -65,6 +65,7 @@ FORMAT_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20  # the largest piece of a file a worker tokenizes at once
 MIN_CHUNK_BYTES = 1 << 16
+BYPASS_MIN_BYTES = 4 << 20  # a build of this much text sets up the tokenizer's normalizer bypass (~0.4 s)
 MANIFEST = "manifest.json"
 CACHE_ENV = "CORPUS_CACHE_DIR"  # optional: directory for caches instead of beside the corpus
 POLL_SECONDS = 1.0
@@ -340,13 +341,15 @@ class _TokenizerPool:
 
     One worker tokenizes in this process (the `tokenizers` library then uses its own threads)."""
 
-    def __init__(self, tokenizer: KoTokenizer, num_workers: int):
-        self.tokenizer, self.num_workers = tokenizer, num_workers
+    def __init__(self, tokenizer: KoTokenizer, num_workers: int, total_bytes: int):
+        self.tokenizer, self.num_workers, self.total_bytes = tokenizer, num_workers, total_bytes
         self._pool = None
         self._env = os.environ.get("TOKENIZERS_PARALLELISM")
 
     def run(self, tasks: Iterable[tuple], consume: Callable[[dict], None]) -> None:
         """consume(_tokenize_range(task)) for each task, in order; 2 per worker in flight."""
+        if self.total_bytes >= BYPASS_MIN_BYTES:
+            self.tokenizer.prepare_batch_encoding()  # once here, not in every forked worker
         if self.num_workers <= 1:
             _worker_init(self.tokenizer)
             os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
@@ -355,7 +358,6 @@ class _TokenizerPool:
             return
         if self._pool is None:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no threads in a process that forks
-            self.tokenizer.prepare_batch_encoding()  # once here, not in every forked worker
             self._pool = mp.get_context("fork").Pool(self.num_workers, _worker_init, (self.tokenizer,))
         window: collections.deque = collections.deque()
         for t in tasks:
@@ -419,7 +421,7 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                 bar.update(r["bytes"])
 
         if pool is None:
-            with _TokenizerPool(tokenizer, num_workers) as own:
+            with _TokenizerPool(tokenizer, num_workers, size) as own:
                 own.run(tasks, consume)
         else:
             pool.run(tasks, consume)
@@ -588,7 +590,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                      progress and bool(mine))
     built = 0
     t0 = last_report = time.monotonic()
-    pool = _TokenizerPool(tokenizer, workers)
+    pool = _TokenizerPool(tokenizer, workers, total)
     try:
         while True:
             waiting = []

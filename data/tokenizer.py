@@ -169,6 +169,9 @@ def _pretokenize_batch(args: tuple[str, list[str]]) -> list[str]:
 _WORKER_SPLITTER: MorphemeSplitter | None = None
 
 
+BYPASS_AFTER_TEXTS = 20_000  # texts through encode_batch before it builds its NormalizerBypass
+
+
 def _encode_fast(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     enc = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
     return [e.ids for e in enc(texts, add_special_tokens=False)] if texts else []
@@ -290,7 +293,8 @@ class KoTokenizer:
         h = hashlib.sha256(tokenizer.to_str().encode())
         h.update(json.dumps({"morpheme": morpheme}).encode())
         self.fingerprint: str = h.hexdigest()[:16]
-        self._bypass: NormalizerBypass | None | bool = None  # built on the first encode_batch
+        self._bypass: NormalizerBypass | None | bool = None  # built once encode_batch has seen enough texts
+        self._encoded = 0
 
     def __reduce__(self):
         # through __init__: a pickled `tokenizers.Tokenizer` forgets encode_special_tokens
@@ -348,14 +352,17 @@ class KoTokenizer:
         if self.splitter:
             texts = [self._pre(t) for t in texts]
         if self._bypass is None:
-            self._bypass = NormalizerBypass.of(self.tokenizer) or False
+            self._encoded += len(texts)
+            if self._encoded >= BYPASS_AFTER_TEXTS:  # worth its ~0.4 s of setup from here on
+                self._bypass = NormalizerBypass.of(self.tokenizer) or False
         if self._bypass:
             return self._bypass.encode_batch(texts)
         return _encode_fast(self.tokenizer, texts)
 
     def prepare_batch_encoding(self) -> None:
         """Build encode_batch's normalizer bypass now (~0.4 s), e.g. before forking workers that share it."""
-        self.encode_batch([])
+        if self._bypass is None:
+            self._bypass = NormalizerBypass.of(self.tokenizer) or False
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if not self.splitter:

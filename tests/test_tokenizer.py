@@ -151,6 +151,8 @@ def test_batch_encoding_bypass_gives_the_ids_of_the_full_tokenizer(tiny_tokenize
     tok = KoTokenizer(raw)
     lines = NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[:3000] + ODD_LINES
     want = [tok.tokenizer.encode(t, add_special_tokens=False).ids for t in lines]
+    assert tok.encode_batch(lines) == want and tok._bypass is None  # a few texts: not worth setting up
+    tok.prepare_batch_encoding()
     assert tok.encode_batch(lines) == want
     bypass = NormalizerBypass.of(tok.tokenizer)
     if normalizer == "strip":
