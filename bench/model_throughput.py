@@ -23,6 +23,7 @@ import torch
 
 from bench.common import format_table, interleaved_medians, measure_matmul_peak
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
+from trainer.engines.base import compile_layers
 
 TARGET_RATIO = 1.5             # our BERT vs HF BERT (at BERT-base size)
 MODERNBERT_TARGET_RATIO = 1.3  # our ModernBERT vs HF ModernBERT
@@ -62,9 +63,8 @@ def hf_modernbert_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """Each encoder layer compiled in place, as --compile does (trainer/engines/base.py)."""
-    for block in model.encoder.blocks():
-        block.compile()
+    """Each encoder layer compiled in place, as --compile does (trainer.engines.base.compile_layers)."""
+    compile_layers(model, torch.device("cpu"))
     return model
 
 

@@ -59,6 +59,17 @@ def fused_adamw(device: torch.device) -> dict:
     return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {}
 
 
+def compile_layers(model: nn.Module, device: torch.device) -> None:
+    """torch.compile each encoder layer of `model` in place (what --compile does, `compile_blocks`)."""
+    if device.type == "cpu":
+        # dropout through aten's generator, not inductor's generated one: on the CPU that is faster
+        # (small config 1.07x eager instead of 0.98-1.02x) and draws the eager masks (same losses)
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True
+    for block in model.encoder.blocks():
+        block.compile()
+
+
 def schedule_steps(args: Namespace) -> int:
     """The LR schedule's length: --scheduler_num_steps, 0 meaning --num_steps."""
     return args.scheduler_num_steps or args.num_steps
@@ -149,10 +160,8 @@ class Engine(ABC):
         """--compile: torch.compile each encoder layer in place (regional compilation), before
         wrapping. Parameter names stay (checkpoints are the same as eager ones), DDP/FSDP/ZeRO
         see ordinary modules, and a layer type is compiled once, not once per layer."""
-        if not getattr(self.args, "compile", False):
-            return
-        for block in model.encoder.blocks():
-            block.compile()
+        if getattr(self.args, "compile", False):
+            compile_layers(model, self.ctx.device)
 
     def _schedule(self, optimizer: torch.optim.Optimizer, sharded_grads: bool) -> None:
         """self.optimizer, the LR schedule over it (`schedule_lambda`) and, with --fp16, the loss
