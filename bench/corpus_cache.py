@@ -3,10 +3,11 @@
     python bench/corpus_cache.py [--corpus ../shared/data/nsmc/reviews_corpus.txt] [--repeats 2]
 
 Ours: data.corpus.build_cache(num_workers=2). Baseline: datasets.load_dataset("text") then
-.map(batched=True, num_proc=2) with the same tokenizer, called as the `tokenizers`
-library offers it (`encode_batch_fast`; ours also skips the normalizer where it changes nothing). Each build runs in a fresh subprocess
-(fresh caches) whose process tree (workers included) is sampled with psutil for peak RSS;
-ours and the baseline alternate so that load from other users of the machine hits both.
+.map(batched=True, num_proc=2) with the same tokenizer, called as the `tokenizers` library
+offers it (`encode_batch_fast`; ours also skips the normalizer where it changes nothing). Each
+build runs in a fresh subprocess (fresh caches) whose process tree (workers included) is sampled
+with psutil for peak RSS; ours and the baseline alternate so that load from other users of the
+machine hits both.
 Sizes: the first half of the corpus and all of it, to show whether memory grows with size.
 
 Scale mode (`--scale`, issue 12): a sharded corpus made on the fly from the NSMC corpus (never
@@ -61,9 +62,11 @@ def _child(args: argparse.Namespace) -> None:
 
         datasets.disable_progress_bars()
 
+        from data.tokenizer import _encode_fast
+
         def encode(batch: dict) -> dict:  # the `tokenizers` library's fastest call (no offsets), as a user would
             texts = [tok._pre(t) for t in batch["text"]] if tok.splitter else batch["text"]
-            return {"input_ids": [e.ids for e in tok.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]}
+            return {"input_ids": _encode_fast(tok.tokenizer, texts)}
 
         t0 = time.perf_counter()
         ds = datasets.load_dataset("text", data_files=args.corpus.split(","), split="train", cache_dir=str(work))

@@ -79,7 +79,7 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: i
 
 
 def train_step_fn(model: torch.nn.Module, batch: dict, labels: torch.Tensor, hf: bool):
-    # fused AdamW on both sides: our engines' optimizer (trainer.engines.base.fused_adamw) and the
+    # fused AdamW on both sides: our engines' optimizer (trainer.engines.base.adamw_kwargs) and the
     # default of HF's Trainer ("adamw_torch_fused" since torch 2.8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()

@@ -371,6 +371,10 @@ class _TokenizerPool:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers and give TOKENIZERS_PARALLELISM back its value."""
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
@@ -618,7 +622,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                 last_report = now
             time.sleep(poll_seconds)
     finally:
-        pool.__exit__()
+        pool.close()
         if bar is not None:
             bar.close()
     if built:

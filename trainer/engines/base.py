@@ -45,18 +45,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw_kwargs(args: Namespace) -> dict:
-    """AdamW's arguments from the flags (the weight decay is per group: `param_groups`)."""
-    return dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+def adamw_kwargs(args: Namespace, device: torch.device | None = None) -> dict:
+    """AdamW's arguments from the flags (the weight decay is per group: `param_groups`). With the
+    `device` of a torch AdamW, `fused=True` where torch has the fused kernel for it (CPU, CUDA, ...):
+    one kernel over all parameters instead of a dozen ops per tensor; at BERT-base size on 2 CPU
+    cores the step takes 0.065 s instead of 0.22-0.34 s (bench/README.md). Same update up to rounding."""
+    kwargs = dict(lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon)
+    if device is not None:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-
-def fused_adamw(device: torch.device) -> dict:
-    """AdamW's `fused=True` where torch has the fused kernel for the device (CPU, CUDA, ...): one
-    kernel over all parameters instead of a dozen ops per tensor; at BERT-base size on 2 CPU cores
-    the step takes 0.065 s instead of 0.22-0.34 s (bench/README.md). Same update up to rounding."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {}
+        if device.type in _get_fused_kernels_supported_devices():
+            kwargs["fused"] = True
+    return kwargs
 
 
 def compile_layers(model: nn.Module, device: torch.device) -> None:

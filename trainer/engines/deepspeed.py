@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer.engines.base import (Engine, StepResult, adamw_kwargs, fused_adamw, is_bad_step, param_groups,
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups,
                                   reset_peak_lr, schedule_lambda, schedule_steps, tensor_state_bytes)
 
 TAG = "ds"
@@ -194,14 +194,14 @@ class DeepSpeedEngine(Engine):
     # -- setup -------------------------------------------------------------------------
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         args = self.args
-        adam = adamw_kwargs(args)
+        adam = adamw_kwargs(args)  # the DeepSpeed optimizers take no `fused`
         if args.cpu_offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
         if self.ctx.device.type == "cuda":
             from deepspeed.ops.adam import FusedAdam
             return FusedAdam(groups, adam_w_mode=True, **adam)
-        return torch.optim.AdamW(groups, **adam, **fused_adamw(self.ctx.device))
+        return torch.optim.AdamW(groups, **adamw_kwargs(args, self.ctx.device))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         import deepspeed

@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 
 from trainer import checkpoint, dist
-from trainer.engines.base import (Engine, StepResult, adamw_kwargs, fused_adamw, param_groups, reset_peak_lr,
-                                  tensor_state_bytes)
+from trainer.engines.base import Engine, StepResult, adamw_kwargs, param_groups, reset_peak_lr, tensor_state_bytes
 from trainer.engines.torch import TorchEngine, ddp
 
 SUB = "fairscale"
@@ -104,11 +103,11 @@ class FairscaleEngine(TorchEngine):
         if self.stage == 3:
             self.model = self._wrap_fsdp(model)
             # unflattened shards: param_groups judges each by its original shape
-            optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), **adamw_kwargs(args),
-                                          **fused_adamw(ctx.device))
+            optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay),
+                                          **adamw_kwargs(args, ctx.device))
         else:
-            optimizer = OSS(param_groups(model, args.weight_decay), optim=torch.optim.AdamW, **adamw_kwargs(args),
-                            **fused_adamw(ctx.device))
+            optimizer = OSS(param_groups(model, args.weight_decay), optim=torch.optim.AdamW,
+                            **adamw_kwargs(args, ctx.device))
             if self.stage == 1:
                 self.model = ddp(model, ctx)
             else:

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import (Engine, StepResult, adamw_kwargs, fused_adamw, is_bad_step, param_groups,
+from trainer.engines.base import (Engine, StepResult, adamw_kwargs, is_bad_step, param_groups,
                                   reset_peak_lr, tensor_state_bytes)
 
 
@@ -66,11 +66,10 @@ class TorchEngine(Engine):
         groups = param_groups(model, args.weight_decay)
         if self.stage == 1:
             optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                                weight_decay=args.weight_decay, **adamw_kwargs(args),
-                                                **fused_adamw(ctx.device))
+                                                weight_decay=args.weight_decay, **adamw_kwargs(args, ctx.device))
             optimizer.add_param_group(groups[1])
         else:
-            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(args), **fused_adamw(ctx.device))
+            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(args, ctx.device))
         self._schedule(optimizer, sharded_grads=self.stage >= 2)
         return self.model
 
