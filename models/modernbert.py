@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .activations import activation
-from .encoder import EncoderOutput
+from .encoder import EncoderOutput, QueryRows, attend_rows
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
@@ -72,13 +72,20 @@ class RotarySelfAttention(nn.Module):
         self.dropout_p = config.dropout_prob
         self.out_dropout = nn.Dropout(config.dropout_prob)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor,
+                rows: QueryRows | None = None) -> Tensor:
+        """x (B, L, H) -> (B, L, H), or (R, H) at the QueryRows `rows`."""
         B, L, H = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # (B, N, L, K) each
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        p = self.dropout_p if self.training else 0.0
+        if rows is not None:
+            k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)   # (B, N, L, K) each
+            pos = rows.index % L
+            q = apply_rotary(rows.take(qkv[:, :, 0]), cos[pos, None], sin[pos, None])  # (R, N, K)
+            return self.out_dropout(self.out(attend_rows(q, apply_rotary(k, cos, sin), v, rows, attn_mask, p)))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (B, N, L, K) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_dropout(self.out(a.transpose(1, 2).reshape(B, L, H)))
 
 
@@ -107,7 +114,12 @@ class ModernBertLayer(nn.Module):
         self.mlp = GatedFeedForward(config)
         self.is_global = config.is_global_attention_layer(index)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor,
+                rows: QueryRows | None = None) -> Tensor:
+        """x (B, L, H) -> (B, L, H), or (R, H) at the QueryRows `rows`."""
+        if rows is not None:
+            y = rows.take(x) + self.attn(self.attn_norm(x), attn_mask, cos, sin, rows)
+            return y + self.mlp(self.mlp_norm(y))
         x = x + self.attn(self.attn_norm(x), attn_mask, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -159,19 +171,23 @@ class ModernBertEncoder(nn.Module):
             return None, window
         return global_mask, window & (key_ok[:, None, None, :] | ~key_ok[:, None, :, None])
 
+    supports_query_rows = True
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> EncoderOutput:
+                token_type_ids: Tensor | None = None, rows: QueryRows | None = None) -> EncoderOutput:
+        """rows: compute the last layer's output only there (QueryRows)."""
         x = self.embeddings(input_ids)
         L, device = input_ids.shape[1], input_ids.device
         global_mask, local_mask = self.attention_masks(attention_mask, L, device)
         c = self.config
         rope_global = rotary_cos_sin(L, c.head_dim, c.global_rope_theta, device)
         rope_local = rotary_cos_sin(L, c.head_dim, c.local_rope_theta, device)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            extra = (rows,) if rows is not None and i == len(self.layers) - 1 else ()
             if layer.is_global:
-                x = layer(x, global_mask, *rope_global)
+                x = layer(x, global_mask, *rope_global, *extra)
             else:
-                x = layer(x, local_mask, *rope_local)
+                x = layer(x, local_mask, *rope_local, *extra)
         return EncoderOutput(self.final_norm(x), x.new_zeros((), dtype=torch.float32))
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .encoder import EncoderOutput, TransformerEncoder, init_weights
+from .encoder import EncoderOutput, QueryRows, TransformerEncoder, init_weights
 from .heads import (IGNORE_INDEX, CharTagHead, MLMHead, SequenceClassifierHead, SpanHead, contrastive_loss,
                     pool)
 from .mix_lm import MixLMEncoder
@@ -79,13 +79,26 @@ class PretrainModel(TaskModel):
             return self._forward_ict(query_input_ids, query_attention_mask, query_token_type_ids,
                                      query_mlm_labels, passage_input_ids, passage_attention_mask,
                                      passage_token_type_ids, passage_mlm_labels)
-        hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)
+        rows = None
+        if mlm_labels is not None and getattr(self.encoder, "supports_query_rows", False):
+            # the heads read only the masked rows and [CLS]: the last layer computes just those
+            need = mlm_labels != IGNORE_INDEX
+            if self.sop_head is not None:
+                need[:, 0] = True
+            rows = QueryRows.from_mask(need)
+            hidden, aux = self.encoder(input_ids, attention_mask, token_type_ids, rows)   # (R, H)
+        else:
+            hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)          # (B, L, H)
         out: dict[str, Tensor] = {"aux_loss": aux}
         losses = [aux]
         if mlm_labels is not None:
-            out.update(self.mlm_head.loss(hidden, mlm_labels, self.word_embeddings))
+            labels = rows.take(mlm_labels) if rows is not None else mlm_labels
+            out.update(self.mlm_head.loss(hidden, labels, self.word_embeddings))
             losses.append(out["mlm_loss"])
         if self.sop_head is not None:
+            if rows is not None:       # the [CLS] rows, in batch order, as (B, 1, H)
+                first = (rows.index % input_ids.shape[1] == 0).nonzero().squeeze(1)
+                hidden = hidden.index_select(0, first).unsqueeze(1)
             logits = self.sop_head(hidden).float()
             out["sop_logits"] = logits
             if sop_labels is not None:
