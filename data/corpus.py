@@ -43,7 +43,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -317,8 +316,7 @@ def _tokenize_range(args: tuple[str, int, int, str]) -> dict:
             brk = False
         else:
             brk = True
-    ids = _W_TOK.encode_batch(texts) if texts else []
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat, lengths = _W_TOK.encode_batch_flat(texts)
     keep = lengths > 0
     skipped["no_tokens"] = int((~keep).sum())
     new_doc = np.array(new_doc, dtype=bool)
@@ -331,8 +329,7 @@ def _tokenize_range(args: tuple[str, int, int, str]) -> dict:
         brk |= carry
         new_doc = new_doc[keep]
         lengths = lengths[keep]
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return {"ids": flat, "lengths": lengths, "new_doc": new_doc, "trailing_break": brk,
+    return {"ids": flat.astype(dtype), "lengths": lengths, "new_doc": new_doc, "trailing_break": brk,
             "skipped": {k: int(v) for k, v in skipped.items() if v}, "bytes": end - start, "lines": len(lines)}
 
 

@@ -83,6 +83,33 @@ def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, t
         np.testing.assert_array_equal(a, b)
 
 
+def test_large_build_path_gives_the_reference_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    """What a build of >= BYPASS_MIN_BYTES does (normalizer bypass, lines joined per group:
+    data.tokenizer.JoinedEncoder), on 1 and 2 workers, equals the line-by-line reference, on reviews
+    beyond the tokenizer's training slice with odd lines among them."""
+    from tests.conftest import NSMC_CORPUS
+    from tests.test_tokenizer import ODD_LINES
+
+    lines = NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[3000:7000]
+    path = tmp_path / "large.dat"
+    path.write_text("\n".join(lines[:2000] + ODD_LINES + [""] + lines[2000:]) + "\n", encoding="utf-8")
+    monkeypatch.setattr(corpus_mod, "BYPASS_MIN_BYTES", 0)
+    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 65536)
+    import data.tokenizer as tokenizer_mod
+
+    joined = []
+    real = tokenizer_mod.JoinedEncoder.encode_flat
+    monkeypatch.setattr(tokenizer_mod.JoinedEncoder, "encode_flat",
+                        lambda self, texts: joined.append(len(texts)) or real(self, texts))
+    ref = reference(path, tiny_tokenizer)
+    for workers in (1, 2):
+        monkeypatch.setenv(corpus_mod.CACHE_ENV, str(tmp_path / f"w{workers}"))
+        cache = CorpusCache.open(build_cache(path, tiny_tokenizer, num_workers=workers, progress=False))
+        assert as_docs(cache) == ref
+        if workers == 1:  # in this process: the joined path did the work
+            assert sum(joined) > 3900
+
+
 def test_reuse_and_invalidation(corpus_copy, tiny_tokenizer, tmp_path, count_builds):
     first = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
     again = load_or_build(corpus_copy, tiny_tokenizer, progress=False)

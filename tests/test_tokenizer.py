@@ -149,11 +149,15 @@ def test_batch_encoding_bypass_gives_the_ids_of_the_full_tokenizer(tiny_tokenize
         "strip": normalizers.Sequence([normalizers.Strip(), normalizers.NFC()]),
     }[normalizer]
     tok = KoTokenizer(raw)
-    lines = NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[:3000] + ODD_LINES
+    lines = NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[3000:6000] + ODD_LINES
     want = [tok.tokenizer.encode(t, add_special_tokens=False).ids for t in lines]
     assert tok.encode_batch(lines) == want and tok._bypass is None  # a few texts: not worth setting up
+    flat_want = ([i for w in want for i in w], [len(w) for w in want])
+    assert tuple(x.tolist() for x in tok.encode_batch_flat(lines)) == flat_want
     tok.prepare_batch_encoding()
     assert tok.encode_batch(lines) == want
+    # flat, and the unchanged lines joined (JoinedEncoder) where the bypass is set up
+    assert tuple(x.tolist() for x in tok.encode_batch_flat(lines)) == flat_want
     bypass = NormalizerBypass.of(tok.tokenizer)
     if normalizer == "strip":
         assert bypass is None  # not a per-character map: every line takes the full path
@@ -165,3 +169,56 @@ def test_batch_encoding_bypass_gives_the_ids_of_the_full_tokenizer(tiny_tokenize
     for t, same in zip(lines, unchanged):  # ... and only where the normalizer is the identity
         assert not same or tok.tokenizer.normalizer.normalize_str(t) == t, repr(t)
     assert pickle.loads(pickle.dumps(tok)).encode_batch(ODD_LINES) == want[-len(ODD_LINES):]
+
+
+@pytest.mark.parametrize("pre", ["bert", "whitespace"])
+def test_joined_encoding_gives_each_texts_own_ids(tiny_tokenizer, pre):
+    """JoinedEncoder encodes groups of texts joined by a one-character word none of them holds and
+    cuts at its id: each text's ids are its own encoding, also where the texts hold the first
+    candidates (another is picked), where they hold every candidate (text by text) and for lines
+    that give no ids."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from data.tokenizer import JoinedEncoder
+    from tests.conftest import NSMC_CORPUS
+
+    bare = Tokenizer.from_str(tiny_tokenizer.tokenizer.to_str())
+    bare.normalizer = None
+    bare.encode_special_tokens = True
+    if pre == "whitespace":  # the morpheme tokenizers' pre-tokenizer
+        bare.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    enc = JoinedEncoder.of(bare)
+    assert enc is not None and len(enc.candidates) > 50
+    # reviews after the tokenizer's training slice (every word of the vocabulary occurs in that one)
+    lines = [t for t in NSMC_CORPUS.read_text(encoding="utf-8").splitlines()[3000:5000] if t.strip()]
+    assert all(len(c) == 1 or c.isalnum() for _, c in enc.candidates)
+    first = " ".join(c for _, c in enc.candidates[:20])   # texts holding the first candidates
+    lines += [first, "", "   ", f"{first}영화", "[MASK]", "[SEP] 좋다", "!?", "##"]
+    want = [e.ids for e in bare.encode_batch(lines, add_special_tokens=False)]
+    flat_want = ([i for w in want for i in w], [len(w) for w in want])
+    assert tuple(x.tolist() for x in enc.encode_flat(lines)) == flat_want
+    assert enc._pick >= 20 and enc.candidates[enc._pick][1] not in "\n".join(lines)
+    # texts holding every candidate: encoded one by one
+    every = " ".join(c for _, c in enc.candidates)
+    got = enc.encode_flat(lines[:10] + [every])
+    assert tuple(x.tolist() for x in got) == ([i for w in want[:10] for i in w] + bare.encode(every, add_special_tokens=False).ids,
+                                              [len(w) for w in want[:10]] + [len(bare.encode(every, add_special_tokens=False).ids)])
+    assert [x.tolist() for x in enc.encode_flat([])] == [[], []]
+
+
+def test_joined_encoding_only_where_it_is_exact(tiny_tokenizer):
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+
+    from data.tokenizer import JoinedEncoder
+
+    def variant(change):
+        t = Tokenizer.from_str(tiny_tokenizer.tokenizer.to_str())
+        t.normalizer = None
+        change(t)
+        return t
+
+    assert JoinedEncoder.of(variant(lambda t: None)) is not None
+    assert JoinedEncoder.of(tiny_tokenizer.tokenizer) is None  # a normalizer could act across the joint
+    assert JoinedEncoder.of(variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace()))) is None
+    assert JoinedEncoder.of(variant(lambda t: t.add_tokens([AddedToken("영화 좋다")]))) is None
+    assert JoinedEncoder.of(variant(lambda t: t.enable_truncation(16))) is None
