@@ -7,6 +7,8 @@ Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT agains
     python bench/model_throughput.py                     # small (hidden 256 / 4 layers) + modernbert-small, seq 128
     python bench/model_throughput.py --config bert-base --compile
                                                          # BERT-base size, batch 8: transformer + modernbert-base
+    python bench/model_throughput.py --config bert-base --only transformer --full_last_layer
+                                                         # + the last layer over every position (ablation)
     python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
@@ -68,6 +70,14 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def full_last_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its last encoder layer computed at every position (no QueryRows): the ablation
+    of the last layer computed only at the rows the heads read."""
+    enc = model.encoder
+    enc.__class__ = type(f"Full{type(enc).__name__}", (type(enc),), {"supports_query_rows": False})
+    return model
+
+
 def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(6, cfg.vocab_size, (batch, seq), generator=g)
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="ModernBERT config to run against HF ModernBertForMaskedLM (default: modernbert-small "
                         "for small, modernbert-base for bert-base, none otherwise; 'none' leaves it out)")
     p.add_argument("--compile", action="store_true", help="add our transformer and ModernBERT with compiled layers")
+    p.add_argument("--full_last_layer", action="store_true",
+                   help="add our transformer and ModernBERT with the last layer computed at every position "
+                        "(what computing it only at the masked rows and [CLS] saves)")
     p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         # an --only entry naming a variant exactly selects it alone, any other one by substring
         if not args.only or any(o == name if o in family else o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
+            if args.full_last_layer and name == "transformer":
+                models["transformer, full last layer"] = (full_last_layer(build_model(cfg, "pretrain", objective="mlm")),
+                                                          cfg, False, HF_BERT)
             if args.compile and name == "transformer":
                 models["transformer --compile"] = (compiled(build_model(cfg, "pretrain", objective="mlm")), cfg,
                                                    False, HF_BERT)
@@ -139,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
             modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
         models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
+        if args.full_last_layer:
+            models[f"{modern_name}, full last layer"] = (full_last_layer(build_model(modern, "pretrain", objective="mlm")),
+                                                         modern, False, HF_MODERNBERT)
         if args.compile:
             models[f"{modern_name} --compile"] = (compiled(build_model(modern, "pretrain", objective="mlm")), modern,
                                                   False, HF_MODERNBERT)
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, (model, cfg, hf, baseline) in models.items():
         frac = 1.0 if hf else args.mask_prob
-        flops = estimate_flops_per_token(cfg, args.seq_len, frac)
+        flops = estimate_flops_per_token(cfg, args.seq_len, frac, query_rows=not name.endswith("full last layer"))
         rows.append({"model": name, "params (M)": f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}",
                      "tokens/s": f"{tps[name]:,.0f}", "vs HF": f"{tps[name] / tps[baseline]:.2f}x",
                      "HF baseline": baseline.removeprefix("HF "),
@@ -177,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     checks = [("transformer", HF_BERT, TARGET_RATIO), (modern_name, HF_MODERNBERT, MODERNBERT_TARGET_RATIO),
               ("transformer --compile", "transformer", COMPILE_TARGET_RATIO),
               (f"{modern_name} --compile", modern_name, COMPILE_TARGET_RATIO)]
+    for ours in ("transformer", modern_name):
+        if f"{ours}, full last layer" in tps and ours in tps:
+            print(f"{ours} / {ours}, full last layer = {tps[ours] / tps[ours + ', full last layer']:.2f}x "
+                  f"(the last layer only at the masked rows)")
     for ours, other, target in checks:
         if ours in tps and other in tps:
             ratio = tps[ours] / tps[other]

@@ -5,7 +5,7 @@ from .config import ModelConfig
 
 
 def estimate_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction: float = 0.15,
-                             training: bool = True) -> float:
+                             training: bool = True, query_rows: bool = True) -> float:
     """FLOPs per input token of the encoder plus an MLM head run on `masked_fraction` of the
     tokens (1.0 for a head over all tokens, as HF's BertForMaskedLM). Attention counts QK^T
     and AV (4 * L * H per token per layer); a Switch layer counts one expert plus the router;
@@ -13,13 +13,13 @@ def estimate_flops_per_token(config: ModelConfig, seq_len: int, masked_fraction:
     keys and its GeGLU MLP counts 6 * H * F. Where the encoder computes its last layer only at the
     rows the heads read (models.encoder.QueryRows: BERT-family self-attention with a dense FFN last,
     and ModernBERT), that layer's attention, output projection and FFN count `masked_fraction` of
-    the tokens (its qkv projection all of them). Embedding lookups, norms and softmax are left out."""
+    the tokens (its qkv projection all of them; `query_rows=False`: all of it every token). Embedding lookups, norms and softmax are left out."""
     H, Fd, D, V, L = (config.hidden_size, config.ff_dim, config.embedding_dim, config.vocab_size,
                       seq_len)
     flops = 2 * D * H if D != H else 0
     last = config.num_hidden_layers - 1
-    rows_last = config.model_type == "modernbert" or (
-        config.model_type == "transformer" and not config.is_moe_layer(last // config.layer_group))
+    rows_last = query_rows and (config.model_type == "modernbert" or (
+        config.model_type == "transformer" and not config.is_moe_layer(last // config.layer_group)))
     for i in range(config.num_hidden_layers):
         j = i // config.layer_group
         q = masked_fraction if i == last and rows_last else 1.0    # fraction of rows with queries
