@@ -93,6 +93,35 @@ class Embeddings(nn.Module):
         return x
 
 
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., K) rotated by position (RoPE; cos, sin broadcast to x), in float32 (as transformers
+    does), cast back."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def attention(qkv: Tensor, attn_mask: Tensor | None, dropout_p: float, rows: QueryRows | None = None,
+              rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """qkv (B, L, 3, N, K) -> the attention output (B, L, N * K), or (R, N * K) at the QueryRows `rows`;
+    rope: RoPE's (cos, sin) (L, K), applied to queries and keys."""
+    B, L, _, N, K = qkv.shape
+    if rows is not None:
+        k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)     # (B, N, L, K) each
+        q = rows.take(qkv[:, :, 0])                                # (R, N, K)
+        if rope is not None:
+            cos, sin = rope
+            pos = rows.index % L
+            q, k = apply_rotary(q, cos[pos, None], sin[pos, None]), apply_rotary(k, cos, sin)
+        return attend_rows(q, k, v, rows, attn_mask, dropout_p)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # (B, N, L, K) each
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return a.transpose(1, 2).reshape(B, L, N * K)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and PyTorch SDPA."""
 
@@ -107,15 +136,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None, token_mask: Tensor | None = None,
                 rows: QueryRows | None = None) -> Tensor:
         """x (B, L, H) -> (B, L, H), or (R, H) at the QueryRows `rows`."""
-        B, L, H = x.shape
+        B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
-        p = self.dropout_p if self.training else 0.0
-        if rows is not None:
-            k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)   # (B, N, L, K) each
-            return self.out(attend_rows(rows.take(qkv[:, :, 0]), k, v, rows, attn_mask, p))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (B, N, L, K) each
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.out(a.transpose(1, 2).reshape(B, L, H))
+        return self.out(attention(qkv, attn_mask, self.dropout_p if self.training else 0.0, rows))
 
 
 class FeedForward(nn.Module):

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .activations import activation
-from .encoder import EncoderOutput, QueryRows, attend_rows
+from .encoder import EncoderOutput, QueryRows, attention
+
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
@@ -30,14 +30,6 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
     angles = torch.arange(seq_len, dtype=torch.float, device=device)[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, N, L, K) rotated by position, in float32 (as transformers does), cast back."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 def sliding_window_mask(seq_len: int, window: int, device: torch.device | None = None) -> Tensor:
@@ -75,18 +67,10 @@ class RotarySelfAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor,
                 rows: QueryRows | None = None) -> Tensor:
         """x (B, L, H) -> (B, L, H), or (R, H) at the QueryRows `rows`."""
-        B, L, H = x.shape
+        B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
-        p = self.dropout_p if self.training else 0.0
-        if rows is not None:
-            k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)   # (B, N, L, K) each
-            pos = rows.index % L
-            q = apply_rotary(rows.take(qkv[:, :, 0]), cos[pos, None], sin[pos, None])  # (R, N, K)
-            return self.out_dropout(self.out(attend_rows(q, apply_rotary(k, cos, sin), v, rows, attn_mask, p)))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (B, N, L, K) each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.out_dropout(self.out(a.transpose(1, 2).reshape(B, L, H)))
+        a = attention(qkv, attn_mask, self.dropout_p if self.training else 0.0, rows, (cos, sin))
+        return self.out_dropout(self.out(a))
 
 
 class GatedFeedForward(nn.Module):

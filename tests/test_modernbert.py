@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model, load_config
-from models.modernbert import apply_rotary, rotary_cos_sin, sliding_window_mask
+from models.encoder import apply_rotary
+from models.modernbert import rotary_cos_sin, sliding_window_mask
 from tests.trainer_util import launch, losses, read_tsv
 
 REPO = Path(__file__).resolve().parents[1]
