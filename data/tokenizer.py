@@ -197,10 +197,10 @@ class JoinedEncoder:
 
     GROUP = 64
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prefix: str = "##"):
+        """prefix: WordPiece's continuing-subword prefix (those pieces are never a word)."""
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
-        prefix = json.loads(tokenizer.to_str())["model"].get("continuing_subword_prefix") or "##"
         specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         # candidates: words of the vocabulary that are one word to the pre-tokenizer (letters and
         # digits, or one character that is not a space) and not a special token or a part of one;
@@ -219,7 +219,7 @@ class JoinedEncoder:
                 or (spec.get("pre_tokenizer") or {}).get("type") not in ("BertPreTokenizer", "WhitespaceSplit")
                 or any(not t.get("special") for t in spec.get("added_tokens", []))):
             return None
-        enc = cls(tokenizer)
+        enc = cls(tokenizer, spec["model"].get("continuing_subword_prefix") or "##")
         return enc if enc.candidates else None
 
     def _sentinel(self, joined: str) -> tuple[int, str] | None:

@@ -225,10 +225,7 @@ class Encoder(nn.Module):
         group = self.config.layer_group
         last = self.config.num_hidden_layers - 1
         for i in range(self.config.num_hidden_layers):
-            if i == last and rows is not None:
-                x, aux = self.layers[i // group](x, attn_mask, token_mask, rows)
-            else:
-                x, aux = self.layers[i // group](x, attn_mask, token_mask)
+            x, aux = self.layers[i // group](x, attn_mask, token_mask, rows if i == last else None)
             if aux is not None:
                 aux_total = aux_total + aux
         if self.final_norm is not None:

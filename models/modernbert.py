@@ -22,7 +22,6 @@ from .activations import activation
 from .encoder import EncoderOutput, QueryRows, attention
 
 
-
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
                    device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin (L, K) of RoPE: frequency theta^(-2i/K) for the pair (i, i + K/2) of each head."""
@@ -113,6 +112,8 @@ class ModernBertEncoder(nn.Module):
     (`embeddings.word_embeddings`, `blocks()`, forward -> EncoderOutput). Token types are
     accepted and ignored: ModernBERT has no token-type embeddings."""
 
+    supports_query_rows = True  # forward's `rows`: every layer is self-attention + a dense MLP
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -155,8 +156,6 @@ class ModernBertEncoder(nn.Module):
             return None, window
         return global_mask, window & (key_ok[:, None, None, :] | ~key_ok[:, None, :, None])
 
-    supports_query_rows = True
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, rows: QueryRows | None = None) -> EncoderOutput:
         """rows: compute the last layer's output only there (QueryRows)."""
@@ -166,12 +165,10 @@ class ModernBertEncoder(nn.Module):
         c = self.config
         rope_global = rotary_cos_sin(L, c.head_dim, c.global_rope_theta, device)
         rope_local = rotary_cos_sin(L, c.head_dim, c.local_rope_theta, device)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            extra = (rows,) if rows is not None and i == len(self.layers) - 1 else ()
-            if layer.is_global:
-                x = layer(x, global_mask, *rope_global, *extra)
-            else:
-                x = layer(x, local_mask, *rope_local, *extra)
+            mask, rope = (global_mask, rope_global) if layer.is_global else (local_mask, rope_local)
+            x = layer(x, mask, *rope, rows if i == last else None)
         return EncoderOutput(self.final_norm(x), x.new_zeros((), dtype=torch.float32))
 
 
