@@ -143,12 +143,8 @@ class Task:
             check_replaceable(path, fix=_TOKENIZER_FIX)
         except UnsafeWrite as e:
             raise SystemExit(f"cannot train the tokenizer into {path}: {e}") from None
-        lock = path.with_name(path.name + ".lock")
-        with _file_lock(lock, blocking=False) as mine:
-            if not mine:
-                print(f"[tokenizer] rank {self.ctx.rank}: waiting for the tokenizer another process is "
-                      f"training into {path}", flush=True)
-        with _file_lock(lock):
+
+        def train_holding_the_lock() -> None:
             if (path / "tokenizer.json").is_file():
                 return
             if os.environ.get("TOKENIZER_TEST_TRAIN_DELAY"):  # tests: a training longer than the pg timeout
@@ -162,6 +158,18 @@ class Task:
                                     morpheme=None if self.args.morpheme == "none" else self.args.morpheme)
             except UnsafeWrite as e:
                 raise SystemExit(f"cannot train the tokenizer into {path}: {e}") from None
+
+        lock = path.with_name(path.name + ".lock")
+        # the lock taken at the first try is kept (not released and taken again: another process could
+        # take it in between, and this one would then wait without saying so)
+        with _file_lock(lock, blocking=False) as mine:
+            if mine:
+                train_holding_the_lock()
+                return
+        print(f"[tokenizer] rank {self.ctx.rank}: waiting for the tokenizer another process is "
+              f"training into {path}", flush=True)
+        with _file_lock(lock):
+            train_holding_the_lock()
 
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
