@@ -7,11 +7,16 @@ one-process group on a free local port.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import faulthandler
+import gc
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -79,6 +84,56 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_process(fn: Callable[[], object]) -> NoReturn:
+    """Run a command's `fn` (which calls init ... shutdown) as the whole process, then end it without
+    the interpreter's teardown.
+
+    torch's gloo process group outlives `destroy_process_group` whenever DDP or FSDP wrapped a model
+    (they keep references in C++), so its worker threads still run while Python finalizes and the C++
+    runtime destroys its globals. A worker that drops the last reference to a tensor owned by a Python
+    object at that moment needs the GIL, which a finalizing interpreter refuses by ending the thread:
+    the process aborts ("terminate called without an active exception", SIGABRT) after all its work is
+    done, torchrun reports the run as failed, and a job with --max_restarts starts again. So once `fn`
+    returns (or exits), the Python part of the shutdown is done here, in order: other non-daemon
+    threads are joined, the atexit handlers run (logging, multiprocessing children, trackers),
+    unreachable objects are collected (files they hold get closed), the standard streams are flushed;
+    then `os._exit` with the exit code Python would have used. Exceptions other than SystemExit and
+    KeyboardInterrupt propagate as usual (traceback, exit code 1).
+
+    faulthandler is on for the run: a crash (SIGSEGV, SIGABRT, ...) prints every thread's Python stack.
+    """
+    faulthandler.enable(all_threads=True)
+    try:
+        fn()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        code = 130
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    end_process(code)
+
+
+def end_process(code: int) -> NoReturn:
+    """The Python part of interpreter shutdown, then `os._exit(code)` (see `run_process`)."""
+    main = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:

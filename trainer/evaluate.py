@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -425,7 +424,6 @@ def _check_data(task: str, argv_job: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from trainer import dist
+
+    dist.run_process(main)  # Ctrl-C: exit code 130
