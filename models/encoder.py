@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .activations import activation
 from .config import ModelConfig
+from .tied import TiedEmbedding
 from .moe import SwitchFFN
 
 
@@ -68,7 +69,7 @@ class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d = config.embedding_dim
-        self.word_embeddings = nn.Embedding(config.vocab_size, d)
+        self.word_embeddings = TiedEmbedding(config.vocab_size, d)
         self.position_embeddings = nn.Embedding(config.max_position_embedding, d)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.norm = nn.LayerNorm(d, eps=config.LN_eps)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .tied import TiedEmbedding
 from .activations import activation
 from .encoder import EncoderOutput, QueryRows, attention
 
@@ -40,7 +41,7 @@ def sliding_window_mask(seq_len: int, window: int, device: torch.device | None =
 class ModernBertEmbeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.LN_eps, bias=False)
         self.dropout = nn.Dropout(config.dropout_prob)
         self.max_positions = config.max_position_embedding

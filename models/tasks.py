@@ -17,6 +17,7 @@ from .heads import (IGNORE_INDEX, CharTagHead, MLMHead, SequenceClassifierHead, 
                     pool)
 from .mix_lm import MixLMEncoder
 from .modernbert import ModernBertEncoder
+from .tied import TiedEmbedding, TiedGrad
 
 REGISTRY: dict[str, type[nn.Module]] = {"transformer": TransformerEncoder, "mix_lm": MixLMEncoder,
                                         "modernbert": ModernBertEncoder}
@@ -66,19 +67,33 @@ class PretrainModel(TaskModel):
         self.gather_fn: GatherFn = local_only
         self.init_heads()
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, mlm_labels: Tensor | None = None,
-                sop_labels: Tensor | None = None,
-                query_input_ids: Tensor | None = None, query_attention_mask: Tensor | None = None,
-                query_token_type_ids: Tensor | None = None, query_mlm_labels: Tensor | None = None,
-                passage_input_ids: Tensor | None = None,
-                passage_attention_mask: Tensor | None = None,
-                passage_token_type_ids: Tensor | None = None,
-                passage_mlm_labels: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
+        """See `_forward`. In training, the word embeddings and the MLM decoder share one weight
+        gradient tensor for the step (models.tied)."""
+        emb = self.encoder.embeddings.word_embeddings
+        tied = (isinstance(emb, TiedEmbedding) and emb.usable() and torch.is_grad_enabled()
+                and emb.weight.requires_grad)
+        if not tied:
+            return self._forward(*args, tied=None, **kwargs)
+        emb.tied = TiedGrad()
+        try:
+            return self._forward(*args, tied=emb.tied, **kwargs)
+        finally:
+            emb.tied = None
+
+    def _forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 token_type_ids: Tensor | None = None, mlm_labels: Tensor | None = None,
+                 sop_labels: Tensor | None = None,
+                 query_input_ids: Tensor | None = None, query_attention_mask: Tensor | None = None,
+                 query_token_type_ids: Tensor | None = None, query_mlm_labels: Tensor | None = None,
+                 passage_input_ids: Tensor | None = None,
+                 passage_attention_mask: Tensor | None = None,
+                 passage_token_type_ids: Tensor | None = None,
+                 passage_mlm_labels: Tensor | None = None, tied: TiedGrad | None = None) -> dict[str, Tensor]:
         if self.objective == "ict":
             return self._forward_ict(query_input_ids, query_attention_mask, query_token_type_ids,
                                      query_mlm_labels, passage_input_ids, passage_attention_mask,
-                                     passage_token_type_ids, passage_mlm_labels)
+                                     passage_token_type_ids, passage_mlm_labels, tied)
         rows = None
         if mlm_labels is not None and getattr(self.encoder, "supports_query_rows", False):
             # the heads read only the masked rows and [CLS]: the last layer computes just those
@@ -93,7 +108,7 @@ class PretrainModel(TaskModel):
         losses = [aux]
         if mlm_labels is not None:
             labels = rows.take(mlm_labels) if rows is not None else mlm_labels
-            out.update(self.mlm_head.loss(hidden, labels, self.word_embeddings))
+            out.update(self.mlm_head.loss(hidden, labels, self._decoder_weight(tied)))
             losses.append(out["mlm_loss"])
         if self.sop_head is not None:
             if rows is not None:       # the [CLS] rows, in batch order, as (B, 1, H)
@@ -109,8 +124,11 @@ class PretrainModel(TaskModel):
             out["loss"] = sum(losses)
         return out
 
+    def _decoder_weight(self, tied: TiedGrad | None) -> Tensor:
+        return self.word_embeddings if tied is None else tied.decoder_weight(self.word_embeddings)
+
     def _forward_ict(self, q_ids, q_mask, q_types, q_labels, p_ids, p_mask, p_types,
-                     p_labels) -> dict[str, Tensor]:
+                     p_labels, tied: TiedGrad | None = None) -> dict[str, Tensor]:
         q_hidden, p_hidden, aux = encode_pair(self, q_ids, q_mask, q_types, p_ids, p_mask, p_types)
         out: dict[str, Tensor] = {"aux_loss": aux}
         q_vec, p_vec = pool(q_hidden, q_mask, self.pooling), pool(p_hidden, p_mask, self.pooling)
@@ -123,7 +141,7 @@ class PretrainModel(TaskModel):
             H = q_hidden.shape[-1]
             hidden = torch.cat([q_hidden.reshape(-1, H), p_hidden.reshape(-1, H)])
             labels = torch.cat([q_labels.reshape(-1), p_labels.reshape(-1)])
-            out.update(self.mlm_head.loss(hidden, labels, self.word_embeddings))
+            out.update(self.mlm_head.loss(hidden, labels, self._decoder_weight(tied)))
             losses.append(out["mlm_loss"])
         out["loss"] = sum(losses)
         return out
