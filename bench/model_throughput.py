@@ -9,6 +9,8 @@ Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT agains
                                                          # BERT-base size, batch 8: transformer + modernbert-base
     python bench/model_throughput.py --config bert-base --only transformer --full_last_layer
                                                          # + the last layer over every position (ablation)
+    python bench/model_throughput.py --config bert-base --only transformer --separate_embedding_grad
+                                                         # + nn.Embedding's own weight gradient (ablation)
     python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
@@ -78,6 +80,18 @@ def full_last_layer(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def separate_embedding_grad(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with nn.Embedding's lookup gradient (a (V, D) tensor of zeros, then summed with the
+    decoder's into a third): the ablation of the shared gradient tensor (models.tied)."""
+    model.encoder.embeddings.word_embeddings.usable = lambda: False
+    return model
+
+
+# ablation flag -> (row suffix, how to make the model); the summary says what each row's absence saves
+ABLATIONS = {"full_last_layer": ("full last layer", full_last_layer),
+             "separate_embedding_grad": ("separate embedding gradient", separate_embedding_grad)}
+
+
 def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(6, cfg.vocab_size, (batch, seq), generator=g)
@@ -114,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full_last_layer", action="store_true",
                    help="add our transformer and ModernBERT with the last layer computed at every position "
                         "(what computing it only at the masked rows and [CLS] saves)")
+    p.add_argument("--separate_embedding_grad", action="store_true",
+                   help="add our transformer and ModernBERT with nn.Embedding's own weight gradient (what "
+                        "sharing one gradient tensor between the lookup and the tied decoder saves)")
     p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)
@@ -141,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         # an --only entry naming a variant exactly selects it alone, any other one by substring
         if not args.only or any(o == name if o in family else o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
-            if args.full_last_layer and name == "transformer":
-                models["transformer, full last layer"] = (full_last_layer(build_model(cfg, "pretrain", objective="mlm")),
-                                                          cfg, False, HF_BERT)
+            for flag, (suffix, make) in ABLATIONS.items():
+                if getattr(args, flag) and name == "transformer":
+                    models[f"transformer, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
+                                                        False, HF_BERT)
             if args.compile and name == "transformer":
                 models["transformer --compile"] = (compiled(build_model(cfg, "pretrain", objective="mlm")), cfg,
                                                    False, HF_BERT)
@@ -155,9 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
         models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
-        if args.full_last_layer:
-            models[f"{modern_name}, full last layer"] = (full_last_layer(build_model(modern, "pretrain", objective="mlm")),
-                                                         modern, False, HF_MODERNBERT)
+        for flag, (suffix, make) in ABLATIONS.items():
+            if getattr(args, flag):
+                models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
+                                                      False, HF_MODERNBERT)
         if args.compile:
             models[f"{modern_name} --compile"] = (compiled(build_model(modern, "pretrain", objective="mlm")), modern,
                                                   False, HF_MODERNBERT)
@@ -196,10 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     checks = [("transformer", HF_BERT, TARGET_RATIO), (modern_name, HF_MODERNBERT, MODERNBERT_TARGET_RATIO),
               ("transformer --compile", "transformer", COMPILE_TARGET_RATIO),
               (f"{modern_name} --compile", modern_name, COMPILE_TARGET_RATIO)]
+    saves = {"full last layer": "the last layer only at the masked rows",
+             "separate embedding gradient": "one gradient tensor for the embeddings and the tied decoder"}
     for ours in ("transformer", modern_name):
-        if f"{ours}, full last layer" in tps and ours in tps:
-            print(f"{ours} / {ours}, full last layer = {tps[ours] / tps[ours + ', full last layer']:.2f}x "
-                  f"(the last layer only at the masked rows)")
+        for suffix, what in saves.items():
+            if f"{ours}, {suffix}" in tps and ours in tps:
+                print(f"{ours} / {ours}, {suffix} = {tps[ours] / tps[f'{ours}, {suffix}']:.2f}x ({what})")
     for ours, other, target in checks:
         if ours in tps and other in tps:
             ratio = tps[ours] / tps[other]
