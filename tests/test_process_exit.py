@@ -55,7 +55,7 @@ def test_exit_code_and_handlers(tmp_path, how, code, stderr):
 # - "python": a plain interpreter exit, rank 0 still finalizing (a finalizer that takes 2 s): the
 #   finalizing interpreter ends the worker thread inside C++ code, and the process aborts
 #   ("terminate called without an active exception"), the rare failure CI saw after training ended;
-# - "run_process": rank 0 ends through trainer.dist.run_process, whose exit handler (2 s) runs while
+# - "run_process": rank 0 ends through trainer.dist.run_process, whose exit handler (4 s) runs while
 #   the interpreter is whole: the callback runs, the process exits 0.
 LATE_CALLBACK = textwrap.dedent("""
     import atexit, os, sys, time
@@ -72,7 +72,7 @@ LATE_CALLBACK = textwrap.dedent("""
         if rank == 1:
             time.sleep(1.0)
         elif sys.argv[1] == "run_process":
-            atexit.register(time.sleep, 2.0)
+            atexit.register(time.sleep, 4.0)
         fut = dist.all_reduce(torch.ones(1000), async_op=True).get_future()
         fut = fut.then(lambda f: (out / f"callback{rank}").write_text("ran"))
         if rank == 1:
@@ -81,7 +81,7 @@ LATE_CALLBACK = textwrap.dedent("""
 
     class SlowFinalizer:
         def __del__(self, sleep=time.sleep):
-            sleep(2.0)
+            sleep(4.0)
 
     if sys.argv[1] == "run_process":
         tdist.run_process(fn)
@@ -106,8 +106,7 @@ def _two_processes(tmp_path, how):
 
 def test_plain_exit_aborts_when_gloo_runs_python_late(tmp_path):
     """The failure itself, reproduced (if torch ever fixes it, this test says so)."""
-    (code0, err0), (code1, _) = _two_processes(tmp_path, "python")
-    assert code1 == 0
+    (code0, err0), _ = _two_processes(tmp_path, "python")  # rank 1 (finalizing too) may abort as well
     assert code0 == -6 and "terminate called without an active exception" in err0, (code0, err0[-2000:])
     assert not (tmp_path / "callback0").exists()
 
