@@ -52,7 +52,7 @@ def test_exit_code_and_handlers(tmp_path, how, code, stderr):
 # Two gloo processes; DDP keeps the group (and gloo's worker threads) alive past destroy_process_group,
 # as in every training run. Rank 0's all_reduce completes one second late, on gloo's worker thread,
 # which then runs a Python callback (it needs the GIL) while rank 0 is ending:
-# - "python": a plain interpreter exit, rank 0 still finalizing (a finalizer that takes 2 s): the
+# - "python": a plain interpreter exit, rank 0 still finalizing (a finalizer that takes 4 s): the
 #   finalizing interpreter ends the worker thread inside C++ code, and the process aborts
 #   ("terminate called without an active exception"), the rare failure CI saw after training ended;
 # - "run_process": rank 0 ends through trainer.dist.run_process, whose exit handler (4 s) runs while
