@@ -50,12 +50,12 @@ def test_exit_code_and_handlers(tmp_path, how, code, stderr):
 
 
 # Two gloo processes; DDP keeps the group (and gloo's worker threads) alive past destroy_process_group,
-# as in every training run. Rank 0's all_reduce completes one second late, on gloo's worker thread,
+# as in every training run. Rank 0's all_reduce completes two seconds late, on gloo's worker thread,
 # which then runs a Python callback (it needs the GIL) while rank 0 is ending:
-# - "python": a plain interpreter exit, rank 0 still finalizing (a finalizer that takes 4 s): the
+# - "python": a plain interpreter exit, rank 0 still finalizing (a finalizer that takes 5 s): the
 #   finalizing interpreter ends the worker thread inside C++ code, and the process aborts
 #   ("terminate called without an active exception"), the rare failure CI saw after training ended;
-# - "run_process": rank 0 ends through trainer.dist.run_process, whose exit handler (4 s) runs while
+# - "run_process": rank 0 ends through trainer.dist.run_process, whose exit handler (5 s) runs while
 #   the interpreter is whole: the callback runs, the process exits 0.
 LATE_CALLBACK = textwrap.dedent("""
     import atexit, os, sys, time
@@ -70,9 +70,9 @@ LATE_CALLBACK = textwrap.dedent("""
         torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
         rank = dist.get_rank()
         if rank == 1:
-            time.sleep(1.0)
+            time.sleep(2.0)
         elif sys.argv[1] == "run_process":
-            atexit.register(time.sleep, 4.0)
+            atexit.register(time.sleep, 5.0)
         fut = dist.all_reduce(torch.ones(1000), async_op=True).get_future()
         fut = fut.then(lambda f: (out / f"callback{rank}").write_text("ran"))
         if rank == 1:
@@ -81,7 +81,7 @@ LATE_CALLBACK = textwrap.dedent("""
 
     class SlowFinalizer:
         def __del__(self, sleep=time.sleep):
-            sleep(4.0)
+            sleep(5.0)
 
     if sys.argv[1] == "run_process":
         tdist.run_process(fn)
