@@ -17,7 +17,7 @@ from .heads import (IGNORE_INDEX, CharTagHead, MLMHead, SequenceClassifierHead, 
                     pool)
 from .mix_lm import MixLMEncoder
 from .modernbert import ModernBertEncoder
-from .tied import TiedEmbedding, TiedGrad
+from .tied import TiedGrad
 
 REGISTRY: dict[str, type[nn.Module]] = {"transformer": TransformerEncoder, "mix_lm": MixLMEncoder,
                                         "modernbert": ModernBertEncoder}
@@ -70,16 +70,8 @@ class PretrainModel(TaskModel):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         """See `_forward`. In training, the word embeddings and the MLM decoder share one weight
         gradient tensor for the step (models.tied)."""
-        emb = self.encoder.embeddings.word_embeddings
-        tied = (isinstance(emb, TiedEmbedding) and emb.usable() and torch.is_grad_enabled()
-                and emb.weight.requires_grad)
-        if not tied:
-            return self._forward(*args, tied=None, **kwargs)
-        emb.tied = TiedGrad()
-        try:
-            return self._forward(*args, tied=emb.tied, **kwargs)
-        finally:
-            emb.tied = None
+        with self.encoder.embeddings.word_embeddings.linked() as tied:
+            return self._forward(*args, tied=tied, **kwargs)
 
     def _forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  token_type_ids: Tensor | None = None, mlm_labels: Tensor | None = None,

@@ -16,6 +16,9 @@ stay in place during the step (not DeepSpeed ZeRO-3's, which swaps `param.data`)
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +95,19 @@ class TiedEmbedding(nn.Embedding):
         return (self.padding_idx is None and self.max_norm is None and not self.sparse
                 and not self.scale_grad_by_freq and isinstance(w, nn.Parameter) and w.is_leaf
                 and not hasattr(w, "ds_id"))  # DeepSpeed ZeRO-3 swaps param.data in and out
+
+    @contextlib.contextmanager
+    def linked(self) -> Iterator[TiedGrad | None]:
+        """For one forward: the `TiedGrad` its lookups and the decoder share, or None where the
+        plain path applies (not `usable`, no gradient wanted)."""
+        if not (self.usable() and torch.is_grad_enabled() and self.weight.requires_grad):
+            yield None
+            return
+        self.tied = TiedGrad()
+        try:
+            yield self.tied
+        finally:
+            self.tied = None
 
     def forward(self, input_ids: Tensor) -> Tensor:
         slot = self.tied
