@@ -11,6 +11,8 @@ Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT agains
                                                          # + the last layer over every position (ablation)
     python bench/model_throughput.py --config bert-base --only transformer --separate_embedding_grad
                                                          # + nn.Embedding's own weight gradient (ablation)
+    python bench/model_throughput.py --config bert-base --only transformer --torch_dropout
+                                                         # + torch's CPU dropout and SDPA dropout (ablation)
     python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
@@ -20,12 +22,14 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from bench.common import format_table, interleaved_medians, measure_matmul_peak
+import models.dropout
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
 from trainer.engines.base import compile_layers
 
@@ -87,9 +91,25 @@ def separate_embedding_grad(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-# ablation flag -> (row suffix, how to make the model); the summary says what each row's absence saves
-ABLATIONS = {"full_last_layer": ("full last layer", full_last_layer),
-             "separate_embedding_grad": ("separate embedding gradient", separate_embedding_grad)}
+def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with torch's dropout and SDPA's attention dropout (its forward runs with
+    models.dropout's fast path off): the ablation of the 16-bit keep masks."""
+    forward = model.forward
+
+    def plain_forward(*args, **kwargs):
+        with mock.patch.object(models.dropout, "_levels", lambda x, p: 0):
+            return forward(*args, **kwargs)
+    model.forward = plain_forward
+    return model
+
+
+# ablation flag -> (row suffix, how to make the model, what the row's absence saves)
+ABLATIONS = {
+    "full_last_layer": ("full last layer", full_last_layer, "the last layer only at the masked rows"),
+    "separate_embedding_grad": ("separate embedding gradient", separate_embedding_grad,
+                                "one gradient tensor for the embeddings and the tied decoder"),
+    "torch_dropout": ("torch dropout", torch_dropout, "dropout masks from 64-bit draws, kept as bools"),
+}
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: int = 0):
@@ -131,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--separate_embedding_grad", action="store_true",
                    help="add our transformer and ModernBERT with nn.Embedding's own weight gradient (what "
                         "sharing one gradient tensor between the lookup and the tied decoder saves)")
+    p.add_argument("--torch_dropout", action="store_true",
+                   help="add our transformer and ModernBERT with torch's CPU dropout and SDPA attention dropout "
+                        "(what models.dropout's keep masks save)")
     p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         # an --only entry naming a variant exactly selects it alone, any other one by substring
         if not args.only or any(o == name if o in family else o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
-            for flag, (suffix, make) in ABLATIONS.items():
+            for flag, (suffix, make, _) in ABLATIONS.items():
                 if getattr(args, flag) and name == "transformer":
                     models[f"transformer, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
                                                         False, HF_BERT)
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
         models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
-        for flag, (suffix, make) in ABLATIONS.items():
+        for flag, (suffix, make, _) in ABLATIONS.items():
             if getattr(args, flag):
                 models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
                                                       False, HF_MODERNBERT)
@@ -215,10 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     checks = [("transformer", HF_BERT, TARGET_RATIO), (modern_name, HF_MODERNBERT, MODERNBERT_TARGET_RATIO),
               ("transformer --compile", "transformer", COMPILE_TARGET_RATIO),
               (f"{modern_name} --compile", modern_name, COMPILE_TARGET_RATIO)]
-    saves = {"full last layer": "the last layer only at the masked rows",
-             "separate embedding gradient": "one gradient tensor for the embeddings and the tied decoder"}
     for ours in ("transformer", modern_name):
-        for suffix, what in saves.items():
+        for suffix, _, what in ABLATIONS.values():
             if f"{ours}, {suffix}" in tps and ours in tps:
                 print(f"{ours} / {ours}, {suffix} = {tps[ours] / tps[f'{ours}, {suffix}']:.2f}x ({what})")
     for ours, other, target in checks:

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activation
 from .config import ModelConfig
+from .dropout import Dropout, attend
 from .tied import TiedEmbedding
 from .moe import SwitchFFN
 
@@ -61,7 +61,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, rows: QueryRows, attn_mask: Ten
     if attn_mask is not None and attn_mask.shape[-2] != 1:      # a mask row per query position
         full = attn_mask.expand(B, attn_mask.shape[1], L, L)
         attn_mask = full.gather(2, rows.positions[:, None, :, None].expand(B, full.shape[1], M, L))
-    a = F.scaled_dot_product_attention(qp, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    a = attend(qp, k, v, attn_mask, dropout_p)
     return a.transpose(1, 2).reshape(B * M, N * K).index_select(0, rows.slots)
 
 
@@ -73,7 +73,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embedding, d)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.norm = nn.LayerNorm(d, eps=config.LN_eps)
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
         # ALBERT's embedding_hidden_mapping_in: D -> H.
         self.projection = nn.Linear(d, config.hidden_size) if d != config.hidden_size else None
         self.max_positions = config.max_position_embedding
@@ -119,7 +119,7 @@ def attention(qkv: Tensor, attn_mask: Tensor | None, dropout_p: float, rows: Que
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # (B, N, L, K) each
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    a = attend(q, k, v, attn_mask, dropout_p)
     return a.transpose(1, 2).reshape(B, L, N * K)
 
 
@@ -163,7 +163,7 @@ class EncoderLayer(nn.Module):
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.LN_eps)
         self.ffn = ffn
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.LN_eps)
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
         self.pre_ln = config.ln_pos == 0
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, token_mask: Tensor | None,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .activations import activation
 
 IGNORE_INDEX = -100
@@ -62,7 +63,7 @@ class SequenceClassifierHead(nn.Module):
     def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
         self.pooler = Pooler(config)
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -92,7 +93,7 @@ class CharTagHead(nn.Module):
     def __init__(self, config: ModelConfig, num_labels: int, slots: int):
         super().__init__()
         self.num_labels, self.slots = num_labels, slots
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, slots * num_labels)
 
     def forward(self, hidden: Tensor, char_index: Tensor) -> Tensor:

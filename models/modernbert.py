@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .tied import TiedEmbedding
 from .activations import activation
 from .encoder import EncoderOutput, QueryRows, attention
@@ -43,7 +44,7 @@ class ModernBertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.LN_eps, bias=False)
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
         self.max_positions = config.max_position_embedding
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -62,7 +63,7 @@ class RotarySelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.dropout_p = config.dropout_prob
-        self.out_dropout = nn.Dropout(config.dropout_prob)
+        self.out_dropout = Dropout(config.dropout_prob)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, cos: Tensor, sin: Tensor,
                 rows: QueryRows | None = None) -> Tensor:
@@ -81,7 +82,7 @@ class GatedFeedForward(nn.Module):
         self.fc_in = nn.Linear(config.hidden_size, 2 * config.ff_dim, bias=False)
         self.fc_out = nn.Linear(config.ff_dim, config.hidden_size, bias=False)
         self.act = activation(config.act_fn)
-        self.dropout = nn.Dropout(config.dropout_prob)
+        self.dropout = Dropout(config.dropout_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.fc_in(x).chunk(2, dim=-1)
