@@ -62,10 +62,11 @@ class Dropout(nn.Dropout):
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
     """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p) for q (..., Lq, K), k and v
     (..., L, K), attn_mask bool (True = attend) or additive, broadcastable to (..., Lq, L). With
-    dropout on the CPU the scores are computed here (what SDPA's math path does there) and the
-    probabilities dropped with the fast mask; a query row that may attend nowhere gets a uniform
-    average instead of SDPA's zeros (finite either way: only padding rows can be such rows)."""
-    if not _levels(q, dropout_p):
+    dropout on the CPU in float32 or float64 the scores are computed here (what SDPA's math path
+    does there) and the probabilities dropped with the fast mask; a query row that may attend
+    nowhere gets a uniform average instead of SDPA's zeros (finite either way: only padding rows
+    can be such rows). Half and bfloat16 keep SDPA, which computes them in float32."""
+    if q.dtype not in (torch.float32, torch.float64) or not _levels(q, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
     if attn_mask is not None:

@@ -182,3 +182,13 @@ def test_models_use_it_and_stay_seeded():
         a = model(input_ids=ids, mlm_labels=labels)["loss"]
         b = model(input_ids=ids, mlm_labels=labels)["loss"]
     assert torch.equal(a, b)
+
+
+def test_attend_keeps_sdpa_for_half_types():
+    """CPU SDPA computes bfloat16 / float16 attention in float32; those stay with it."""
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.bfloat16) for _ in range(3))
+    with mock.patch.object(md, "keep_mask", side_effect=AssertionError("fast path taken")):
+        torch.manual_seed(0)
+        got = md.attend(q, k, v, None, 0.1)
+    torch.manual_seed(0)
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
