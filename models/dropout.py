@@ -47,7 +47,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     drop = _levels(x, p) if training else 0
     if not drop:
         return F.dropout(x, p, training)
-    return x.mul(keep_mask(x.shape, drop, x.device)).mul_(_LEVELS / (_LEVELS - drop))
+    # (where, not a multiply by the bools: that would first convert them to x's dtype)
+    return torch.where(keep_mask(x.shape, drop, x.device), x, 0.0).mul_(_LEVELS / (_LEVELS - drop))
 
 
 class Dropout(nn.Dropout):
