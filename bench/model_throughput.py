@@ -13,6 +13,8 @@ Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT agains
                                                          # + nn.Embedding's own weight gradient (ablation)
     python bench/model_throughput.py --config bert-base --only transformer --torch_dropout
                                                          # + torch's CPU dropout and SDPA dropout (ablation)
+    python bench/model_throughput.py --config bert-base --only transformer --autograd_split
+                                                         # + q, k, v split / RoPE through autograd (ablation)
     python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 
 from bench.common import format_table, interleaved_medians, measure_matmul_peak
 import models.dropout
+import models.encoder
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
+from models.qkv import apply_rotary
 from trainer.engines.base import compile_layers
 
 TARGET_RATIO = 1.5             # our BERT vs HF BERT (at BERT-base size)
@@ -103,12 +107,32 @@ def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+
+def autograd_split(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with q, k, v taken from the fused projection (and RoPE applied) by plain ops, whose
+    gradients autograd stacks and copies back: the ablation of models.qkv.split_heads."""
+    def plain_split(qkv, rope=None):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+    forward = model.forward
+
+    def plain_forward(*args, **kwargs):
+        with mock.patch.object(models.encoder, "split_heads", plain_split):
+            return forward(*args, **kwargs)
+    model.forward = plain_forward
+    return model
+
+
 # ablation flag -> (row suffix, how to make the model, what the row's absence saves)
 ABLATIONS = {
     "full_last_layer": ("full last layer", full_last_layer, "the last layer only at the masked rows"),
     "separate_embedding_grad": ("separate embedding gradient", separate_embedding_grad,
                                 "one gradient tensor for the embeddings and the tied decoder"),
     "torch_dropout": ("torch dropout", torch_dropout, "dropout masks from 64-bit draws, kept as bools"),
+    "autograd_split": ("autograd split", autograd_split,
+                       "q, k, v gradients (RoPE's too) written into the projection's layout"),
 }
 
 
@@ -154,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch_dropout", action="store_true",
                    help="add our transformer and ModernBERT with torch's CPU dropout and SDPA attention dropout "
                         "(what models.dropout's keep masks save)")
+    p.add_argument("--autograd_split", action="store_true",
+                   help="add our transformer and ModernBERT with q, k, v split and RoPE'd by plain ops through "
+                        "autograd (what models.qkv.split_heads saves)")
     p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)

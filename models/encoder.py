@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .activations import activation
 from .config import ModelConfig
 from .dropout import Dropout, attend
+from .qkv import apply_rotary, split_heads
 from .tied import TiedEmbedding
 from .moe import SwitchFFN
 
@@ -94,15 +95,6 @@ class Embeddings(nn.Module):
         return x
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., K) rotated by position (RoPE; cos, sin broadcast to x), in float32 (as transformers
-    does), cast back."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 def attention(qkv: Tensor, attn_mask: Tensor | None, dropout_p: float, rows: QueryRows | None = None,
               rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """qkv (B, L, 3, N, K) -> the attention output (B, L, N * K), or (R, N * K) at the QueryRows `rows`;
@@ -116,9 +108,7 @@ def attention(qkv: Tensor, attn_mask: Tensor | None, dropout_p: float, rows: Que
             pos = rows.index % L
             q, k = apply_rotary(q, cos[pos, None], sin[pos, None]), apply_rotary(k, cos, sin)
         return attend_rows(q, k, v, rows, attn_mask, dropout_p)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                # (B, N, L, K) each
-    if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    q, k, v = split_heads(qkv, rope)                              # (B, N, L, K) each
     a = attend(q, k, v, attn_mask, dropout_p)
     return a.transpose(1, 2).reshape(B, L, N * K)
 
