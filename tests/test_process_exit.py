@@ -22,6 +22,11 @@ ENDINGS = textwrap.dedent("""
         atexit.register(lambda: (out / "atexit").write_text("ran"))
         # a non-daemon thread still working when fn returns: joined before the exit handlers
         threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+        # an idle executor left running (torch.compile leaves one): its non-daemon workers stop at exit
+        from concurrent.futures import ThreadPoolExecutor
+        global pool
+        pool = ThreadPoolExecutor(2)
+        pool.submit(lambda: (out / "pool").write_text("done"))
         how = sys.argv[1]
         if how == "message":
             raise SystemExit("bad flag: pick another")
@@ -41,11 +46,12 @@ def test_exit_code_and_handlers(tmp_path, how, code, stderr):
     script = tmp_path / "endings.py"
     script.write_text(ENDINGS)
     proc = subprocess.run([sys.executable, str(script), how, str(tmp_path)], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
     assert proc.returncode == code, proc.stderr
     assert stderr in proc.stderr
     assert ("returned" in proc.stdout) == (how == "return")  # stdout flushed before os._exit
     assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "pool").read_text() == "done"
     assert (tmp_path / "atexit").read_text() == "ran"
 
 

@@ -96,8 +96,8 @@ def run_process(fn: Callable[[], object]) -> NoReturn:
     object at that moment needs the GIL, which a finalizing interpreter refuses by ending the thread:
     the process aborts ("terminate called without an active exception", SIGABRT) after all its work is
     done, torchrun reports the run as failed, and a job with --max_restarts starts again. So once `fn`
-    returns (or exits), the Python part of the shutdown is done here, in order: other non-daemon
-    threads are joined, the atexit handlers run (logging, multiprocessing children, trackers),
+    returns (or exits), the Python part of the shutdown is done here, in the interpreter's order:
+    threading's exit callbacks run and the other non-daemon threads are joined, the atexit handlers run (logging, multiprocessing children, trackers),
     unreachable objects are collected (files they hold get closed), the standard streams are flushed;
     then `os._exit` with the exit code Python would have used. Exceptions other than SystemExit and
     KeyboardInterrupt propagate as usual (traceback, exit code 1).
@@ -122,10 +122,10 @@ def run_process(fn: Callable[[], object]) -> NoReturn:
 
 def end_process(code: int) -> NoReturn:
     """The Python part of interpreter shutdown, then `os._exit(code)` (see `run_process`)."""
-    main = threading.main_thread()
-    for t in threading.enumerate():
-        if t is not main and not t.daemon:
-            t.join()
+    # what the interpreter does first at exit: threading's exit callbacks (they tell idle
+    # concurrent.futures workers, such as torch.compile's compile threads, to stop), then every
+    # other non-daemon thread joined
+    threading._shutdown()
     atexit._run_exitfuncs()
     gc.collect()
     for stream in (sys.stdout, sys.stderr):
