@@ -9,7 +9,7 @@ generator, so seeds, checkpointed RNG state and activation recomputation behave 
 16-bit slice per element compared to a threshold: p is rounded to a multiple of 2^-16 (0.1 ->
 0.1000061; FlashAttention rounds to 2^-8) and kept values are scaled by 1 / (1 - that p), so the
 expectation is exact. The mask is kept as bools for backward. On a BERT-base CPU step the
-dropouts cost 3-4x less (bench/model_throughput.py --torch_dropout is the ablation).
+dropouts cost 2.7-3.9x less (bench/model_throughput.py --torch_dropout is the ablation).
 
 On other devices (CUDA has fused dropout kernels) and where p rounds to 0 or 1, these are torch's
 own dropout and SDPA.
