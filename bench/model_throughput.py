@@ -34,7 +34,7 @@ from bench.common import format_table, interleaved_medians, measure_matmul_peak
 import models.dropout
 import models.encoder
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
-from models.qkv import apply_rotary
+from models.qkv import plain_split_heads
 from trainer.engines.base import compile_layers
 
 TARGET_RATIO = 1.5             # our BERT vs HF BERT (at BERT-base size)
@@ -95,44 +95,45 @@ def separate_embedding_grad(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with torch's dropout and SDPA's attention dropout (its forward runs with
-    models.dropout's fast path off): the ablation of the 16-bit keep masks."""
+def forward_patched(model: torch.nn.Module, module, name: str, value) -> torch.nn.Module:
+    """The model with `module.name` replaced by `value` while its forward runs."""
     forward = model.forward
 
-    def plain_forward(*args, **kwargs):
-        with mock.patch.object(models.dropout, "_levels", lambda x, p: 0):
+    def patched_forward(*args, **kwargs):
+        with mock.patch.object(module, name, value):
             return forward(*args, **kwargs)
-    model.forward = plain_forward
+    model.forward = patched_forward
     return model
 
+
+def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with torch's dropout and SDPA's attention dropout (models.dropout's fast path off):
+    the ablation of the 16-bit keep masks."""
+    return forward_patched(model, models.dropout, "_levels", lambda x, p: 0)
 
 
 def autograd_split(model: torch.nn.Module) -> torch.nn.Module:
     """The model with q, k, v taken from the fused projection (and RoPE applied) by plain ops, whose
     gradients autograd stacks and copies back: the ablation of models.qkv.split_heads."""
-    def plain_split(qkv, rope=None):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return q, k, v
-    forward = model.forward
-
-    def plain_forward(*args, **kwargs):
-        with mock.patch.object(models.encoder, "split_heads", plain_split):
-            return forward(*args, **kwargs)
-    model.forward = plain_forward
-    return model
+    return forward_patched(model, models.encoder, "split_heads", plain_split_heads)
 
 
-# ablation flag -> (row suffix, how to make the model, what the row's absence saves)
+# ablation flag -> (row suffix, how to make the model, what the row's absence saves, the flag's help)
 ABLATIONS = {
-    "full_last_layer": ("full last layer", full_last_layer, "the last layer only at the masked rows"),
+    "full_last_layer": ("full last layer", full_last_layer, "the last layer only at the masked rows",
+                        "add our transformer and ModernBERT with the last layer computed at every position "
+                        "(what computing it only at the masked rows and [CLS] saves)"),
     "separate_embedding_grad": ("separate embedding gradient", separate_embedding_grad,
-                                "one gradient tensor for the embeddings and the tied decoder"),
-    "torch_dropout": ("torch dropout", torch_dropout, "dropout masks from 64-bit draws, kept as bools"),
+                                "one gradient tensor for the embeddings and the tied decoder",
+                                "add our transformer and ModernBERT with nn.Embedding's own weight gradient (what "
+                                "sharing one gradient tensor between the lookup and the tied decoder saves)"),
+    "torch_dropout": ("torch dropout", torch_dropout, "dropout masks from 64-bit draws, kept as bools",
+                      "add our transformer and ModernBERT with torch's CPU dropout and SDPA attention dropout "
+                      "(what models.dropout's keep masks save)"),
     "autograd_split": ("autograd split", autograd_split,
-                       "q, k, v gradients (RoPE's too) written into the projection's layout"),
+                       "q, k, v gradients (RoPE's too) written into the projection's layout",
+                       "add our transformer and ModernBERT with q, k, v split and RoPE'd by plain ops through "
+                       "autograd (what models.qkv.split_heads saves)"),
 }
 
 
@@ -169,18 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="ModernBERT config to run against HF ModernBertForMaskedLM (default: modernbert-small "
                         "for small, modernbert-base for bert-base, none otherwise; 'none' leaves it out)")
     p.add_argument("--compile", action="store_true", help="add our transformer and ModernBERT with compiled layers")
-    p.add_argument("--full_last_layer", action="store_true",
-                   help="add our transformer and ModernBERT with the last layer computed at every position "
-                        "(what computing it only at the masked rows and [CLS] saves)")
-    p.add_argument("--separate_embedding_grad", action="store_true",
-                   help="add our transformer and ModernBERT with nn.Embedding's own weight gradient (what "
-                        "sharing one gradient tensor between the lookup and the tied decoder saves)")
-    p.add_argument("--torch_dropout", action="store_true",
-                   help="add our transformer and ModernBERT with torch's CPU dropout and SDPA attention dropout "
-                        "(what models.dropout's keep masks save)")
-    p.add_argument("--autograd_split", action="store_true",
-                   help="add our transformer and ModernBERT with q, k, v split and RoPE'd by plain ops through "
-                        "autograd (what models.qkv.split_heads saves)")
+    for flag, (_, _, _, help_text) in ABLATIONS.items():
+        p.add_argument(f"--{flag}", action="store_true", help=help_text)
     p.add_argument("--batch_size", type=int, default=None, help="default 32; 8 for --config bert-base")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--mask_prob", type=float, default=0.15)
@@ -208,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         # an --only entry naming a variant exactly selects it alone, any other one by substring
         if not args.only or any(o == name if o in family else o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
-            for flag, (suffix, make, _) in ABLATIONS.items():
+            for flag, (suffix, make, _, _) in ABLATIONS.items():
                 if getattr(args, flag) and name == "transformer":
                     models[f"transformer, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
                                                         False, HF_BERT)
@@ -223,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
         models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
-        for flag, (suffix, make, _) in ABLATIONS.items():
+        for flag, (suffix, make, _, _) in ABLATIONS.items():
             if getattr(args, flag):
                 models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
                                                       False, HF_MODERNBERT)
@@ -266,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
               ("transformer --compile", "transformer", COMPILE_TARGET_RATIO),
               (f"{modern_name} --compile", modern_name, COMPILE_TARGET_RATIO)]
     for ours in ("transformer", modern_name):
-        for suffix, _, what in ABLATIONS.values():
+        for suffix, _, what, _ in ABLATIONS.values():
             if f"{ours}, {suffix}" in tps and ours in tps:
                 print(f"{ours} / {ours}, {suffix} = {tps[ours] / tps[f'{ours}, {suffix}']:.2f}x ({what})")
     for ours, other, target in checks:

@@ -16,6 +16,8 @@ own dropout and SDPA.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,9 +35,7 @@ def _levels(x: Tensor, p: float) -> int:
 
 def keep_mask(shape: torch.Size | tuple[int, ...], drop: int, device: torch.device | None = None) -> Tensor:
     """bool tensor of `shape`, each element False with probability drop / 2^16, independently."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     # 64 uniform bits per draw (torch.randint: traced by torch.compile, where --compile's
     # fallback_random draws the eager values); the range misses one value of 2^64
     bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)

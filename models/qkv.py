@@ -68,12 +68,18 @@ class _SplitHeads(torch.autograd.Function):
         return grad, None, None
 
 
+def plain_split_heads(qkv: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`split_heads` by plain ops, whose gradients autograd stacks and copies back (under torch.compile,
+    which fuses them itself)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    return q, k, v
+
+
 def split_heads(qkv: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """qkv (B, L, 3, N, K) -> q, k, v (B, N, L, K); rope: RoPE's (cos, sin) (L, K), applied to q and k."""
     if torch.compiler.is_compiling():
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return q, k, v
+        return plain_split_heads(qkv, rope)
     cos, sin = rope if rope is not None else (None, None)
     return _SplitHeads.apply(qkv, cos, sin)

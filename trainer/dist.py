@@ -97,8 +97,8 @@ def run_process(fn: Callable[[], object]) -> NoReturn:
     the process aborts ("terminate called without an active exception", SIGABRT) after all its work is
     done, torchrun reports the run as failed, and a job with --max_restarts starts again. So once `fn`
     returns (or exits), the Python part of the shutdown is done here, in the interpreter's order:
-    threading's exit callbacks run and the other non-daemon threads are joined, the atexit handlers run (logging, multiprocessing children, trackers),
-    unreachable objects are collected (files they hold get closed), the standard streams are flushed;
+    threading's exit callbacks run and the other non-daemon threads are joined, the atexit handlers
+    run (logging, multiprocessing children, trackers), unreachable objects are collected (files they hold get closed), the standard streams are flushed;
     then `os._exit` with the exit code Python would have used. Exceptions other than SystemExit and
     KeyboardInterrupt propagate as usual (traceback, exit code 1).
 
