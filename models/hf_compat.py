@@ -215,6 +215,14 @@ def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig) -
     return out
 
 
+def untied_decoder(hf_config: dict, hf_state: dict[str, Tensor]) -> bool:
+    """Whether a ModernBertForMaskedLM folder decodes with its own matrix rather than the word
+    embeddings (`tie_word_embeddings` false and a `decoder.weight` that differs from them)."""
+    decoder, embeddings = hf_state.get("decoder.weight"), hf_state.get("model.embeddings.tok_embeddings.weight")
+    return (hf_config.get("tie_word_embeddings", True) is False and decoder is not None
+            and not (embeddings is not None and decoder.shape == embeddings.shape and torch.equal(decoder, embeddings)))
+
+
 def modernbert_to_hf_state(state: dict[str, Tensor], config: ModelConfig) -> tuple[dict[str, Tensor], list[str]]:
     """Our task model's weights -> ModernBertForMaskedLM names (decoder.weight tied to the
     embeddings, left to transformers). Returns (HF state, our keys without an HF counterpart)."""

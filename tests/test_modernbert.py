@@ -215,6 +215,32 @@ def test_transformers_modernbert_imports_exactly(tmp_path, korean):
     assert (out.logits - logits)[real].abs().max() < 1e-5
 
 
+def test_untied_transformers_decoder_is_not_imported_as_our_head(tmp_path, capsys):
+    """Our MLM head decodes with the word embeddings: a folder with its own decoder matrix gives its
+    encoder, and says that its MLM head is left out, rather than a head computing another function."""
+    from models.hf_compat import modernbert_hf_config
+    from trainer.export import load_source
+
+    config = tiny_config(vocab_size=300)
+    torch.manual_seed(2)
+    hf = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+        **modernbert_hf_config(config, tie_word_embeddings=False, bos_token_id=2, eos_token_id=3,
+                               cls_token_id=2, sep_token_id=3)))
+    with torch.no_grad():
+        hf.decoder.weight.normal_()
+    hf.save_pretrained(tmp_path / "untied")
+    source = load_source(tmp_path / "untied")
+    assert "its MLM head is not imported" in capsys.readouterr().err
+    assert not any(k.startswith("mlm_head.") for k in source.state) and source.info["objective"] is None
+    assert torch.equal(source.state["encoder.embeddings.word_embeddings.weight"],
+                       hf.model.embeddings.tok_embeddings.weight)
+    # tied (the default), the head is imported
+    hf.decoder.weight = hf.model.embeddings.tok_embeddings.weight
+    hf.config.tie_word_embeddings = True
+    hf.save_pretrained(tmp_path / "tied")
+    assert "mlm_head.dense.weight" in load_source(tmp_path / "tied").state
+
+
 def test_unsupported_transformers_config_is_refused(tmp_path):
     from models.hf_compat import modernbert_config_from_hf
 
@@ -223,6 +249,14 @@ def test_unsupported_transformers_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(ValueError, match="only ModernBERT"):
         load_config(tmp_path)
+    # trainer.evaluate reads transformers folders too: it names the same reason, not "not a BERT folder"
+    from trainer.evaluate import _read_transformers
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "modernbert", "mlp_bias": True,
+                                                      "architectures": ["ModernBertForMaskedLM"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the config is refused before the weights are read
+    with pytest.raises(ValueError, match="mlp_bias"):
+        _read_transformers(tmp_path)
 
 
 # --- every task head --------------------------------------------------------------------

@@ -118,13 +118,14 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     """What the loop needs to start from `spec`: {"checkpoint", "model", "tokenizer"}; a step-N
     gets its recorded config written out, a transformers folder is converted to our format."""
     from data.tokenizer import KoTokenizer, check_vocab_size
+    from models.hf_compat import is_hf_config
     from trainer import checkpoint
     path = Path(spec)
     if not path.exists():
         raise SystemExit(f"checkpoint {spec}: no such file or directory")
     folder = path.parent if path.is_file() else path
     cfg_json = folder / "config.json"
-    hf = cfg_json.is_file() and _is_transformers_config(json.loads(cfg_json.read_text()))
+    hf = cfg_json.is_file() and is_hf_config(json.loads(cfg_json.read_text()))
     slot = work / "checkpoints" / re.sub(r"[^\w.-]+", "_", label)
     try:
         if hf:
@@ -179,23 +180,18 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     return resolved
 
 
-def _is_transformers_config(d: dict) -> bool:
-    return isinstance(d, dict) and ("transformers_version" in d or "architectures" in d)
-
-
 def _read_transformers(folder: Path):
     """A transformers folder as our weights: what trainer.export.load_source reads, else BERT
     (BertModel / BertForMaskedLM / BertForPreTraining names, models.hf_compat's table)."""
     from trainer.export import Source, load_source
 
-    try:
-        return load_source(folder)
-    except (ValueError, KeyError):
-        pass
     d = json.loads((folder / "config.json").read_text())
+    if d.get("model_type") == "modernbert":
+        return load_source(folder)  # its errors name what the folder lacks or what we cannot compute
     if d.get("model_type") != "bert":
-        raise ValueError(f"{folder}: a transformers {d.get('model_type')!r} model; BERT folders (and what "
-                         f"`python -m trainer.export` writes) can be evaluated")
+        raise ValueError(f"{folder}: a transformers {d.get('model_type')!r} model; BERT and ModernBERT folders "
+                         f"can be evaluated (for a model exported as another architecture, evaluate the "
+                         f"checkpoint it was exported from)")
     from models import ModelConfig
     from models.hf_compat import hf_to_ours
     from trainer.checkpoint import load_weights

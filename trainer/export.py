@@ -133,11 +133,20 @@ def load_source(src: str | Path) -> Source:
 
 def _load_hf_source(weights: Path, config_path: Path) -> Source:
     """A `transformers` ModernBERT folder (ours exported, or anyone's) as our weights and config."""
-    config = hf_compat.config_from_hf(json.loads(config_path.read_text()))
+    hf_config = json.loads(config_path.read_text())
+    config = hf_compat.config_from_hf(hf_config)
+    hf_state = checkpoint.read_safetensors(weights)[0]
     try:
-        state = hf_compat.modernbert_from_hf_state(checkpoint.read_safetensors(weights)[0], config)
+        state = hf_compat.modernbert_from_hf_state(hf_state, config)
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete ModernBERT checkpoint") from None
+    if hf_compat.untied_decoder(hf_config, hf_state):
+        # our MLM head decodes with the word embeddings; this one has its own matrix: without it the
+        # head would compute another function, so it is left out (initialised fresh where a run needs it)
+        state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
+        print(f"[import] warning: {weights}: its MLM decoder is not tied to the word embeddings "
+              f"(tie_word_embeddings false) and ours always is, so its MLM head is not imported; the encoder "
+              f"is, and fine-tuning heads are unaffected", file=sys.stderr, flush=True)
     return Source(state, config, _tokenizer_dir([weights.parent]),
                   {"path": str(weights), "kind": "transformers", "step": None, "train_mode": None,
                    "objective": "mlm" if "mlm_head.bias" in state else None})
