@@ -57,27 +57,53 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
+class PredictionHead(nn.Module):
+    """ModernBERT's head before its classifiers (transformers' ModernBertPredictionHead): dense,
+    activation, LayerNorm, without biases as in the encoder."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.has_bias)
+        self.act = activation(config.act_fn)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.LN_eps, bias=config.has_bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.norm(self.act(self.dense(hidden)))
+
+
 class SequenceClassifierHead(nn.Module):
-    """Pooler, dropout, linear classifier: SOP (2 labels) and sentence classification."""
+    """The [CLS] vector pooled, dropout, linear classifier: SOP (2 labels) and sentence classification.
+    BERT-family models pool with BERT's pooler (BertForSequenceClassification), ModernBERT with its
+    prediction head (ModernBertForSequenceClassification, classifier_pooling "cls")."""
 
     def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
-        self.pooler = Pooler(config)
+        modern = config.model_type == "modernbert"
+        self.pooler = None if modern else Pooler(config)
+        self.head = PredictionHead(config) if modern else None
         self.dropout = Dropout(config.dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.pooler(hidden)))
+        pooled = self.pooler(hidden) if self.head is None else self.head(hidden[:, 0])
+        return self.classifier(self.dropout(pooled))
 
 
 class SpanHead(nn.Module):
-    """MRC: start and end logits per token; padding positions can never be predicted."""
+    """MRC: start and end logits per token; padding positions can never be predicted. BERT-family:
+    a linear layer (BertForQuestionAnswering); ModernBERT: its prediction head and dropout first
+    (ModernBertForQuestionAnswering)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        modern = config.model_type == "modernbert"
+        self.head = PredictionHead(config) if modern else None
+        self.dropout = Dropout(config.dropout_prob) if modern else None
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.head is not None:
+            hidden = self.dropout(self.head(hidden))
         logits = self.qa_outputs(hidden).float()                    # (B, L, 2)
         if attention_mask is not None:
             logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1),

@@ -50,6 +50,17 @@ HEAD_KEYS: list[tuple[str, str | tuple[str, ...]]] = [
     ("mlm_head.bias", "cls.predictions.bias"),
 ]
 
+# Fine-tuning heads vs BertForSequenceClassification (our classify head is BERT's pooler, dropout and
+# classifier) and BertForQuestionAnswering (the span head is its qa_outputs).
+TASK_HEAD_KEYS: list[tuple[str, str | tuple[str, ...]]] = [
+    ("classifier_head.pooler.dense.weight", "bert.pooler.dense.weight"),
+    ("classifier_head.pooler.dense.bias", "bert.pooler.dense.bias"),
+    ("classifier_head.classifier.weight", "classifier.weight"),
+    ("classifier_head.classifier.bias", "classifier.bias"),
+    ("span_head.qa_outputs.weight", "qa_outputs.weight"),
+    ("span_head.qa_outputs.bias", "qa_outputs.bias"),
+]
+
 
 def check_hf_compatible(config: ModelConfig) -> None:
     problems = []
@@ -68,10 +79,11 @@ def check_hf_compatible(config: ModelConfig) -> None:
 
 
 def key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str = "",
-              heads: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+              heads: bool = False, task_heads: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """Pairs (our key, HF keys) for every mapped tensor. For BertModel use hf_prefix "" and
     heads False; for BertForPreTraining/BertForMaskedLM hf_prefix "bert." (heads True maps the
-    pretrain heads of a PretrainModel, ours_prefix then "encoder.")."""
+    pretrain heads of a PretrainModel, ours_prefix then "encoder."); task_heads adds the classify
+    and MRC heads (BertForSequenceClassification, BertForQuestionAnswering)."""
     check_hf_compatible(config)
     rows = list(EMBEDDING_KEYS)
     for i in range(config.num_hidden_layers):
@@ -81,6 +93,8 @@ def key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str
              for o, hf in rows]
     if heads:
         table += [(o, (hf,)) for o, hf in HEAD_KEYS]
+    if task_heads:
+        table += [(o, (hf,)) for o, hf in TASK_HEAD_KEYS]
     return table
 
 
@@ -121,6 +135,21 @@ MODERNBERT_HEAD_KEYS: list[tuple[str, str]] = [
     ("mlm_head.norm.weight", "head.norm.weight"),
     ("mlm_head.bias", "decoder.bias"),
 ]
+# Fine-tuning heads vs ModernBertForSequenceClassification / ModernBertForQuestionAnswering (both
+# name their prediction head "head" and their output layer "classifier").
+MODERNBERT_CLASSIFY_KEYS: list[tuple[str, str]] = [
+    ("classifier_head.head.dense.weight", "head.dense.weight"),
+    ("classifier_head.head.norm.weight", "head.norm.weight"),
+    ("classifier_head.classifier.weight", "classifier.weight"),
+    ("classifier_head.classifier.bias", "classifier.bias"),
+]
+MODERNBERT_QA_KEYS: list[tuple[str, str]] = [
+    ("span_head.head.dense.weight", "head.dense.weight"),
+    ("span_head.head.norm.weight", "head.norm.weight"),
+    ("span_head.qa_outputs.weight", "classifier.weight"),
+    ("span_head.qa_outputs.bias", "classifier.bias"),
+]
+MODERNBERT_HEADS = {"mlm": MODERNBERT_HEAD_KEYS, "classify": MODERNBERT_CLASSIFY_KEYS, "qa": MODERNBERT_QA_KEYS}
 # transformers' ModernBertConfig fields our ModelConfig holds under another name (same meaning).
 MODERNBERT_CONFIG_KEYS: list[tuple[str, str]] = [
     ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_hidden_layers", "num_hidden_layers"),
@@ -133,8 +162,9 @@ HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
 
 
 def modernbert_key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str = "model.",
-                         heads: bool = True) -> list[tuple[str, str]]:
-    """Pairs (our key, HF key). ModernBertForMaskedLM: hf_prefix "model.", heads True;
+                         heads: bool | str = True) -> list[tuple[str, str]]:
+    """Pairs (our key, HF key). ModernBertForMaskedLM: hf_prefix "model.", heads True (or "mlm");
+    ModernBertForSequenceClassification / ...ForQuestionAnswering: heads "classify" / "qa";
     ModernBertModel: hf_prefix "", heads False."""
     if config.model_type != "modernbert":
         raise ValueError(f"model_type {config.model_type!r} is not modernbert")
@@ -145,7 +175,7 @@ def modernbert_key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_
     rows += MODERNBERT_FINAL_KEYS
     table = [(ours_prefix + o, hf_prefix + h) for o, h in rows]
     if heads:
-        table += MODERNBERT_HEAD_KEYS
+        table += MODERNBERT_HEADS["mlm" if heads is True else heads]
     return table
 
 
@@ -153,7 +183,8 @@ def modernbert_hf_config(config: ModelConfig, **extra) -> dict:
     """transformers.ModernBertConfig keyword arguments computing the same function as `config`."""
     kwargs = {hf: getattr(config, ours) for ours, hf in MODERNBERT_CONFIG_KEYS}
     activation = HF_ACTIVATIONS[config.act_fn]
-    kwargs.update(hidden_activation=activation, classifier_activation=activation,
+    kwargs.update(hidden_activation=activation, classifier_activation=activation, classifier_pooling="cls",
+                  classifier_dropout=config.dropout_prob,
                   embedding_dropout=config.dropout_prob, attention_dropout=config.dropout_prob,
                   mlp_dropout=config.dropout_prob, norm_bias=False, attention_bias=False, mlp_bias=False,
                   classifier_bias=False, decoder_bias=True, tie_word_embeddings=True,
@@ -202,12 +233,29 @@ def modernbert_config_from_hf(hf: dict) -> ModelConfig:
                        **values)
 
 
-def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """A ModernBertForMaskedLM or ModernBertModel state dict -> ours (encoder, plus the MLM head
-    when present). Missing encoder weights raise KeyError naming them."""
+def modernbert_head_kind(architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
+    """Which of our heads the HF class's head is: "mlm", "classify", "qa" or None (ModernBertModel, or
+    a head we have no counterpart of). Its classifiers' head weights share names: the class decides."""
+    arch = architecture or ""
+    if arch.endswith("ForSequenceClassification"):
+        return "classify"
+    if arch.endswith("ForQuestionAnswering"):
+        return "qa"
+    if arch.endswith("ForMaskedLM") or (not arch and "decoder.bias" in hf_state):
+        return "mlm"
+    return None
+
+
+def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
+                             architecture: str | None = None) -> dict[str, Tensor]:
+    """A ModernBertForMaskedLM, ...ForSequenceClassification (classifier_pooling "cls"),
+    ...ForQuestionAnswering or ModernBertModel state dict -> ours (encoder, plus the head when ours
+    has it; `architecture` is the config's architectures[0]). Missing encoder weights raise KeyError
+    naming them."""
     prefix = "model." if any(k.startswith("model.") for k in hf_state) else ""
+    kind = modernbert_head_kind(architecture, hf_state) if prefix else None
     out = {}
-    for ours, hf in modernbert_key_table(config, hf_prefix=prefix, heads=bool(prefix)):
+    for ours, hf in modernbert_key_table(config, hf_prefix=prefix, heads=kind or False):
         if hf in hf_state:
             out[ours] = hf_state[hf]
         elif ours.startswith("encoder."):
@@ -225,9 +273,11 @@ def untied_decoder(hf_config: dict, hf_state: dict[str, Tensor]) -> bool:
 
 def modernbert_to_hf_state(state: dict[str, Tensor], config: ModelConfig) -> tuple[dict[str, Tensor], list[str]]:
     """Our task model's weights -> ModernBertForMaskedLM names (decoder.weight tied to the
-    embeddings, left to transformers). Returns (HF state, our keys without an HF counterpart)."""
+    embeddings, left to transformers), or ...ForSequenceClassification / ...ForQuestionAnswering names
+    for a classify / mrc model. Returns (HF state, our keys without an HF counterpart)."""
     out, used = {}, set()
-    for ours, hf in modernbert_key_table(config):
+    kind = next((k for k, rows in MODERNBERT_HEADS.items() if rows[-1][0] in state), False)
+    for ours, hf in modernbert_key_table(config, heads=kind):
         if ours in state:
             out[hf] = state[ours]
             used.add(ours)

@@ -24,12 +24,13 @@ SENTENCES = [("이 영화 정말 재밌었어요! 배우들 연기가 최고", "
 TOL = 1e-5
 
 
-def _final_dir(tmp: Path, config: dict, tokenizer_dir: Path, objective: str = "sop", seed: int = 0) -> Path:
+def _final_dir(tmp: Path, config: dict, tokenizer_dir: Path, objective: str = "sop", seed: int = 0,
+               task: str = "pretrain", **task_kwargs) -> Path:
     """A final/ directory as the trainer writes it, for a random model whose LayerNorms and biases
     are random too (so a swapped or missing LayerNorm cannot go unnoticed)."""
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict(config)
-    model = build_model(cfg, "pretrain", objective=objective)
+    model = build_model(cfg, task, **({"objective": objective} if task == "pretrain" else task_kwargs))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -99,6 +100,44 @@ def test_pretrain_heads_load_into_for_pretraining(tmp_path, tiny_tokenizer_dir):
         sop_hf = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).seq_relationship_logits
         sop_ours = ours(input_ids=ids, attention_mask=mask, token_type_ids=types)["sop_logits"]
     assert (sop_hf - sop_ours).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("name,overrides,prefix", [
+    ("bert", {}, "Bert"),
+    ("albert", {"layer_group": 2, "embedding_size": 16}, "Albert"),
+    ("preln", {"ln_pos": 0}, "RobertaPreLayerNorm"),
+])
+@pytest.mark.parametrize("task,kwargs", [("classify", {"num_labels": 3}), ("classify", {"num_labels": 1}),
+                                         ("mrc", {})])
+def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tokenizer_dir, name, overrides,
+                                                              prefix, task, kwargs):
+    """A fine-tuned classifier (or regressor) exports as ...ForSequenceClassification, an MRC model as
+    ...ForQuestionAnswering: loaded by the Auto class with no missing or unexpected weights, they give
+    our logits on padded Korean pairs."""
+    src = _final_dir(tmp_path, TINY_CONFIG | overrides, tiny_tokenizer_dir, task=task, **kwargs)
+    summary = export(src, tmp_path / "hf", do_verify=True)
+    auto = {"classify": "AutoModelForSequenceClassification", "mrc": "AutoModelForQuestionAnswering"}[task]
+    arch = prefix + auto.removeprefix("AutoModel")
+    assert summary["architectures"] == [arch] and summary["not_exported"] == []
+    assert max(summary["verify"].values()) < TOL, summary["verify"]
+    assert f"{auto}.from_pretrained(PATH)" in (tmp_path / "hf" / "README.md").read_text()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    batch = tok([s for s, _ in SENTENCES], [t for _, t in SENTENCES], padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    ours = build_ours(load_source(src))
+    assert type(ours).__name__ == {"classify": "ClassifyModel", "mrc": "MRCModel"}[task]
+    with torch.no_grad():
+        hf, info = getattr(transformers, auto).from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                               output_loading_info=True)
+        assert type(hf).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"], info
+        out, mine = hf.eval()(**batch), ours(**batch)
+    if task == "classify":
+        assert hf.config.num_labels == kwargs["num_labels"]
+        assert hf.config.problem_type == ("regression" if kwargs["num_labels"] == 1 else "single_label_classification")
+        assert (out.logits - mine["logits"]).abs().max().item() < TOL
+    else:
+        for end in ("start_logits", "end_logits"):
+            assert (out[end] - mine[end])[real].abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("overrides,why", [

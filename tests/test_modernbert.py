@@ -215,6 +215,49 @@ def test_transformers_modernbert_imports_exactly(tmp_path, korean):
     assert (out.logits - logits)[real].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("task,kwargs,auto", [
+    ("classify", {"num_labels": 3}, "AutoModelForSequenceClassification"),
+    ("classify", {"num_labels": 1}, "AutoModelForSequenceClassification"),
+    ("mrc", {}, "AutoModelForQuestionAnswering"),
+])
+def test_fine_tuned_heads_round_trip_with_transformers(tmp_path, korean, tiny_tokenizer_dir, task, kwargs, auto):
+    """Our ModernBERT classifier / MRC heads are transformers' (prediction head on [CLS] or on every
+    token, then the classifier): they export as ModernBertForSequenceClassification /
+    ...ForQuestionAnswering with our logits on Korean text with padding, and such a folder reads back
+    as our task model (its head is not taken for an MLM head)."""
+    from trainer.export import build_ours, export, load_source
+
+    config = tiny_config(vocab_size=2000)
+    torch.manual_seed(3)
+    ours = build_model(config, task, **kwargs).eval()
+    perturb_norms(ours)
+    src = _ours_final_dir(tmp_path, ours, config, tiny_tokenizer_dir)
+    summary = export(src, tmp_path / "hf", do_verify=True)
+    arch = "ModernBert" + auto.removeprefix("AutoModel")
+    assert summary["architectures"] == [arch] and summary["not_exported"] == []
+    assert max(summary["verify"].values()) < 1e-5, summary["verify"]
+    ids, mask = korean
+    real = mask.bool()
+    with torch.no_grad():
+        hf, info = getattr(transformers, auto).from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                               output_loading_info=True)
+        assert type(hf).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"], info
+        out, mine = hf.eval()(input_ids=ids, attention_mask=mask), ours(ids, mask)
+        if task == "classify":
+            assert (out.logits - mine["logits"]).abs().max() < 1e-5
+        else:
+            for end in ("start_logits", "end_logits"):
+                assert (out[end] - mine[end])[real].abs().max() < 1e-5
+        # transformers' own save of that class reads back as our task model, head included
+        hf.save_pretrained(tmp_path / "hf_saved")
+        source = load_source(tmp_path / "hf_saved")
+        assert not any(k.startswith("mlm_head.") for k in source.state) and source.info["objective"] is None
+        back = build_ours(source)
+        assert type(back) is type(ours)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+
+
 def test_untied_transformers_decoder_is_not_imported_as_our_head(tmp_path, capsys):
     """Our MLM head decodes with the word embeddings: a folder with its own decoder matrix gives its
     encoder, and says that its MLM head is left out, rather than a head computing another function."""

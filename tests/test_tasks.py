@@ -87,6 +87,20 @@ def test_classify_from_exported_checkpoint(env):
     assert eval_line(proc.stdout)["accuracy"] == pytest.approx(acc, abs=1e-4)
     assert not (env.out / "cls_eval" / "final").exists() and not list((env.out / "cls_eval").glob("step-*"))
 
+    # the fine-tuned classifier exports as BertForSequenceClassification: same logits on NSMC reviews
+    transformers = pytest.importorskip("transformers")
+    from trainer.export import build_ours, export, load_source
+
+    summary = export(final, env.out / "cls_hf", do_verify=True)
+    assert summary["architectures"] == ["BertForSequenceClassification"] and summary["not_exported"] == []
+    reviews = [line.split("\t")[1] for line in NSMC_TEST.read_text(encoding="utf-8").splitlines()[1:5]]
+    tok = transformers.AutoTokenizer.from_pretrained(env.out / "cls_hf", local_files_only=True)
+    batch = tok(reviews, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(env.out / "cls_hf", local_files_only=True)
+    with torch.no_grad():
+        diff = (hf.eval()(**batch).logits - build_ours(load_source(final))(**batch)["logits"]).abs().max().item()
+    assert diff < 1e-5 and max(summary["verify"].values()) < 1e-5
+
 
 def test_mrc_from_step_checkpoint(env):
     proc = run_task(env, "mrc", ["--train_mode", "mrc", "--checkpoint", str(env.pre / "step-10"),

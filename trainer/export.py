@@ -69,6 +69,10 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         ("cls.predictions.transform.dense.", "lm_head.dense."),
         ("cls.predictions.transform.LayerNorm.", "lm_head.layer_norm."),
         ("cls.predictions.bias", "lm_head.bias"),
+        # its classification head is BERT's pooler and classifier under other names
+        ("roberta_prelayernorm.pooler.dense.", "classifier.dense."),
+        ("classifier.weight", "classifier.out_proj.weight"),
+        ("classifier.bias", "classifier.out_proj.bias"),
     ],
 }
 HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
@@ -137,7 +141,7 @@ def _load_hf_source(weights: Path, config_path: Path) -> Source:
     config = hf_compat.config_from_hf(hf_config)
     hf_state = checkpoint.read_safetensors(weights)[0]
     try:
-        state = hf_compat.modernbert_from_hf_state(hf_state, config)
+        state = hf_compat.modernbert_from_hf_state(hf_state, config, (hf_config.get("architectures") or [None])[0])
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete ModernBERT checkpoint") from None
     if hf_compat.untied_decoder(hf_config, hf_state):
@@ -198,7 +202,8 @@ def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str,
         return {k: v.detach().float().contiguous() for k, v in out.items()}, left
     out: dict[str, Tensor] = {}
     used: set[str] = set()
-    for ours, hf in key_table(_bert_shaped(config), ours_prefix="encoder.", hf_prefix="bert.", heads=True):
+    for ours, hf in key_table(_bert_shaped(config), ours_prefix="encoder.", hf_prefix="bert.", heads=True,
+                              task_heads=True):
         if ours not in state:
             if ours.startswith("encoder."):
                 raise KeyError(f"checkpoint lacks encoder weight {ours}")
@@ -243,8 +248,22 @@ def hf_class_keys(cfg) -> set[str]:
         return set(getattr(transformers, cfg.architectures[0])(cfg).state_dict())
 
 
-def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, tokenizer_ids: dict | None = None):
-    """A transformers config object for `target`."""
+def task_head(state: dict[str, Tensor]) -> tuple[str | None, int]:
+    """(the fine-tuning head `transformers` has a class for, its number of outputs): "classify"
+    (...ForSequenceClassification; 1 output = regression), "qa" (...ForQuestionAnswering), or None."""
+    if "classifier_head.classifier.weight" in state:
+        return "classify", state["classifier_head.classifier.weight"].shape[0]
+    if "span_head.qa_outputs.weight" in state:
+        return "qa", 2
+    return None, 0
+
+
+TASK_CLASS = {"classify": "ForSequenceClassification", "qa": "ForQuestionAnswering"}
+
+
+def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, tokenizer_ids: dict | None = None,
+              task: tuple[str | None, int] = (None, 0)):
+    """A transformers config object for `target`; `task` (from `task_head`) picks the fine-tuning class."""
     import transformers
 
     common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -255,14 +274,21 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
                   initializer_range=config.initializer_range, layer_norm_eps=config.LN_eps,
                   pad_token_id=config.pad_token_id, tie_word_embeddings=True)
     ids = tokenizer_ids or {}
+    kind, num_labels = task
+    labels = ({"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else
+               "single_label_classification"} if kind == "classify" else {})
     if target == "modernbert":
         specials = {"bos_token_id": ids.get("cls", 2), "cls_token_id": ids.get("cls", 2),
                     "eos_token_id": ids.get("sep", 3), "sep_token_id": ids.get("sep", 3)}
-        arch = ["ModernBertForMaskedLM" if has_mlm else "ModernBertModel"]
-        return transformers.ModernBertConfig(**hf_compat.modernbert_hf_config(config, architectures=arch, **specials))
+        arch = ["ModernBert" + (TASK_CLASS[kind] if kind else "ForMaskedLM" if has_mlm else "Model")]
+        return transformers.ModernBertConfig(**hf_compat.modernbert_hf_config(config, architectures=arch, **specials,
+                                                                              **labels))
     head = "ForPreTraining" if has_sop and target != "roberta-prelayernorm" else "ForMaskedLM" if has_mlm else "Model"
     if target == "roberta-prelayernorm" and has_mlm and config.act_fn != "gelu":
         head = "Model"   # RoBERTa's LM head applies gelu whatever hidden_act says
+    if kind is not None:
+        head = TASK_CLASS[kind]
+    common.update(labels)
     arch = [CLASS_PREFIX[target] + head]
     if target == "bert":
         return transformers.BertConfig(**common, architectures=arch)
@@ -278,8 +304,15 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
 
 # --- our model, for verification -------------------------------------------------------
 def build_ours(source: Source) -> torch.nn.Module:
-    """Our task model holding the source's weights (pretrain if it has an MLM head, else encoder)."""
-    if "mlm_head.bias" in source.state:
+    """Our task model holding the source's weights (pretrain if it has an MLM head, classify or mrc
+    with their heads, else encoder)."""
+    kind, num_labels = task_head(source.state)
+    if kind is not None:
+        model = (build_model(source.config, "classify", num_labels=num_labels) if kind == "classify"
+                 else build_model(source.config, "mrc"))
+        model.load_state_dict({k: v for k, v in source.state.items()
+                               if k.startswith(("encoder.", "classifier_head.", "span_head."))}, strict=True)
+    elif "mlm_head.bias" in source.state:
         objective = "sop" if "sop_head.classifier.weight" in source.state else "mlm"
         model = build_model(source.config, "pretrain", objective=objective)
         model.load_state_dict(source.state, strict=True)
@@ -302,7 +335,8 @@ def ours_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
 @torch.no_grad()
 def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
     """Load the export with `transformers` (offline) and compare with our model on random ids
-    with padding: max |difference| of last hidden states (real tokens) and MLM logits."""
+    with padding: max |difference| of last hidden states (real tokens), MLM logits and the
+    classification / span logits of a fine-tuned model."""
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(out_dir, local_files_only=True)
@@ -331,6 +365,14 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
         out = full(**inputs)
         logits_hf = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
         result["logits_max_abs_diff"] = (logits_hf - logits_ours)[real].abs().max().item()
+    kind, _ = task_head(source.state)
+    if kind is not None and cfg.architectures[0].endswith(TASK_CLASS[kind]):
+        out, ours_out = full(**inputs), ours(ids, mask, None if modern else types)
+        if kind == "classify":
+            result["task_logits_max_abs_diff"] = (out.logits - ours_out["logits"]).abs().max().item()
+        else:  # ours never predicts a padding position (-inf there); compare the real tokens
+            result["task_logits_max_abs_diff"] = max(
+                (out[f"{e}_logits"] - ours_out[f"{e}_logits"])[real].abs().max().item() for e in ("start", "end"))
     return result
 
 
@@ -410,7 +452,8 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
 def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summary: dict, name: str) -> None:
     has_mlm = "mlm_head.bias" in source.state
     has_sop = "sop_head.classifier.weight" in source.state
-    cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"))
+    task = task_head(source.state)
+    cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"), task)
     state, left = to_hf_state(source.state, source.config, target, hf_class_keys(cfg))
     cfg.save_pretrained(out)
     checkpoint.write_safetensors(state, out / "model.safetensors", {"format": "pt"})
@@ -419,17 +462,22 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     summary["not_exported"] = left
     arch = cfg.architectures[0]
     family = CLASS_PREFIX[target]
+    auto_task = next((f"AutoModel{c}" for c in TASK_CLASS.values() if arch.endswith(c)), None)
     lines = [f"# {name}: `transformers` {family} export", "",
              f"Exported by `python -m trainer.export` from `{source.info.get('path')}` "
              f"(step {source.info.get('step')}, train_mode {source.info.get('train_mode')}, "
              f"objective {source.info.get('objective')}). Our model is {why}.", "",
              "```python",
-             "from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer",
+             f"from transformers import AutoModel, {auto_task or 'AutoModelForMaskedLM'}, AutoTokenizer",
              "tok = AutoTokenizer.from_pretrained(PATH)",
              "encoder = AutoModel.from_pretrained(PATH)            # hidden states",
              ]
     if has_mlm and not arch.endswith("Model"):
         lines.append("mlm = AutoModelForMaskedLM.from_pretrained(PATH)    # MLM logits")
+    if auto_task:
+        what = ("start/end logits" if auto_task.endswith("QuestionAnswering") else
+                "the regression output" if task[1] == 1 else f"logits over {task[1]} labels (LABEL_0 ...)")
+        lines.append(f"model = {auto_task}.from_pretrained(PATH)  # {what}")
     lines += ["```", "", f"Config: `config.json` ({family}, architectures {cfg.architectures}); our own "
               "config is kept in `ko_model_config.json`.", ""]
     if not arch.endswith("Model"):
