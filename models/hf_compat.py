@@ -98,6 +98,66 @@ def key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str
     return table
 
 
+def bert_config_from_hf(d: dict) -> ModelConfig:
+    """Our ModelConfig from a transformers BertConfig's dict (config.json); refuses what we cannot compute."""
+    by_hf = {v: k for k, v in HF_ACTIVATIONS.items()} | {"swish": "swish", "gelu_python": "gelu"}
+    act = d.get("hidden_act", "gelu")
+    problems = [f"no {key}" for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                        "intermediate_size", "max_position_embeddings") if key not in d]
+    if act not in by_hf:
+        problems.append(f"hidden_act {act!r} (supported: {sorted(by_hf)})")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type {d['position_embedding_type']!r} (only absolute)")
+    if d.get("is_decoder") or d.get("add_cross_attention"):
+        problems.append("a decoder (is_decoder / add_cross_attention)")
+    if d.get("hidden_dropout_prob", 0.1) != d.get("attention_probs_dropout_prob", 0.1):
+        problems.append(f"hidden_dropout_prob {d.get('hidden_dropout_prob', 0.1)} != attention_probs_dropout_prob "
+                        f"{d.get('attention_probs_dropout_prob', 0.1)} (we have one dropout_prob)")
+    if problems:
+        raise ValueError("this BERT config has no equivalent here: " + ", ".join(problems))
+    return ModelConfig(model_type="transformer", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                       num_hidden_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                       ff_dim=d["intermediate_size"], act_fn=by_hf[act], dropout_prob=d.get("hidden_dropout_prob", 0.1),
+                       initializer_range=d.get("initializer_range", 0.02),
+                       max_position_embedding=d["max_position_embeddings"], type_vocab_size=d.get("type_vocab_size", 2),
+                       LN_eps=d.get("layer_norm_eps", 1e-12), ln_pos=1, layer_group=1, n_experts=1,
+                       pad_token_id=d.get("pad_token_id", 0) or 0)
+
+
+def bert_head_kind(architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
+    """Which of our heads a BERT folder's head is: "mlm" (BertForMaskedLM / ForPreTraining; an NSP
+    classifier is not our SOP head and is left out), "classify", "qa" or None."""
+    arch = architecture or ""
+    if arch.endswith("ForSequenceClassification") or (not arch and "classifier.weight" in hf_state):
+        return "classify"
+    if arch.endswith("ForQuestionAnswering") or (not arch and "qa_outputs.weight" in hf_state):
+        return "qa"
+    if "cls.predictions.bias" in hf_state:
+        return "mlm"
+    return None
+
+
+def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
+                       architecture: str | None = None) -> dict[str, Tensor]:
+    """A BertModel / BertForMaskedLM / BertForPreTraining / BertForSequenceClassification /
+    BertForQuestionAnswering state dict -> ours (encoder, plus the MLM, classify or MRC head when
+    present). Missing encoder weights raise KeyError naming them."""
+    prefix = "bert." if any(k.startswith("bert.") for k in hf_state) else ""
+    kind = bert_head_kind(architecture, hf_state)
+    wanted = {"mlm": ("mlm_head.",), "classify": ("classifier_head.",), "qa": ("span_head.",)}.get(kind, ())
+    out = {}
+    for ours, hf in key_table(config, hf_prefix=prefix, heads=True, task_heads=True):
+        if not ours.startswith("encoder."):
+            hf = tuple(h.replace("bert.", prefix, 1) for h in hf)
+            if not ours.startswith(wanted) or not all(h in hf_state for h in hf):
+                continue
+        missing = [h for h in hf if h not in hf_state]
+        if missing:
+            raise KeyError(f"BERT weights lack {missing[0]}")
+        out[ours] = torch.cat([hf_state[h] for h in hf]) if len(hf) > 1 else hf_state[hf[0]]
+    return out
+
+
 def hf_to_ours(hf_state: dict[str, Tensor], config: ModelConfig, **table_kwargs) -> dict[str, Tensor]:
     """HF BERT state dict -> ours (missing HF keys raise KeyError naming them)."""
     return {ours: torch.cat([hf_state[h] for h in hf]) if len(hf) > 1 else hf_state[hf[0]]
@@ -263,10 +323,16 @@ def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
     return out
 
 
+# (decoder, word embeddings) of the MLM classes whose decoder may be untied
+DECODER_KEYS = {"modernbert": ("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+                "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
+
+
 def untied_decoder(hf_config: dict, hf_state: dict[str, Tensor]) -> bool:
-    """Whether a ModernBertForMaskedLM folder decodes with its own matrix rather than the word
-    embeddings (`tie_word_embeddings` false and a `decoder.weight` that differs from them)."""
-    decoder, embeddings = hf_state.get("decoder.weight"), hf_state.get("model.embeddings.tok_embeddings.weight")
+    """Whether a ...ForMaskedLM folder decodes with its own matrix rather than the word embeddings
+    (`tie_word_embeddings` false and a decoder weight that differs from them)."""
+    decoder_key, embeddings_key = DECODER_KEYS.get(hf_config.get("model_type"), (None, None))
+    decoder, embeddings = hf_state.get(decoder_key), hf_state.get(embeddings_key)
     return (hf_config.get("tie_word_embeddings", True) is False and decoder is not None
             and not (embeddings is not None and decoder.shape == embeddings.shape and torch.equal(decoder, embeddings)))
 
@@ -292,8 +358,10 @@ def is_hf_config(d: dict) -> bool:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """Our ModelConfig for a `transformers` config.json that we can import (ModernBERT)."""
+    """Our ModelConfig for a `transformers` config.json that we can import (BERT, ModernBERT)."""
     if d.get("model_type") == "modernbert":
         return modernbert_config_from_hf(d)
-    raise ValueError(f"a transformers {d.get('model_type')!r} config: only ModernBERT folders can be read as "
-                     f"our model; for others, start from one of our checkpoints or configs/")
+    if d.get("model_type") == "bert":
+        return bert_config_from_hf(d)
+    raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT and ModernBERT folders can be read "
+                     f"as our model; for others, start from one of our checkpoints or configs/")

@@ -140,6 +140,82 @@ def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tok
             assert (out[end] - mine[end])[real].abs().max().item() < TOL
 
 
+def _korean_pairs(tokenizer_dir: Path):
+    tok = transformers.BertTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
+    return tok([s for s, _ in SENTENCES], [t for _, t in SENTENCES], padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("cls,task,safetensors", [
+    ("BertForMaskedLM", "pretrain", True), ("BertForPreTraining", "pretrain", False), ("BertModel", "encoder", True),
+    ("BertForSequenceClassification", "classify", True), ("BertForQuestionAnswering", "mrc", False),
+])
+def test_transformers_bert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_dir, cls, task, safetensors):
+    """A BERT folder written by transformers itself (safetensors or pytorch_model.bin; e.g.
+    klue/bert-base) reads as our model with its head: same hidden states and head outputs on padded
+    Korean pairs, and --model/--checkpoint take it (an NSP classifier is not our SOP head: left out)."""
+    from models import load_config
+    from models.hf_compat import bert_config_from_hf
+
+    cfg = ModelConfig.from_dict(TINY_CONFIG | {"dropout_prob": 0.1, "kernel_size": 9})  # kernel_size: Mix LM's
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_heads,
+                                     intermediate_size=cfg.ff_dim, max_position_embeddings=cfg.max_position_embedding,
+                                     layer_norm_eps=cfg.LN_eps, num_labels=3 if task == "classify" else 2)
+    torch.manual_seed(4)
+    hf = getattr(transformers, cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, q in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                q.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    if not safetensors:  # as older transformers wrote them (transformers 5 writes safetensors only)
+        torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+        (tmp_path / "hf" / "model.safetensors").unlink()
+    assert load_config(tmp_path / "hf") == bert_config_from_hf(hf_cfg.to_dict()) == cfg
+    source = load_source(tmp_path / "hf")
+    heads = {k.split(".")[0] for k in source.state if not k.startswith("encoder.")}
+    assert heads == {"pretrain": {"mlm_head"}, "encoder": set(), "classify": {"classifier_head"},
+                     "mrc": {"span_head"}}[task]
+    ours = build_ours(source)
+    batch = _korean_pairs(tiny_tokenizer_dir)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        out = hf(**batch, **({"output_hidden_states": True} if task != "encoder" else {}))
+        h_hf = out.last_hidden_state if task == "encoder" else out.hidden_states[-1]
+        h_ours = ours.encoder(**batch).last_hidden_state
+        assert (h_hf - h_ours)[real].abs().max().item() < TOL
+        if task == "pretrain":
+            logits = out.prediction_logits if cls == "BertForPreTraining" else out.logits
+            assert (logits - ours_outputs(ours, **batch)[1])[real].abs().max().item() < TOL
+        elif task == "classify":
+            assert (out.logits - ours(**batch)["logits"]).abs().max().item() < TOL
+        elif task == "mrc":
+            mine = ours(**batch)
+            for end in ("start_logits", "end_logits"):
+                assert (out[end] - mine[end])[real].abs().max().item() < TOL
+
+
+def test_transformers_bert_folder_is_checked(tmp_path, capsys):
+    from models.hf_compat import bert_config_from_hf
+
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+        bert_config_from_hf(transformers.BertConfig(position_embedding_type="relative_key").to_dict())
+    with pytest.raises(ValueError, match="no vocab_size"):
+        bert_config_from_hf({"model_type": "bert"})
+    hf_cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, tie_word_embeddings=False)
+    hf = transformers.BertForMaskedLM(hf_cfg)
+    with torch.no_grad():
+        hf.cls.predictions.decoder.weight.normal_()
+    hf.save_pretrained(tmp_path / "untied")
+    source = load_source(tmp_path / "untied")
+    assert "its MLM head is not imported" in capsys.readouterr().err
+    assert source.info["objective"] is None and not any(k.startswith("mlm_head.") for k in source.state)
+    (tmp_path / "untied" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="without model.safetensors or pytorch_model.bin"):
+        load_source(tmp_path / "untied")
+
+
 @pytest.mark.parametrize("overrides,why", [
     ({"n_experts": 4}, "n_experts 4"),
     ({"model_type": "mix_lm", "n_experts": 2, "kernel_size": 5}, "model_type 'mix_lm'"),

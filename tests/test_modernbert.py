@@ -289,8 +289,8 @@ def test_unsupported_transformers_config_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="mlp_bias"):
         modernbert_config_from_hf({"model_type": "modernbert", "mlp_bias": True})
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(ValueError, match="only ModernBERT"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "architectures": ["RobertaModel"]}))
+    with pytest.raises(ValueError, match="only BERT and ModernBERT"):
         load_config(tmp_path)
     # trainer.evaluate reads transformers folders too: it names the same reason, not "not a BERT folder"
     from trainer.evaluate import _read_transformers

@@ -102,6 +102,31 @@ def test_classify_from_exported_checkpoint(env):
     assert diff < 1e-5 and max(summary["verify"].values()) < 1e-5
 
 
+def test_classify_from_transformers_bert_folder(env):
+    """A transformers BERT folder in the older pytorch_model.bin format (as klue/bert-base ships)
+    starts a fine-tuning run: --model and --checkpoint take the folder, its tokenizer is used, the
+    encoder starts from its weights."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import load_weights
+    from trainer.export import export
+
+    hf = env.root / "hf_bin"
+    export(env.pre / "final", hf)
+    torch.save(load_file(hf / "model.safetensors"), hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    proc = launch("train.py", ["--model_name", "cls_hf", "--model", str(hf), "--checkpoint", str(hf),
+                               "--output_dir", str(env.out), *COMMON, "--train_mode", "classify",
+                               "--train_file", str(NSMC_TRAIN), "--max_train_examples", "8", "--train_batch_size", "4",
+                               "--num_steps", "1", "--learning_rate", "1e-12", "--warmup_steps", "0"])
+    assert "initialised matching weights" in proc.stdout
+    before = load_weights(env.pre / "final" / "model.safetensors")
+    after = load_weights(env.out / "cls_hf" / "final" / "model.safetensors")
+    encoder = [k for k in before if k.startswith("encoder.")]
+    assert encoder and all(torch.allclose(before[k], after[k], atol=1e-6) for k in encoder)
+    assert (env.out / "cls_hf" / "final" / "tokenizer.json").is_file()
+
+
 def test_mrc_from_step_checkpoint(env):
     proc = run_task(env, "mrc", ["--train_mode", "mrc", "--checkpoint", str(env.pre / "step-10"),
                                  "--train_file", str(env.korquad), "--eval_fraction", "0.25",

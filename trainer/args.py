@@ -33,15 +33,17 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None,
                    help="checkpoint to continue from: a step-N directory (or a file in it), a run directory "
                         "(its latest step), 'auto' (latest of this run if any, else start fresh), or an exported "
-                        ".safetensors file / final directory (weights only). A checkpoint of another train_mode "
-                        "initialises the encoder weights only.")
+                        ".safetensors file / final directory or a transformers BERT / ModernBERT folder (weights "
+                        "only). A checkpoint of another train_mode initialises the weights whose names and shapes "
+                        "match (the encoder's at least).")
     g.add_argument("--seed", type=int, default=42, help="random seed; resuming reproduces the same data order")
     g.add_argument("--engine", choices=ENGINES, default="torch", help="training backend")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
 
     g = p.add_argument_group("model and task")
     g.add_argument("--model", default="small",
-                   help="model config: a name in configs/ (e.g. small, transformer, switch, mix_lm, bert-base, albert-base) or a JSON path")
+                   help="model config: a name in configs/ (e.g. small, transformer, switch, mix_lm, bert-base, albert-base), "
+                        "a JSON path, or a folder holding a config.json (ours, or a transformers BERT / ModernBERT one)")
     g.add_argument("--train_mode", choices=TRAIN_MODES, default="pretrain", help="task (see README: Tasks)")
     g.add_argument("--objective", choices=("sop", "ict", "mlm"), default="sop",
                    help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")

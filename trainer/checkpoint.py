@@ -32,6 +32,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 PARTIAL_DIR = re.compile(r"^\.step-(\d+)\.(tmp|old)$")  # left behind by a crash during a save
 META = "meta.json"
 WEIGHTS = "model.safetensors"
+HF_BIN = "pytorch_model.bin"  # the weights of transformers folders saved before safetensors
 
 
 class CheckpointError(ValueError):
@@ -68,13 +69,15 @@ def resolve(spec: str | None, run_dir: Path) -> tuple[Path | None, str]:
             f"use a complete one ({', '.join(p.name for p in done) or 'none in ' + str(partial.parent)}) "
             f"or --checkpoint auto")
     if path.is_file():
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or path.name == HF_BIN:
             return path, "weights"
         path = path.parent
     if (path / META).is_file():
         return path, "step"
     if (path / WEIGHTS).is_file():
         return path / WEIGHTS, "weights"
+    if (path / HF_BIN).is_file() and (path / "config.json").is_file():  # a transformers folder (older format)
+        return path / HF_BIN, "weights"
     found = list_checkpoints(path)
     if found:
         return found[-1], "step"
@@ -125,7 +128,7 @@ class Start:
                 raise SystemExit(f"--checkpoint {self.path} was trained with another model config ({shown}); "
                                  f"pass the same --model as the checkpoint ({self.meta['args'].get('model')})")
         elif self.path is not None and (self.path.parent / "config.json").is_file():
-            from models import load_config  # ours or a transformers ModernBERT config.json
+            from models import load_config  # ours or a transformers BERT / ModernBERT config.json
 
             folder = self.path.parent
             shown = config_mismatch(load_config(folder / "config.json").to_dict(), config)

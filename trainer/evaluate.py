@@ -181,47 +181,15 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
 
 
 def _read_transformers(folder: Path):
-    """A transformers folder as our weights: what trainer.export.load_source reads, else BERT
-    (BertModel / BertForMaskedLM / BertForPreTraining names, models.hf_compat's table)."""
-    from trainer.export import Source, load_source
+    """A transformers BERT or ModernBERT folder as our weights (trainer.export.load_source)."""
+    from trainer.export import load_source
 
     d = json.loads((folder / "config.json").read_text())
-    if d.get("model_type") == "modernbert":
-        return load_source(folder)  # its errors name what the folder lacks or what we cannot compute
-    if d.get("model_type") != "bert":
+    if d.get("model_type") not in ("bert", "modernbert"):
         raise ValueError(f"{folder}: a transformers {d.get('model_type')!r} model; BERT and ModernBERT folders "
                          f"can be evaluated (for a model exported as another architecture, evaluate the "
                          f"checkpoint it was exported from)")
-    from models import ModelConfig
-    from models.hf_compat import hf_to_ours
-    from trainer.checkpoint import load_weights
-
-    act = {"gelu": "gelu", "relu": "relu", "silu": "swish", "swish": "swish"}.get(d.get("hidden_act", "gelu"))
-    if act is None:
-        raise ValueError(f"{folder}: hidden_act {d.get('hidden_act')!r} is not one of gelu, relu, silu")
-    config = ModelConfig(model_type="transformer", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                         num_hidden_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                         ff_dim=d["intermediate_size"], act_fn=act, dropout_prob=d.get("hidden_dropout_prob", 0.1),
-                         initializer_range=d.get("initializer_range", 0.02),
-                         max_position_embedding=d["max_position_embeddings"], type_vocab_size=d.get("type_vocab_size", 2),
-                         LN_eps=d.get("layer_norm_eps", 1e-12), ln_pos=1, layer_group=1, n_experts=1,
-                         pad_token_id=d.get("pad_token_id", 0) or 0)
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        hf_state = load_weights(weights)
-    elif (folder / "pytorch_model.bin").is_file():
-        import torch
-
-        hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    prefix = "bert." if any(k.startswith("bert.") for k in hf_state) else ""
-    try:
-        state = hf_to_ours(hf_state, config, hf_prefix=prefix)
-    except KeyError as e:
-        raise ValueError(f"{folder}: BERT weights lack {e}") from None
-    tok = folder if (folder / "tokenizer.json").is_file() else None
-    return Source(state, config, tok, {"path": str(folder), "kind": "transformers"})
+    return load_source(folder)
 
 
 # --- runs ----------------------------------------------------------------------------------------

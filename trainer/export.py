@@ -102,6 +102,9 @@ def _tokenizer_dir(candidates: list[Path | str | None]) -> Path | None:
 def load_source(src: str | Path) -> Source:
     """Read weights + model config from any of the forms listed in the module docstring."""
     src = Path(src)
+    if src.is_dir() and (src / "config.json").is_file() and hf_compat.is_hf_config(
+            json.loads((src / "config.json").read_text())):
+        return _load_hf_source(_hf_weights_file(src), src / "config.json")
     if src.is_dir() and not (src / checkpoint.META).is_file() and not (src / checkpoint.WEIGHTS).is_file():
         if (src / "final" / checkpoint.WEIGHTS).is_file():
             src = src / "final"
@@ -135,15 +138,31 @@ def load_source(src: str | Path) -> Source:
                    "train_mode": args.get("train_mode"), "objective": args.get("objective")})
 
 
+def _hf_weights_file(folder: Path) -> Path:
+    for name in (checkpoint.WEIGHTS, checkpoint.HF_BIN):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: a transformers folder without model.safetensors or pytorch_model.bin "
+                            f"(sharded checkpoints: save it again with save_pretrained(..., max_shard_size='100GB'))")
+
+
 def _load_hf_source(weights: Path, config_path: Path) -> Source:
-    """A `transformers` ModernBERT folder (ours exported, or anyone's) as our weights and config."""
+    """A `transformers` BERT or ModernBERT folder (ours exported, or anyone's) as our weights and config."""
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
-    hf_state = checkpoint.read_safetensors(weights)[0]
+    if weights.suffix == ".bin":
+        try:
+            hf_state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: name it
+            raise checkpoint.CheckpointError(f"{weights}: cannot be read ({type(e).__name__}: {e})") from None
+    else:
+        hf_state = checkpoint.read_safetensors(weights)[0]
+    family = hf_config["model_type"]
+    from_state = hf_compat.modernbert_from_hf_state if family == "modernbert" else hf_compat.bert_from_hf_state
     try:
-        state = hf_compat.modernbert_from_hf_state(hf_state, config, (hf_config.get("architectures") or [None])[0])
+        state = from_state(hf_state, config, (hf_config.get("architectures") or [None])[0])
     except KeyError as e:
-        raise ValueError(f"{weights}: {e.args[0]}; not a complete ModernBERT checkpoint") from None
+        raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
     if hf_compat.untied_decoder(hf_config, hf_state):
         # our MLM head decodes with the word embeddings; this one has its own matrix: without it the
         # head would compute another function, so it is left out (initialised fresh where a run needs it)
