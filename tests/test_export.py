@@ -239,6 +239,22 @@ def test_unmappable_models_export_our_format(tmp_path, tiny_tokenizer_dir, overr
     assert torch.equal(h1, h2) and torch.equal(l1, l2)
 
 
+@pytest.mark.parametrize("task,kwargs", [("pretrain", {"objective": "mlm"}), ("classify", {"num_labels": 3}),
+                                         ("mrc", {}), ("ner", {"num_labels": 5, "slots": 32, "crf": True}),
+                                         ("encoder", {})])
+def test_our_format_note_builds_the_task_model(tmp_path, tiny_tokenizer_dir, task, kwargs):
+    """The export note's recipe for a model transformers cannot load builds the model the weights
+    belong to (a fine-tuned head included), loaded with strict=True."""
+    src = _final_dir(tmp_path, TINY_CONFIG | {"n_experts": 2}, tiny_tokenizer_dir, task=task, **kwargs)
+    export(src, tmp_path / "out")
+    note = (tmp_path / "out" / "EXPORT_NOTE.md").read_text()
+    line = next(ln for ln in note.splitlines() if ln.startswith("model = build_model("))
+    config = ModelConfig.from_json(tmp_path / "out" / "config.json")
+    model = eval(line.removeprefix("model = "), {"build_model": build_model, "config": config})
+    assert type(model).__name__ == type(build_model(config, task, **kwargs)).__name__
+    model.load_state_dict(checkpoint.load_weights(tmp_path / "out" / "model.safetensors"), strict=True)
+
+
 def test_morpheme_tokenizer_is_explained(tmp_path, tiny_tokenizer_dir):
     tok_dir = tmp_path / "tok"
     shutil.copytree(tiny_tokenizer_dir, tok_dir)

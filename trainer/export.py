@@ -525,12 +525,29 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def task_model_call(state: dict[str, Tensor]) -> str:
+    """The `build_model(...)` call that builds the task model these weights belong to."""
+    kind, num_labels = task_head(state)
+    if kind == "classify":
+        return f'build_model(config, "classify", num_labels={num_labels})'
+    if kind == "qa":
+        return 'build_model(config, "mrc")'
+    if "tag_head.classifier.weight" in state:
+        from data.ner import CHAR_SLOTS
+
+        crf = "crf.transitions" in state
+        return (f'build_model(config, "ner", num_labels={state["tag_head.classifier.weight"].shape[0] // CHAR_SLOTS}, '
+                f'slots={CHAR_SLOTS}, crf={crf})')
+    if "mlm_head.bias" in state:
+        return f'build_model(config, "pretrain", objective="{"sop" if "sop_head.classifier.weight" in state else "mlm"}")'
+    return 'build_model(config, "encoder")'
+
+
 def _write_ours(source: Source, out: Path, why: str, tok: dict) -> None:
     checkpoint.save_weights(source.state, out / checkpoint.WEIGHTS,
                             {"step": str(source.info.get("step") or ""),
                              "train_mode": str(source.info.get("train_mode") or "")})
     source.config.to_json(out / "config.json")
-    objective = "sop" if "sop_head.classifier.weight" in source.state else "mlm"
     note = f"""# Export note: `transformers` cannot load this model
 
 Source: `{source.info.get('path')}` (step {source.info.get('step')}, train_mode {source.info.get('train_mode')}).
@@ -548,8 +565,8 @@ Load it with this repository's `models` package:
 from models import ModelConfig, build_model
 from trainer.checkpoint import load_weights
 config = ModelConfig.from_json("PATH/config.json")
-model = build_model(config, "pretrain", objective="{objective}")   # or "encoder", "mrc", ...
-model.load_state_dict(load_weights("PATH/model.safetensors"), strict=False)
+model = {task_model_call(source.state)}
+model.load_state_dict(load_weights("PATH/model.safetensors"), strict=True)
 ```
 or continue training / fine-tune from it with `--checkpoint PATH/model.safetensors`.
 
