@@ -220,7 +220,8 @@ def test_transformers_modernbert_imports_exactly(tmp_path, korean):
     ("classify", {"num_labels": 1}, "AutoModelForSequenceClassification"),
     ("mrc", {}, "AutoModelForQuestionAnswering"),
 ])
-def test_fine_tuned_heads_round_trip_with_transformers(tmp_path, korean, tiny_tokenizer_dir, task, kwargs, auto):
+def test_fine_tuned_heads_round_trip_with_transformers(tmp_path, korean, tiny_tokenizer_dir, task, kwargs, auto,
+                                                       capsys):
     """Our ModernBERT classifier / MRC heads are transformers' (prediction head on [CLS] or on every
     token, then the classifier): they export as ModernBertForSequenceClassification /
     ...ForQuestionAnswering with our logits on Korean text with padding, and such a folder reads back
@@ -256,6 +257,13 @@ def test_fine_tuned_heads_round_trip_with_transformers(tmp_path, korean, tiny_to
         assert type(back) is type(ours)
         for k, v in ours.state_dict().items():
             assert torch.equal(back.state_dict()[k], v), k
+    if task == "classify":  # mean pooling is another function: the head is left out, the encoder kept
+        hf.config.classifier_pooling = "mean"
+        hf.save_pretrained(tmp_path / "hf_mean")
+        source = load_source(tmp_path / "hf_mean")
+        assert "classifier_pooling 'mean'" in capsys.readouterr().err
+        assert not any(k.startswith("classifier_head.") for k in source.state)
+        assert any(k.startswith("encoder.") for k in source.state)
 
 
 def test_untied_transformers_decoder_is_not_imported_as_our_head(tmp_path, capsys):

@@ -163,6 +163,12 @@ def _load_hf_source(weights: Path, config_path: Path) -> Source:
         state = from_state(hf_state, config, (hf_config.get("architectures") or [None])[0])
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
+    if (family == "modernbert" and "classifier_head.classifier.weight" in state
+            and hf_config.get("classifier_pooling", "cls") != "cls"):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier_head.")}
+        print(f"[import] warning: {weights}: its classifier pools with classifier_pooling "
+              f"{hf_config['classifier_pooling']!r} and ours reads the [CLS] vector, so its classification head "
+              f"is not imported; the encoder is", file=sys.stderr, flush=True)
     if hf_compat.untied_decoder(hf_config, hf_state):
         # our MLM head decodes with the word embeddings; this one has its own matrix: without it the
         # head would compute another function, so it is left out (initialised fresh where a run needs it)
