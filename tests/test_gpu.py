@@ -1,0 +1,104 @@
+"""On one CUDA GPU (marker `gpu`; skipped without CUDA, so CI never runs them): every launcher x
+engine x ZeRO stage trains a few steps in fp16 and in bf16, through the shell launchers (torchrun
+and DeepSpeed's own); ModernBERT and `--compile` too. Each run must exit 0, log finite losses, write
+final/, and start from the loss of the same run in float32 on the CPU (mixed precision changes the
+first loss by rounding only: dropout is 0 and the data order is the seed's).
+
+    python -m pytest -m gpu tests/test_gpu.py        # on a GPU machine
+
+The corpus is demo/reviews_sample.dat (in the repository), so they need no ../shared data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from tests.launch_util import run_sh
+from tests.trainer_util import REPO, launch, losses, write_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEMO = REPO / "demo" / "reviews_sample.dat"
+STEPS = 4
+FIRST_LOSS_TOL = 0.05  # |first loss - float32 CPU first loss|: bf16 rounds logits of ~7.6 to ~0.03
+GPU_ENV = {"DS_ACCELERATOR": "cuda", "NPROC_PER_NODE": "1"}
+STAGES = [("train.py", []), ("train_zero_one.py", []), ("train_zero_two.py", []), ("train_zero_two.py", ["--zero3"])]
+ENGINES = ["torch", "deepspeed", "fairscale"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("gpu")
+    corpus = root / "reviews.dat"
+    shutil.copy2(DEMO, corpus)
+    tokenizer = root / "tok"
+    train_tokenizer([corpus], vocab_size=2000, out_dir=tokenizer)
+    modernbert = json.loads((REPO / "tests" / "configs" / "tiny_modernbert.json").read_text())
+    configs = {"transformer": write_config(root / "tiny.json"), "modernbert": root / "tiny_modernbert.json"}
+    configs["modernbert"].write_text(json.dumps(modernbert | {"vocab_size": 2000, "dropout_prob": 0.0}))
+    out = root / "out"
+
+    def args(name: str, model: str, *extra: str) -> list[str]:
+        return ["--model", str(configs[model]), "--model_name", name, "--output_dir", str(out),
+                "--corpus_path", str(corpus), "--tokenizer", str(tokenizer), "--max_seq_length", "64",
+                "--train_batch_size", "8", "--num_steps", str(STEPS), "--save_steps", "2", "--logging_steps", "1",
+                "--learning_rate", "1e-3", "--warmup_steps", "1", "--num_workers", "0", "--no_progress", *extra]
+
+    # float32 on the CPU: the first loss each mixed-precision GPU run must start from
+    reference = {}
+    for model in configs:
+        launch("train.py", args(f"cpu_{model}", model, "--device", "cpu"))
+        reference[model] = losses(out / f"cpu_{model}")[0]
+    return {"args": args, "out": out, "reference": reference}
+
+
+def _check(setup, name: str, model: str = "transformer") -> list[float]:
+    run = setup["out"] / name
+    ls = losses(run)
+    assert len(ls) == STEPS and all(math.isfinite(x) for x in ls), ls
+    assert abs(ls[0] - setup["reference"][model]) < FIRST_LOSS_TOL, (ls[0], setup["reference"][model])
+    assert (run / "final" / "model.safetensors").is_file() and (run / f"step-{STEPS}").is_dir()
+    return ls
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("script,extra", STAGES, ids=["ddp", "zero1", "zero2", "zero3"])
+def test_every_launcher_and_engine_trains(setup, script, extra, engine, precision):
+    """launch/torchrun.sh (1 process on the GPU) for each stage and engine; DeepSpeed also under its
+    own launcher (launch/deepspeed.sh)."""
+    name = f"{script.split('.')[0]}{''.join(extra)}_{engine}_{precision}".replace("-", "")
+    argv = setup["args"](name, "transformer", f"--{precision}", "--device", "cuda", *extra)
+    if engine == "deepspeed" and shutil.which("deepspeed"):
+        run_sh("deepspeed.sh", argv, GPU_ENV | {"LAUNCHER": script, "RUNNER": "deepspeed"}, timeout=600)
+    else:
+        run_sh("torchrun.sh", argv + ["--engine", engine], GPU_ENV | {"LAUNCHER": script}, timeout=600)
+    _check(setup, name)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("script,extra", [("train.py", []), ("train_zero_two.py", ["--zero3", "--auto_wrap"]),
+                                          ("train_zero_two.py", ["--engine", "deepspeed"])],
+                         ids=["ddp", "fsdp2", "deepspeed"])
+def test_modernbert_trains(setup, script, extra, precision):
+    """ModernBERT (RoPE, sliding window: rows of up to 64 tokens, its window is 8) on CUDA."""
+    name = f"modernbert_{script.split('.')[0]}{''.join(extra)}_{precision}".replace("-", "")
+    run_sh("torchrun.sh", setup["args"](name, "modernbert", f"--{precision}", "--device", "cuda", *extra),
+           GPU_ENV | {"LAUNCHER": script}, timeout=600)
+    _check(setup, name, "modernbert")
+
+
+@pytest.mark.parametrize("model", ["transformer", "modernbert"])
+def test_compile_on_cuda_gives_the_eager_losses(setup, model):
+    """--compile (inductor, Triton kernels) in bf16 against the same eager bf16 run."""
+    for name, extra in ((f"eager_{model}", []), (f"compiled_{model}", ["--compile"])):
+        run_sh("torchrun.sh", setup["args"](name, model, "--bf16", "--device", "cuda", *extra),
+               GPU_ENV | {"LAUNCHER": "train.py"}, timeout=600)
+    eager, compiled = _check(setup, f"eager_{model}", model), _check(setup, f"compiled_{model}", model)
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 0.05, (eager, compiled)
