@@ -137,14 +137,16 @@ def bert_head_kind(architecture: str | None, hf_state: dict[str, Tensor]) -> str
     return None
 
 
-def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
-                       architecture: str | None = None) -> dict[str, Tensor]:
+def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, architecture: str | None = None,
+                       sop: bool = False) -> dict[str, Tensor]:
     """A BertModel / BertForMaskedLM / BertForPreTraining / BertForSequenceClassification /
     BertForQuestionAnswering state dict -> ours (encoder, plus the MLM, classify or MRC head when
-    present). Missing encoder weights raise KeyError naming them."""
+    present; `sop`: BertForPreTraining's sequence classifier is our SOP head, as in our own exports).
+    Missing encoder weights raise KeyError naming them."""
     prefix = "bert." if any(k.startswith("bert.") for k in hf_state) else ""
     kind = bert_head_kind(architecture, hf_state)
-    wanted = {"mlm": ("mlm_head.",), "classify": ("classifier_head.",), "qa": ("span_head.",)}.get(kind, ())
+    wanted = {"mlm": ("mlm_head.", "sop_head.") if sop else ("mlm_head.",), "classify": ("classifier_head.",),
+              "qa": ("span_head.",)}.get(kind, ())
     out = {}
     for ours, hf in key_table(config, hf_prefix=prefix, heads=True, task_heads=True):
         if not ours.startswith("encoder."):

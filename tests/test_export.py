@@ -88,9 +88,15 @@ def test_hf_export_matches_ours(tmp_path, tiny_tokenizer_dir, name, overrides, f
 
 
 def test_pretrain_heads_load_into_for_pretraining(tmp_path, tiny_tokenizer_dir):
-    """SOP weights land in BertForPreTraining's pooler + seq_relationship: same SOP logits."""
+    """SOP weights land in BertForPreTraining's pooler + seq_relationship: same SOP logits; the
+    folder reads back as the pretraining model it came from (its SOP head too: ours kept our config
+    beside it, a foreign BertForPreTraining's NSP head is not taken for one)."""
     src = _final_dir(tmp_path, TINY_CONFIG, tiny_tokenizer_dir)
     export(src, tmp_path / "hf")
+    back, original = load_source(tmp_path / "hf").state, load_source(src).state
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    (tmp_path / "hf" / "ko_model_config.json").unlink()
+    assert load_source(tmp_path / "hf").state.keys() == {k for k in original if not k.startswith("sop_head.")}
     ours = build_ours(load_source(src))
     ids = torch.tensor([[2, 100, 200, 300, 3, 400, 3, 0]])
     mask = (ids != 0).long()
@@ -131,6 +137,9 @@ def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tok
                                                                output_loading_info=True)
         assert type(hf).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"], info
         out, mine = hf.eval()(**batch), ours(**batch)
+    if name == "bert":  # a BERT folder reads back as the model it was exported from, head included
+        back, original = load_source(tmp_path / "hf").state, load_source(src).state
+        assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
     if task == "classify":
         assert hf.config.num_labels == kwargs["num_labels"]
         assert hf.config.problem_type == ("regression" if kwargs["num_labels"] == 1 else "single_label_classification")

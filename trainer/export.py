@@ -158,9 +158,13 @@ def _load_hf_source(weights: Path, config_path: Path) -> Source:
     else:
         hf_state = checkpoint.read_safetensors(weights)[0]
     family = hf_config["model_type"]
-    from_state = hf_compat.modernbert_from_hf_state if family == "modernbert" else hf_compat.bert_from_hf_state
+    arch = (hf_config.get("architectures") or [None])[0]
     try:
-        state = from_state(hf_state, config, (hf_config.get("architectures") or [None])[0])
+        if family == "modernbert":
+            state = hf_compat.modernbert_from_hf_state(hf_state, config, arch)
+        else:  # our own export (it keeps our config beside): its sequence classifier is our SOP head
+            state = hf_compat.bert_from_hf_state(hf_state, config, arch,
+                                                 sop=(weights.parent / "ko_model_config.json").is_file())
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
     if (family == "modernbert" and "classifier_head.classifier.weight" in state
