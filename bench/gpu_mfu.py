@@ -1,7 +1,8 @@
 """GPU training throughput and MFU (bf16 autocast) of our models vs HF BertForMaskedLM of the
-same dimensions, against the device's bf16 dense peak (spec sheet) and a measured bf16 matmul.
+same dimensions, and of our ModernBERT vs HF ModernBertForMaskedLM, against the device's bf16 dense
+peak (spec sheet) and a measured bf16 matmul.
 
-    python bench/gpu_mfu.py                          # bert-base dims, batch 32 x seq 512, on cuda
+    python bench/gpu_mfu.py                          # bert-base dims + modernbert-base, batch 32 x seq 512, on cuda
     python bench/gpu_mfu.py --quick                  # fewer reps, batch 16 x seq 128
     python bench/gpu_mfu.py --device cpu --config tests/configs/tiny_transformer.json --seq_len 64 --quick
         # smoke test of the code path only (no spec peak; MFU vs the measured matmul)
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median taken)")
     p.add_argument("--steps_per_rep", type=int, default=5)
     p.add_argument("--only", nargs="*", help="subset of our variants to run")
-    p.add_argument("--no_hf", action="store_true", help="skip HF BertForMaskedLM")
+    p.add_argument("--no_hf", action="store_true", help="skip the HF models")
+    p.add_argument("--modernbert", default=None,
+                   help="ModernBERT config run against HF ModernBertForMaskedLM (default: modernbert-base for "
+                        "bert-base, modernbert-small for small, none otherwise; 'none' leaves it out)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test")
     p.add_argument("--quick", action="store_true", help="batch 16, seq <= 128, 3 reps of 2 steps")
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
               "(use --device cpu only to smoke-test the code path)", file=sys.stderr)
         return 2
 
-    from bench.model_throughput import hf_model, make_batch, train_step_fn, variants
+    from bench.model_throughput import (HF_BERT, HF_MODERNBERT, MODERNBERT_OF, hf_model, hf_modernbert_model,
+                                        make_batch, train_step_fn, variants)
     from models import build_model, estimate_flops_per_token, load_config
 
     torch.manual_seed(0)
@@ -78,17 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_len > base.max_position_embedding:
         p.error(f"--seq_len {args.seq_len} exceeds the config's max_position_embedding "
                 f"({base.max_position_embedding})")
-    models: dict[str, tuple[torch.nn.Module, object, bool]] = {}
+    # name -> (model, config, is HF, its HF baseline)
+    models: dict[str, tuple[torch.nn.Module, object, bool, str]] = {}
     if not args.no_hf:
-        models["HF BertForMaskedLM"] = (hf_model(base), base, True)
+        models[HF_BERT] = (hf_model(base), base, True, HF_BERT)
     for name, cfg in variants(base).items():
         if not args.only or any(o in name for o in args.only):
-            models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False)
+            models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
+    modern_name = args.modernbert or MODERNBERT_OF.get(Path(args.config).stem.removesuffix("_config"), "none")
+    if modern_name != "none":
+        import dataclasses
+
+        modern = dataclasses.replace(load_config(modern_name), vocab_size=base.vocab_size)
+        if modern.model_type != "modernbert":
+            p.error(f"--modernbert {modern_name}: model_type {modern.model_type!r}, not modernbert")
+        if not args.no_hf:
+            models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
+        models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
     batch, labels = make_batch(base, args.batch_size, args.seq_len, args.mask_prob)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = labels.to(device)
     steps = {}
-    for name, (model, _, hf) in models.items():
+    for name, (model, _, hf, _) in models.items():
         model.to(device)
         fwd = torch.compile(model) if args.compile else model
         step = train_step_fn(fwd, batch, labels, hf)
@@ -108,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     spec = spec_peak(name) if device.type == "cuda" else None
     tokens = args.batch_size * args.seq_len
-    hf_tps = tokens / secs["HF BertForMaskedLM"] if "HF BertForMaskedLM" in secs else None
     rows = []
-    for mname, (model, cfg, hf) in models.items():
+    for mname, (model, cfg, hf, baseline) in models.items():
         tps = tokens / secs[mname]
         flops = estimate_flops_per_token(cfg, args.seq_len, 1.0 if hf else args.mask_prob)
         row = {"model": mname, "params (M)": f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}",
-               "tokens/s": f"{tps:,.0f}", "vs HF": f"{tps / hf_tps:.2f}x" if hf_tps else "",
+               "tokens/s": f"{tps:,.0f}",
+               "vs HF": f"{secs[baseline] / secs[mname]:.2f}x ({baseline.removeprefix('HF ')})" if baseline in secs else "",
                "GFLOP/token": f"{flops / 1e9:.3f}", "TFLOP/s": f"{flops * tps / 1e12:.1f}",
                "MFU (spec)": f"{100 * flops * tps / spec:.1f}%" if spec else "n/a",
                "MFU (measured)": f"{100 * flops * tps / measured:.1f}%"}

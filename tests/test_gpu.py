@@ -102,3 +102,16 @@ def test_compile_on_cuda_gives_the_eager_losses(setup, model):
                GPU_ENV | {"LAUNCHER": "train.py"}, timeout=600)
     eager, compiled = _check(setup, f"eager_{model}", model), _check(setup, f"compiled_{model}", model)
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 0.05, (eager, compiled)
+
+
+def test_gpu_mfu_bench_runs():
+    """bench/gpu_mfu.py --quick at BERT-base size: every row (BERT family, ModernBERT-base and their HF
+    counterparts) measured, with its MFU against the spec-sheet bf16 peak when the device is known."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_mfu.py"), "--quick", "--only", "transformer"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for row in ("HF BertForMaskedLM", "transformer", "HF ModernBertForMaskedLM", "modernbert-base"):
+        assert any(line.startswith(row + " ") for line in proc.stdout.splitlines()), (row, proc.stdout)
