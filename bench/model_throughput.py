@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     base = load_config(args.config)
+    if args.seq_len > base.max_position_embedding:
+        p.error(f"--seq_len {args.seq_len} exceeds the config's max_position_embedding ({base.max_position_embedding})")
     # name -> (model, config, is HF, baseline name)
     models = {HF_BERT: (hf_model(base), base, True, HF_BERT)}
     family = variants(base)
