@@ -66,6 +66,13 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     shutil.copytree(out / "prev" / "final", d / "final_damaged")
     weights = d / "final_damaged" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    # a transformers BERT folder whose config we cannot compute (relative position embeddings)
+    (d / "hf_relative").mkdir()
+    (d / "hf_relative" / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 2000, "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+        "position_embedding_type": "relative_key"}))
+    shutil.copy2(out / "prev" / "final" / "model.safetensors", d / "hf_relative" / "model.safetensors")
     # classification TSVs
     if NSMC_TRAIN.exists():
         rows = NSMC_TRAIN.read_text(encoding="utf-8").splitlines()[1:201]
@@ -147,6 +154,11 @@ CASES = [
      "pretokenizer.json: unknown \"morpheme\" 'okt' (expected null or one of ('mecab', 'kiwi'))"),
     ("checkpoint_damaged_safetensors", {"checkpoint": "{m}/final_damaged"},
      "final_damaged/model.safetensors: damaged or not a safetensors file"),
+    ("checkpoint_transformers_config_we_cannot_compute", {"checkpoint": "{m}/hf_relative"},
+     "hf_relative/model.safetensors: this BERT config has no equivalent here: position_embedding_type "
+     "'relative_key' (only absolute)"),
+    ("model_transformers_config_we_cannot_compute", {"model": "{m}/hf_relative"},
+     "position_embedding_type 'relative_key' (only absolute)"),
     ("classify_no_label_column", CLASSIFY | {"train_file": "{m}/no_label.tsv"},
      "lacks the column(s) ['label']; the file must be tab-separated with the header line 'id\\tdocument\\tlabel' "
      "(rename the columns in the first line"),

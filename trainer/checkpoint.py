@@ -131,7 +131,11 @@ class Start:
             from models import load_config  # ours or a transformers BERT / ModernBERT config.json
 
             folder = self.path.parent
-            shown = config_mismatch(load_config(folder / "config.json").to_dict(), config)
+            try:
+                saved = load_config(folder / "config.json")
+            except ValueError as e:  # a transformers config we cannot compute, a damaged config.json
+                raise SystemExit(f"--checkpoint {self.path}: {e}") from None
+            shown = config_mismatch(saved.to_dict(), config)
             if shown:
                 raise SystemExit(f"--checkpoint {self.path} was trained with another model config ({shown}); "
                                  f"pass --model {folder / 'config.json'} (the checkpoint's config)")
