@@ -223,6 +223,9 @@ def test_transformers_bert_folder_is_checked(tmp_path, capsys):
     (tmp_path / "untied" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="without model.safetensors or pytorch_model.bin"):
         load_source(tmp_path / "untied")
+    (tmp_path / "untied" / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(checkpoint.CheckpointError, match="pytorch_model.bin: cannot be read"):
+        load_source(tmp_path / "untied")
 
 
 @pytest.mark.parametrize("overrides,why", [

@@ -146,6 +146,11 @@ def _hf_weights_file(folder: Path) -> Path:
                             f"(sharded checkpoints: save it again with save_pretrained(..., max_shard_size='100GB'))")
 
 
+def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str) -> dict[str, Tensor]:
+    print(f"[import] warning: {weights}: {why} is not imported; the encoder is", file=sys.stderr, flush=True)
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
 def _load_hf_source(weights: Path, config_path: Path) -> Source:
     """A `transformers` BERT or ModernBERT folder (ours exported, or anyone's) as our weights and config."""
     hf_config = json.loads(config_path.read_text())
@@ -159,27 +164,22 @@ def _load_hf_source(weights: Path, config_path: Path) -> Source:
         hf_state = checkpoint.read_safetensors(weights)[0]
     family = hf_config["model_type"]
     arch = (hf_config.get("architectures") or [None])[0]
+    # our own BERT exports keep our config beside: their sequence classifier is our SOP head
+    ours = (weights.parent / "ko_model_config.json").is_file()
     try:
-        if family == "modernbert":
-            state = hf_compat.modernbert_from_hf_state(hf_state, config, arch)
-        else:  # our own export (it keeps our config beside): its sequence classifier is our SOP head
-            state = hf_compat.bert_from_hf_state(hf_state, config, arch,
-                                                 sop=(weights.parent / "ko_model_config.json").is_file())
+        state = (hf_compat.modernbert_from_hf_state(hf_state, config, arch) if family == "modernbert" else
+                 hf_compat.bert_from_hf_state(hf_state, config, arch, sop=ours))
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
+    # heads computing another function than ours are left out (initialised fresh where a run needs them)
     if (family == "modernbert" and "classifier_head.classifier.weight" in state
             and hf_config.get("classifier_pooling", "cls") != "cls"):
-        state = {k: v for k, v in state.items() if not k.startswith("classifier_head.")}
-        print(f"[import] warning: {weights}: its classifier pools with classifier_pooling "
-              f"{hf_config['classifier_pooling']!r} and ours reads the [CLS] vector, so its classification head "
-              f"is not imported; the encoder is", file=sys.stderr, flush=True)
+        state = _without_head(state, "classifier_head.", weights, f"its classifier pools with classifier_pooling "
+                              f"{hf_config['classifier_pooling']!r} and ours reads the [CLS] vector, so its "
+                              f"classification head")
     if hf_compat.untied_decoder(hf_config, hf_state):
-        # our MLM head decodes with the word embeddings; this one has its own matrix: without it the
-        # head would compute another function, so it is left out (initialised fresh where a run needs it)
-        state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
-        print(f"[import] warning: {weights}: its MLM decoder is not tied to the word embeddings "
-              f"(tie_word_embeddings false) and ours always is, so its MLM head is not imported; the encoder "
-              f"is, and fine-tuning heads are unaffected", file=sys.stderr, flush=True)
+        state = _without_head(state, "mlm_head.", weights, "its MLM decoder is not tied to the word embeddings "
+                              "(tie_word_embeddings false) and ours always is, so its MLM head")
     return Source(state, config, _tokenizer_dir([weights.parent]),
                   {"path": str(weights), "kind": "transformers", "step": None, "train_mode": None,
                    "objective": "mlm" if "mlm_head.bias" in state else None})
