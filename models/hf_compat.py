@@ -100,7 +100,7 @@ def key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str
 
 def bert_config_from_hf(d: dict) -> ModelConfig:
     """Our ModelConfig from a transformers BertConfig's dict (config.json); refuses what we cannot compute."""
-    by_hf = {v: k for k, v in HF_ACTIVATIONS.items()} | {"swish": "swish", "gelu_python": "gelu"}
+    by_hf = OURS_BY_HF_ACTIVATION
     act = d.get("hidden_act", "gelu")
     problems = [f"no {key}" for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                         "intermediate_size", "max_position_embeddings") if key not in d]
@@ -221,6 +221,8 @@ MODERNBERT_CONFIG_KEYS: list[tuple[str, str]] = [
     ("global_attn_every_n_layers", "global_attn_every_n_layers"),
 ]
 HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+# the transformers activation names that compute one of ours (the same function under another name too)
+OURS_BY_HF_ACTIVATION = {v: k for k, v in HF_ACTIVATIONS.items()} | {"swish": "swish", "gelu_python": "gelu"}
 
 
 def modernbert_key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str = "model.",
@@ -265,7 +267,7 @@ def modernbert_config_from_hf(hf: dict) -> ModelConfig:
     act = hf.get("hidden_activation", "gelu")
     if hf.get("classifier_activation", act) != act:
         problems.append(f"classifier_activation {hf['classifier_activation']!r} != hidden_activation {act!r}")
-    by_hf = {v: k for k, v in HF_ACTIVATIONS.items()} | {"gelu_python": "gelu"}
+    by_hf = OURS_BY_HF_ACTIVATION
     if act not in by_hf:
         problems.append(f"hidden_activation {act!r} (supported: {sorted(by_hf)})")
     layer_types = hf.get("layer_types")
