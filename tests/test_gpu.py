@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from tests.launch_util import run_sh
+from tests.launch_util import free_port, run_sh
 from tests.trainer_util import REPO, launch, losses, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -76,7 +76,8 @@ def test_every_launcher_and_engine_trains(setup, script, extra, engine, precisio
     name = f"{script.split('.')[0]}{''.join(extra)}_{engine}_{precision}".replace("-", "")
     argv = setup["args"](name, "transformer", f"--{precision}", "--device", "cuda", *extra)
     if engine == "deepspeed" and shutil.which("deepspeed"):
-        run_sh("deepspeed.sh", argv, GPU_ENV | {"LAUNCHER": script, "RUNNER": "deepspeed"}, timeout=600)
+        run_sh("deepspeed.sh", argv, GPU_ENV | {"LAUNCHER": script, "RUNNER": "deepspeed",
+                                                "MASTER_PORT": str(free_port())}, timeout=600)
     else:
         run_sh("torchrun.sh", argv + ["--engine", engine], GPU_ENV | {"LAUNCHER": script}, timeout=600)
     _check(setup, name)
