@@ -121,6 +121,8 @@ def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tok
     ...ForQuestionAnswering: loaded by the Auto class with no missing or unexpected weights, they give
     our logits on padded Korean pairs."""
     src = _final_dir(tmp_path, TINY_CONFIG | overrides, tiny_tokenizer_dir, task=task, **kwargs)
+    train_mode = {3: "nli", 1: "sts"}.get(kwargs.get("num_labels"), task)   # the run's, as args.json records it
+    (src / "args.json").write_text(json.dumps({"train_mode": train_mode}))
     summary = export(src, tmp_path / "hf", do_verify=True)
     auto = {"classify": "AutoModelForSequenceClassification", "mrc": "AutoModelForQuestionAnswering"}[task]
     arch = prefix + auto.removeprefix("AutoModel")
@@ -143,6 +145,8 @@ def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tok
     if task == "classify":
         assert hf.config.num_labels == kwargs["num_labels"]
         assert hf.config.problem_type == ("regression" if kwargs["num_labels"] == 1 else "single_label_classification")
+        assert hf.config.id2label == ({0: "similarity"} if kwargs["num_labels"] == 1 else
+                                      {0: "entailment", 1: "neutral", 2: "contradiction"})
         assert (out.logits - mine["logits"]).abs().max().item() < TOL
     else:
         for end in ("start_logits", "end_logits"):

@@ -290,9 +290,22 @@ def task_head(state: dict[str, Tensor]) -> tuple[str | None, int]:
 TASK_CLASS = {"classify": "ForSequenceClassification", "qa": "ForQuestionAnswering"}
 
 
+def label_names(train_mode: str | None, num_labels: int) -> list[str] | None:
+    """The names of a classifier's outputs where the task defines them (KLUE NLI's three classes, STS's
+    similarity); None for classify, whose data numbers its labels."""
+    from data.pairs import NLI_LABELS
+
+    if train_mode == "nli" and num_labels == len(NLI_LABELS):
+        return list(NLI_LABELS)
+    if train_mode == "sts" and num_labels == 1:
+        return ["similarity"]
+    return None
+
+
 def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, tokenizer_ids: dict | None = None,
-              task: tuple[str | None, int] = (None, 0)):
-    """A transformers config object for `target`; `task` (from `task_head`) picks the fine-tuning class."""
+              task: tuple[str | None, int] = (None, 0), names: list[str] | None = None):
+    """A transformers config object for `target`; `task` (from `task_head`) picks the fine-tuning class,
+    `names` its labels' names (`label_names`)."""
     import transformers
 
     common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -306,6 +319,8 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
     kind, num_labels = task
     labels = ({"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else
                "single_label_classification"} if kind == "classify" else {})
+    if labels and names:
+        labels.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if target == "modernbert":
         specials = {"bos_token_id": ids.get("cls", 2), "cls_token_id": ids.get("cls", 2),
                     "eos_token_id": ids.get("sep", 3), "sep_token_id": ids.get("sep", 3)}
@@ -482,7 +497,8 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     has_mlm = "mlm_head.bias" in source.state
     has_sop = "sop_head.classifier.weight" in source.state
     task = task_head(source.state)
-    cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"), task)
+    names = label_names(source.info.get("train_mode"), task[1]) if task[0] == "classify" else None
+    cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"), task, names)
     state, left = to_hf_state(source.state, source.config, target, hf_class_keys(cfg))
     cfg.save_pretrained(out)
     checkpoint.write_safetensors(state, out / "model.safetensors", {"format": "pt"})
@@ -505,7 +521,8 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
         lines.append("mlm = AutoModelForMaskedLM.from_pretrained(PATH)    # MLM logits")
     if auto_task:
         what = ("start/end logits" if auto_task.endswith("QuestionAnswering") else
-                "the regression output" if task[1] == 1 else f"logits over {task[1]} labels (LABEL_0 ...)")
+                "the regression output" if task[1] == 1 else
+                f"logits over {task[1]} labels ({', '.join(names) if names else 'LABEL_0 ...'})")
         lines.append(f"model = {auto_task}.from_pretrained(PATH)  # {what}")
     lines += ["```", "", f"Config: `config.json` ({family}, architectures {cfg.architectures}); our own "
               "config is kept in `ko_model_config.json`.", ""]
