@@ -124,17 +124,29 @@ def bert_config_from_hf(d: dict) -> ModelConfig:
                        pad_token_id=d.get("pad_token_id", 0) or 0)
 
 
-def bert_head_kind(architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
-    """Which of our heads a BERT folder's head is: "mlm" (BertForMaskedLM / ForPreTraining; an NSP
-    classifier is not our SOP head and is left out), "classify", "qa" or None."""
-    arch = architecture or ""
-    if arch.endswith("ForSequenceClassification") or (not arch and "classifier.weight" in hf_state):
-        return "classify"
-    if arch.endswith("ForQuestionAnswering") or (not arch and "qa_outputs.weight" in hf_state):
-        return "qa"
-    if "cls.predictions.bias" in hf_state:
-        return "mlm"
-    return None
+# per family: the weight that shows each head when a folder's config names no class (ModernBERT's
+# classification and QA heads share their names, so only its class tells them apart), and the
+# (decoder, word embeddings) of its MLM class, whose decoder may be untied
+HEAD_MARKERS = {"bert": {"mlm": "cls.predictions.bias", "classify": "classifier.weight", "qa": "qa_outputs.weight"},
+                "modernbert": {"mlm": "decoder.bias"}}
+DECODER_KEYS = {"modernbert": ("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+                "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
+
+
+def head_kind(family: str, architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
+    """Which of our heads the head of a `family` ("bert", "modernbert") folder is: "classify"
+    (...ForSequenceClassification), "qa" (...ForQuestionAnswering), "mlm" (...ForMaskedLM, and
+    BertForPreTraining, whose NSP classifier is not our SOP head) or None (the encoder alone)."""
+    arch, markers = architecture or "", HEAD_MARKERS[family]
+    for kind, suffix in (("classify", "ForSequenceClassification"), ("qa", "ForQuestionAnswering")):
+        if arch.endswith(suffix) or (not arch and markers.get(kind) in hf_state):
+            return kind
+    return "mlm" if markers["mlm"] in hf_state else None
+
+
+def _joined(hf_state: dict[str, Tensor], hf: tuple[str, ...]) -> Tensor:
+    """Our tensor from its HF tensor(s) (several: concatenated on dim 0, e.g. query/key/value)."""
+    return torch.cat([hf_state[h] for h in hf]) if len(hf) > 1 else hf_state[hf[0]]
 
 
 def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, architecture: str | None = None,
@@ -144,7 +156,7 @@ def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, archite
     present; `sop`: BertForPreTraining's sequence classifier is our SOP head, as in our own exports).
     Missing encoder weights raise KeyError naming them."""
     prefix = "bert." if any(k.startswith("bert.") for k in hf_state) else ""
-    kind = bert_head_kind(architecture, hf_state)
+    kind = head_kind("bert", architecture, hf_state)
     wanted = {"mlm": ("mlm_head.", "sop_head.") if sop else ("mlm_head.",), "classify": ("classifier_head.",),
               "qa": ("span_head.",)}.get(kind, ())
     out = {}
@@ -156,14 +168,13 @@ def bert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, archite
         missing = [h for h in hf if h not in hf_state]
         if missing:
             raise KeyError(f"BERT weights lack {missing[0]}")
-        out[ours] = torch.cat([hf_state[h] for h in hf]) if len(hf) > 1 else hf_state[hf[0]]
+        out[ours] = _joined(hf_state, hf)
     return out
 
 
 def hf_to_ours(hf_state: dict[str, Tensor], config: ModelConfig, **table_kwargs) -> dict[str, Tensor]:
     """HF BERT state dict -> ours (missing HF keys raise KeyError naming them)."""
-    return {ours: torch.cat([hf_state[h] for h in hf]) if len(hf) > 1 else hf_state[hf[0]]
-            for ours, hf in key_table(config, **table_kwargs)}
+    return {ours: _joined(hf_state, hf) for ours, hf in key_table(config, **table_kwargs)}
 
 
 def ours_to_hf(state: dict[str, Tensor], config: ModelConfig, **table_kwargs) -> dict[str, Tensor]:
@@ -297,19 +308,6 @@ def modernbert_config_from_hf(hf: dict) -> ModelConfig:
                        **values)
 
 
-def modernbert_head_kind(architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
-    """Which of our heads the HF class's head is: "mlm", "classify", "qa" or None (ModernBertModel, or
-    a head we have no counterpart of). Its classifiers' head weights share names: the class decides."""
-    arch = architecture or ""
-    if arch.endswith("ForSequenceClassification"):
-        return "classify"
-    if arch.endswith("ForQuestionAnswering"):
-        return "qa"
-    if arch.endswith("ForMaskedLM") or (not arch and "decoder.bias" in hf_state):
-        return "mlm"
-    return None
-
-
 def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
                              architecture: str | None = None) -> dict[str, Tensor]:
     """A ModernBertForMaskedLM, ...ForSequenceClassification (classifier_pooling "cls"),
@@ -317,7 +315,7 @@ def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
     has it; `architecture` is the config's architectures[0]). Missing encoder weights raise KeyError
     naming them."""
     prefix = "model." if any(k.startswith("model.") for k in hf_state) else ""
-    kind = modernbert_head_kind(architecture, hf_state) if prefix else None
+    kind = head_kind("modernbert", architecture, hf_state) if prefix else None
     out = {}
     for ours, hf in modernbert_key_table(config, hf_prefix=prefix, heads=kind or False):
         if hf in hf_state:
@@ -325,11 +323,6 @@ def modernbert_from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig,
         elif ours.startswith("encoder."):
             raise KeyError(f"ModernBERT weights lack {hf}")
     return out
-
-
-# (decoder, word embeddings) of the MLM classes whose decoder may be untied
-DECODER_KEYS = {"modernbert": ("decoder.weight", "model.embeddings.tok_embeddings.weight"),
-                "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
 
 
 def untied_decoder(hf_config: dict, hf_state: dict[str, Tensor]) -> bool:
