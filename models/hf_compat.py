@@ -361,4 +361,5 @@ def config_from_hf(d: dict) -> ModelConfig:
     if d.get("model_type") == "bert":
         return bert_config_from_hf(d)
     raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT and ModernBERT folders can be read "
-                     f"as our model; for others, start from one of our checkpoints or configs/")
+                     f"as our model; for a model we exported as another architecture, use the checkpoint it was "
+                     f"exported from; for others, start from one of our checkpoints or configs/")

@@ -301,13 +301,13 @@ def test_unsupported_transformers_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="only BERT and ModernBERT"):
         load_config(tmp_path)
     # trainer.evaluate reads transformers folders too: it names the same reason, not "not a BERT folder"
-    from trainer.evaluate import _read_transformers
+    # (the config is refused before weights are looked for: this folder has none)
+    from trainer.evaluate import prepare
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "modernbert", "mlp_bias": True,
                                                       "architectures": ["ModernBertForMaskedLM"]}))
-    (tmp_path / "model.safetensors").write_bytes(b"")  # the config is refused before the weights are read
-    with pytest.raises(ValueError, match="mlp_bias"):
-        _read_transformers(tmp_path)
+    with pytest.raises(SystemExit, match="mlp_bias"):
+        prepare(str(tmp_path), tmp_path / "work", "refused", is_main=True)
 
 
 # --- every task head --------------------------------------------------------------------

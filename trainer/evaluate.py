@@ -129,7 +129,9 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     slot = work / "checkpoints" / re.sub(r"[^\w.-]+", "_", label)
     try:
         if hf:
-            src = _read_transformers(folder)
+            from trainer.export import load_source  # BERT and ModernBERT folders; it names what it refuses
+
+            src = load_source(folder)
             if is_main and not (slot / checkpoint.WEIGHTS).is_file():
                 tmp = slot.with_name(slot.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -178,18 +180,6 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     except ValueError as e:
         raise SystemExit(f"checkpoint {spec}: mismatched tokenizer: {e}") from None
     return resolved
-
-
-def _read_transformers(folder: Path):
-    """A transformers BERT or ModernBERT folder as our weights (trainer.export.load_source)."""
-    from trainer.export import load_source
-
-    d = json.loads((folder / "config.json").read_text())
-    if d.get("model_type") not in ("bert", "modernbert"):
-        raise ValueError(f"{folder}: a transformers {d.get('model_type')!r} model; BERT and ModernBERT folders "
-                         f"can be evaluated (for a model exported as another architecture, evaluate the "
-                         f"checkpoint it was exported from)")
-    return load_source(folder)
 
 
 # --- runs ----------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def load_source(src: str | Path) -> Source:
     src = Path(src)
     if src.is_dir() and (src / "config.json").is_file() and hf_compat.is_hf_config(
             json.loads((src / "config.json").read_text())):
-        return _load_hf_source(_hf_weights_file(src), src / "config.json")
+        return _load_hf_source(src / "config.json")
     if src.is_dir() and not (src / checkpoint.META).is_file() and not (src / checkpoint.WEIGHTS).is_file():
         if (src / "final" / checkpoint.WEIGHTS).is_file():
             src = src / "final"
@@ -128,7 +128,7 @@ def load_source(src: str | Path) -> Source:
         raise FileNotFoundError(f"{config_path} missing: an exported model needs its config.json beside "
                                 f"{weights.name}")
     if hf_compat.is_hf_config(json.loads(config_path.read_text())):
-        return _load_hf_source(weights, config_path)
+        return _load_hf_source(config_path, weights)
     args_path = weights.parent / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     step = checkpoint.read_safetensors(weights, metadata_only=True)[1].get("step", "")
@@ -151,10 +151,12 @@ def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str
     return {k: v for k, v in state.items() if not k.startswith(prefix)}
 
 
-def _load_hf_source(weights: Path, config_path: Path) -> Source:
-    """A `transformers` BERT or ModernBERT folder (ours exported, or anyone's) as our weights and config."""
+def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
+    """A `transformers` BERT or ModernBERT folder (ours exported, or anyone's) as our weights and config;
+    `weights` default: the folder's (`_hf_weights_file`), looked for once the config is known to be ours."""
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
+    weights = weights or _hf_weights_file(config_path.parent)
     if weights.suffix == ".bin":
         try:
             hf_state = torch.load(weights, map_location="cpu", weights_only=True)
