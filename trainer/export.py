@@ -349,23 +349,29 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
 
 
 # --- our model, for verification -------------------------------------------------------
+def task_model(state: dict[str, Tensor]) -> tuple[str, dict]:
+    """(task, build_model keyword arguments) of the task model these weights belong to."""
+    kind, num_labels = task_head(state)
+    if kind == "classify":
+        return "classify", {"num_labels": num_labels}
+    if kind == "qa":
+        return "mrc", {}
+    if "tag_head.classifier.weight" in state:
+        from data.ner import CHAR_SLOTS
+
+        return "ner", {"num_labels": state["tag_head.classifier.weight"].shape[0] // CHAR_SLOTS, "slots": CHAR_SLOTS,
+                       "crf": "crf.transitions" in state}
+    if "mlm_head.bias" in state:
+        return "pretrain", {"objective": "sop" if "sop_head.classifier.weight" in state else "mlm"}
+    return "encoder", {}
+
+
 def build_ours(source: Source) -> torch.nn.Module:
-    """Our task model holding the source's weights (pretrain if it has an MLM head, classify or mrc
-    with their heads, else encoder)."""
-    kind, num_labels = task_head(source.state)
-    if kind is not None:
-        model = (build_model(source.config, "classify", num_labels=num_labels) if kind == "classify"
-                 else build_model(source.config, "mrc"))
-        model.load_state_dict({k: v for k, v in source.state.items()
-                               if k.startswith(("encoder.", "classifier_head.", "span_head."))}, strict=True)
-    elif "mlm_head.bias" in source.state:
-        objective = "sop" if "sop_head.classifier.weight" in source.state else "mlm"
-        model = build_model(source.config, "pretrain", objective=objective)
-        model.load_state_dict(source.state, strict=True)
-    else:
-        model = build_model(source.config, "encoder")
-        enc = {k: v for k, v in source.state.items() if k.startswith("encoder.")}
-        model.load_state_dict(enc, strict=True)
+    """Our task model (`task_model`) holding the source's weights."""
+    task, kwargs = task_model(source.state)
+    model = build_model(source.config, task, **kwargs)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in source.state.items() if k in own}, strict=True)
     return model.eval()
 
 
@@ -554,22 +560,8 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def task_model_call(state: dict[str, Tensor]) -> str:
-    """The `build_model(...)` call that builds the task model these weights belong to."""
-    kind, num_labels = task_head(state)
-    if kind == "classify":
-        return f'build_model(config, "classify", num_labels={num_labels})'
-    if kind == "qa":
-        return 'build_model(config, "mrc")'
-    if "tag_head.classifier.weight" in state:
-        from data.ner import CHAR_SLOTS
-
-        crf = "crf.transitions" in state
-        return (f'build_model(config, "ner", num_labels={state["tag_head.classifier.weight"].shape[0] // CHAR_SLOTS}, '
-                f'slots={CHAR_SLOTS}, crf={crf})')
-    if "mlm_head.bias" in state:
-        return f'build_model(config, "pretrain", objective="{"sop" if "sop_head.classifier.weight" in state else "mlm"}")'
-    return 'build_model(config, "encoder")'
+def _build_model_call(task: str, kwargs: dict) -> str:
+    return f"build_model(config, {task!r}" + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
 
 
 def _write_ours(source: Source, out: Path, why: str, tok: dict) -> None:
@@ -594,7 +586,7 @@ Load it with this repository's `models` package:
 from models import ModelConfig, build_model
 from trainer.checkpoint import load_weights
 config = ModelConfig.from_json("PATH/config.json")
-model = {task_model_call(source.state)}
+model = {_build_model_call(*task_model(source.state))}
 model.load_state_dict(load_weights("PATH/model.safetensors"), strict=True)
 ```
 or continue training / fine-tune from it with `--checkpoint PATH/model.safetensors`.
