@@ -98,9 +98,10 @@ def run_process(fn: Callable[[], object]) -> NoReturn:
     done, torchrun reports the run as failed, and a job with --max_restarts starts again. So once `fn`
     returns (or exits), the Python part of the shutdown is done here, in the interpreter's order:
     threading's exit callbacks run and the other non-daemon threads are joined, the atexit handlers
-    run (logging, multiprocessing children, trackers), unreachable objects are collected (files they hold get closed), the standard streams are flushed;
-    then `os._exit` with the exit code Python would have used. Exceptions other than SystemExit and
-    KeyboardInterrupt propagate as usual (traceback, exit code 1).
+    run (logging, multiprocessing children, trackers), unreachable objects are collected (files they
+    hold get closed), the standard streams are flushed; then `os._exit` with the exit code Python
+    would have used. Exceptions other than SystemExit and KeyboardInterrupt propagate as usual
+    (traceback, exit code 1).
 
     faulthandler is on for the run: a crash (SIGSEGV, SIGABRT, ...) prints every thread's Python stack.
     """
