@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         flops = estimate_flops_per_token(cfg, args.seq_len, 1.0 if hf else args.mask_prob)
         row = {"model": mname, "params (M)": f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}",
                "tokens/s": f"{tps:,.0f}",
-               "vs HF": f"{secs[baseline] / secs[mname]:.2f}x ({baseline.removeprefix('HF ')})" if baseline in secs else "",
+               "vs HF": (f"{secs[baseline] / secs[mname]:.2f}x ({baseline.removeprefix('HF ')})"
+                         if baseline in secs else ""),
                "GFLOP/token": f"{flops / 1e9:.3f}", "TFLOP/s": f"{flops * tps / 1e12:.1f}",
                "MFU (spec)": f"{100 * flops * tps / spec:.1f}%" if spec else "n/a",
                "MFU (measured)": f"{100 * flops * tps / measured:.1f}%"}

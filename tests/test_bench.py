@@ -21,7 +21,8 @@ needs_shared = pytest.mark.skipif(not (SHARED / "nsmc").is_dir(), reason="../sha
 def bench(script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
-    assert proc.returncode == 0, f"bench/{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"bench/{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     return proc.stdout
 
 
