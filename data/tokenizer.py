@@ -42,6 +42,72 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 2  # the special tokens plus at least two
 _TRAIN_HINT = "python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR"
 
 
+ROLES = ("pad", "unk", "cls", "sep", "mask", "eod")  # the order of SPECIAL_TOKENS
+# the names each role goes by when a tokenizer does not name its own (BERT's, then RoBERTa's / XLM-R's)
+ROLE_NAMES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>", "<cls>"),
+              "sep": ("[SEP]", "</s>", "<sep>"), "mask": ("[MASK]", "<mask>"), "eod": ("[EOD]",)}
+REQUIRED_ROLES = ("pad", "cls", "sep", "mask")
+# a transformers folder's files that describe its tokenizer (copied with tokenizer.json)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", PRETOKENIZER_FILE, "special_tokens_map.json",
+                   "tokenizer_config.json")
+
+
+def special_roles(vocab: dict[str, int], named: dict[str, str]) -> dict[str, int]:
+    """role -> id: the token `named` gives a role (a transformers folder's special_tokens_map.json),
+    else the first of ROLE_NAMES in the vocabulary. ValueError names a missing required role; no
+    unk leaves it out (byte-level BPE has none), no [EOD] gives "eod" the separator's id."""
+    roles, missing = {}, []
+    for role in ROLES:
+        names = ((named[role],) if named.get(role) else ()) + ROLE_NAMES[role]
+        found = next((vocab[n] for n in names if n in vocab), None)
+        if found is not None:
+            roles[role] = found
+        elif role in REQUIRED_ROLES:
+            missing.append(f"{role} ({' or '.join(names)})")
+    if missing:
+        raise ValueError(f"the tokenizer has no {', '.join(missing)} token: a BERT-style model needs pad, cls, "
+                         f"sep and mask tokens; name them in special_tokens_map.json beside tokenizer.json (e.g. "
+                         f"{{\"mask_token\": \"[MASK]\"}}) or train a tokenizer with `{_TRAIN_HINT}`")
+    roles.setdefault("eod", roles["sep"])
+    return roles
+
+
+def _named_roles(folder: Path) -> dict[str, str]:
+    """role -> token string from a transformers folder's special_tokens_map.json / tokenizer_config.json
+    ({"cls_token": "[CLS]"} or {"cls_token": {"content": "[CLS]", ...}}); {} without them."""
+    named: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins
+        try:
+            raw = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(raw, dict):
+            continue
+        for role in ROLES:
+            v = raw.get(f"{role}_token")
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str) and v:
+                named[role] = v
+    return named
+
+
+def lacks_tokenizer_json(folder: str | Path) -> bool:
+    """A transformers folder whose tokenizer is vocab.txt or a sentencepiece model alone (no tokenizer.json)."""
+    folder = Path(folder)
+    return (folder.is_dir() and not (folder / "tokenizer.json").is_file()
+            and any((folder / n).is_file() for n in ("vocab.txt", "sentencepiece.bpe.model", "spiece.model")))
+
+
+def missing_tokenizer_hint(folder: str | Path) -> str:
+    """What to do about a folder without tokenizer.json: train one, or let transformers write it."""
+    if lacks_tokenizer_json(folder):
+        return (f"it is a transformers tokenizer without tokenizer.json: write one into a new folder with "
+                f"`python -c \"from transformers import AutoTokenizer as T; "
+                f"T.from_pretrained('{folder}').save_pretrained('{folder}.tokenizer')\"` and pass "
+                f"--tokenizer {folder}.tokenizer")
+    return f"train one with `{_TRAIN_HINT}`"
+
+
 class TokenizerError(ValueError):
     """A tokenizer directory cannot be used; the message names the file and the fix."""
 
@@ -374,34 +440,47 @@ class NormalizerBypass:
 
 
 class KoTokenizer:
-    """HF `tokenizers` WordPiece plus the optional morpheme pre-tokenizer."""
+    """HF `tokenizers` tokenizer plus the optional morpheme pre-tokenizer.
 
-    def __init__(self, tokenizer: Tokenizer, morpheme: str | None = None):
+    Ours (trained by `train_tokenizer`): WordPiece with SPECIAL_TOKENS at ids 0-5. Any other
+    tokenizer.json (a `transformers` folder's: klue/bert-base's WordPiece with [CLS] at 2, Google's
+    with [CLS] at 101, ModernBERT's byte-level BPE, RoBERTa's <s> ... </s>) is *foreign*: the roles
+    (pad, unk, cls, sep, mask) are found by name (`special_roles`); with no [EOD], documents end
+    with the separator."""
+
+    def __init__(self, tokenizer: Tokenizer, morpheme: str | None = None, named: dict[str, str] | None = None):
+        """named: role -> token string a transformers folder names (special_tokens_map.json)."""
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # "[MASK]" in raw text is text, not a special id
         self.morpheme = morpheme
         self.splitter = MorphemeSplitter(morpheme) if morpheme else None
         vocab = tokenizer.get_vocab()
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if vocab.get(tok) != i:
-                found = "is missing" if tok not in vocab else f"has id {vocab[tok]}"
-                raise ValueError(f"special token {tok} {found}, expected id {i}: this model needs {SPECIAL_TOKENS} "
-                                 f"at ids 0-{len(SPECIAL_TOKENS) - 1} (not the layout of this tokenizer); "
-                                 f"train one with `{_TRAIN_HINT}`")
-        self.vocab_size: int = tokenizer.get_vocab_size()
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.eod_id = range(len(SPECIAL_TOKENS))
+        self.roles: dict[str, int] = special_roles(vocab, named or {})
+        self.foreign: bool = any(vocab.get(tok) != i for i, tok in enumerate(SPECIAL_TOKENS))
+        if not self.foreign:
+            self.roles = dict(zip(ROLES, range(len(SPECIAL_TOKENS))))
+        # ids beyond get_vocab_size() happen in foreign files (an added token past a gap)
+        self.vocab_size: int = max(tokenizer.get_vocab_size(), max(vocab.values(), default=-1) + 1)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.eod_id = (
+            self.roles.get(r) for r in ROLES)
         self._id_to_token = [""] * self.vocab_size
         for tok, i in vocab.items():
             self._id_to_token[i] = tok
+        self._spec = json.loads(tokenizer.to_str())
         h = hashlib.sha256(tokenizer.to_str().encode())
-        h.update(json.dumps({"morpheme": morpheme}).encode())
+        # ours: {"morpheme": ...} alone, as before foreign tokenizers were read (caches keep their names)
+        h.update(json.dumps({"morpheme": morpheme, **({"roles": self.roles} if self.foreign else {})}).encode())
         self.fingerprint: str = h.hexdigest()[:16]
         self._bypass: NormalizerBypass | None | bool = None  # built once encode_batch has seen enough texts
         self._encoded = 0
 
     def __reduce__(self):
         # through __init__: a pickled `tokenizers.Tokenizer` forgets encode_special_tokens
-        return type(self), (self.tokenizer, self.morpheme)
+        return type(self), (self.tokenizer, self.morpheme, self.named())
+
+    def named(self) -> dict[str, str]:
+        """role -> token string (what special_tokens_map.json holds, "<role>_token" keys aside)."""
+        return {r: self._id_to_token[i] for r, i in self.roles.items()}
 
     # --- persistence -------------------------------------------------------------------
     @classmethod
@@ -411,7 +490,7 @@ class KoTokenizer:
         path = Path(path)
         tj = path / "tokenizer.json" if path.is_dir() else path
         if not tj.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}; train one with `{_TRAIN_HINT}`")
+            raise FileNotFoundError(f"no tokenizer.json at {path}; {missing_tokenizer_hint(path)}")
         again = f"train the tokenizer again with `{_TRAIN_HINT}`"
         try:
             text = tj.read_text(encoding="utf-8")
@@ -428,7 +507,7 @@ class KoTokenizer:
                                  f"{again}") from None
         morpheme = _read_pretokenizer(tj.parent / PRETOKENIZER_FILE)
         try:
-            return cls(tok, morpheme)
+            return cls(tok, morpheme, _named_roles(tj.parent))
         except (ValueError, ImportError) as e:
             raise TokenizerError(f"{tj}: {e}") from None
 
@@ -441,6 +520,9 @@ class KoTokenizer:
             {"morpheme": self.morpheme, "continuing_subword_prefix": _CONT,
              "note": "apply before tokenizer.json: cut each eojeol at morpheme boundaries, prefix later pieces with ##"},
             indent=1))
+        if self.foreign:  # its roles, as a transformers folder names them (eod is ours alone)
+            (out / "special_tokens_map.json").write_text(json.dumps(
+                {f"{r}_token": t for r, t in self.named().items() if r != "eod"}, indent=2, ensure_ascii=False) + "\n")
 
     # --- encoding ----------------------------------------------------------------------
     def _pre(self, text: str) -> str:
@@ -494,18 +576,44 @@ class KoTokenizer:
         return self.tokenizer.token_to_id(token)
 
     def is_word_start(self) -> np.ndarray:
-        """(V,) bool: the token does not continue a word (no "##" prefix)."""
-        return np.array([not t.startswith(_CONT) for t in self._id_to_token], dtype=bool)
+        """(V,) bool: the token does not continue a word. WordPiece: no continuing-subword prefix ("##");
+        SentencePiece-style (Metaspace) and byte-level BPE: the word-start marker ("▁", "Ġ"); a
+        tokenizer that marks neither: every token (whole-word masking becomes token masking)."""
+        model = self._spec.get("model") or {}
+        prefix = model.get("continuing_subword_prefix") or (_CONT if model.get("type") == "WordPiece" else None)
+        if prefix:
+            return np.array([not t.startswith(prefix) for t in self._id_to_token], dtype=bool)
+        marker = _word_start_marker(self._spec.get("pre_tokenizer"))
+        if marker:
+            return np.array([t.startswith(marker) for t in self._id_to_token], dtype=bool)
+        return np.ones(self.vocab_size, dtype=bool)
 
     def is_special(self) -> np.ndarray:
-        """(V,) bool: special tokens and [unusedK] fill-ins, never masked or sampled."""
-        return np.array([i < len(SPECIAL_TOKENS) or t.startswith("[unused") for i, t in enumerate(self._id_to_token)])
+        """(V,) bool: special tokens (the roles, and the tokenizer's other special tokens) and [unusedK]
+        fill-ins, never masked or sampled."""
+        special = {i for i in self.roles.values() if i is not None}
+        special.update(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+        return np.array([i in special or t.startswith("[unused") for i, t in enumerate(self._id_to_token)])
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
         return f"KoTokenizer(vocab_size={self.vocab_size}, morpheme={self.morpheme}, fingerprint={self.fingerprint})"
+
+
+def _word_start_marker(pre: dict | None) -> str | None:
+    """The character a pre-tokenizer puts before each word's first piece: Metaspace's replacement
+    ("▁"), ByteLevel's "Ġ" (the byte of a space); None for any other."""
+    if not pre:
+        return None
+    if pre.get("type") == "Sequence":
+        return next(filter(None, map(_word_start_marker, pre.get("pretokenizers", []))), None)
+    if pre.get("type") == "Metaspace":
+        return pre.get("replacement") or "\u2581"
+    if pre.get("type") == "ByteLevel":
+        return "\u0120"
+    return None
 
 
 def _read_pretokenizer(pre: Path) -> str | None:
@@ -530,6 +638,8 @@ def check_vocab_size(tokenizer: KoTokenizer, model_vocab_size: int) -> None:
     if vocab_size_problem(model_vocab_size):
         raise ValueError(f"the model config's {vocab_size_problem(model_vocab_size)}; set \"vocab_size\": "
                          f"{tokenizer.vocab_size} (the tokenizer's size) in the model config")
+    if tokenizer.foreign and tokenizer.vocab_size < model_vocab_size:
+        return  # transformers models round their embedding rows up (ModernBERT: 50368); the spare rows stay unused
     if tokenizer.vocab_size != model_vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model config has vocab_size={model_vocab_size}; "

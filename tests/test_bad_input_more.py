@@ -46,9 +46,11 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     (d / "not_a_tokenizer" / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
     raw = json.loads((tok / "tokenizer.json").read_text())
     vocab = raw["model"]["vocab"]
-    vocab["[PAD]"], vocab["[UNK]"] = vocab["[UNK]"], vocab["[PAD]"]
-    (d / "special_ids").mkdir()
-    (d / "special_ids" / "tokenizer.json").write_text(json.dumps(raw))
+    vocab["[MASKED]"] = vocab.pop("[MASK]")  # no token to mask with
+    for t in raw["added_tokens"]:
+        t["content"] = "[MASKED]" if t["content"] == "[MASK]" else t["content"]
+    (d / "no_mask").mkdir()
+    (d / "no_mask" / "tokenizer.json").write_text(json.dumps(raw))
     shutil.copytree(tok, d / "damaged_pre")
     (d / "damaged_pre" / "pretokenizer.json").write_text('{"morph')
     shutil.copytree(tok, d / "unknown_morpheme")
@@ -73,6 +75,11 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
         "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
         "position_embedding_type": "relative_key"}))
     shutil.copy2(out / "prev" / "final" / "model.safetensors", d / "hf_relative" / "model.safetensors")
+    # a transformers BERT folder whose tokenizer is vocab.txt alone (older uploads ship no tokenizer.json)
+    from trainer.export import export
+
+    export(out / "prev" / "final", d / "hf_vocab_only")
+    (d / "hf_vocab_only" / "tokenizer.json").unlink()
     # classification TSVs
     if NSMC_TRAIN.exists():
         rows = NSMC_TRAIN.read_text(encoding="utf-8").splitlines()[1:201]
@@ -147,7 +154,11 @@ CASES = [
      "vocab_size=4 is too small: a tokenizer holds the 6 special tokens"),
     ("tokenizer_json_not_a_tokenizer", {"tokenizer": "{m}/not_a_tokenizer"},
      "tokenizer.json is JSON but not a tokenizer (no \"model\" object"),
-    ("tokenizer_special_ids", {"tokenizer": "{m}/special_ids"}, "special token [PAD] has id 1, expected id 0"),
+    ("tokenizer_without_mask", {"tokenizer": "{m}/no_mask"},
+     "the tokenizer has no mask ([MASK] or <mask>) token: a BERT-style model needs pad, cls, sep and mask tokens"),
+    ("checkpoint_transformers_folder_without_tokenizer_json",
+     {"checkpoint": "{m}/hf_vocab_only", "model": "{m}/hf_vocab_only", "tokenizer": None},
+     "has no tokenizer.json: it is a transformers tokenizer without tokenizer.json: write one into a new folder"),
     ("tokenizer_damaged_pretokenizer", {"tokenizer": "{m}/damaged_pre"},
      "damaged_pre/pretokenizer.json is damaged (Unterminated string"),
     ("tokenizer_unknown_morpheme", {"tokenizer": "{m}/unknown_morpheme"},
@@ -241,11 +252,11 @@ TOKENIZER_CLI = [
      "--num_threads must be >= 1, got 0"),
     ("out_is_a_file", "train --input {corpus} --vocab_size 2000 --out {corpus}", 2, "exists and is not a directory"),
     ("out_under_a_file", "train --input {corpus} --vocab_size 2000 --out {corpus}/tok", 2, "is a file, not a directory"),
-    ("out_holds_a_tokenizer", "train --input {corpus} --vocab_size 2000 --out {m}/special_ids", 2,
+    ("out_holds_a_tokenizer", "train --input {corpus} --vocab_size 2000 --out {m}/no_mask", 2,
      "already holds a tokenizer (tokenizer.json); pick a new directory or add --overwrite to replace it"),
     ("encode_missing_tokenizer", "encode --tokenizer {m}/nope 안녕", 1, "no tokenizer.json at {m}/nope; train one with"),
     ("encode_not_a_tokenizer", "encode --tokenizer {m}/not_a_tokenizer 안녕", 1, "is JSON but not a tokenizer"),
-    ("encode_special_ids", "encode --tokenizer {m}/special_ids 안녕", 1, "special token [PAD] has id 1, expected id 0"),
+    ("encode_without_mask", "encode --tokenizer {m}/no_mask 안녕", 1, "the tokenizer has no mask ([MASK] or <mask>) token"),
     ("encode_damaged_pretokenizer", "encode --tokenizer {m}/damaged_pre 안녕", 1, "pretokenizer.json is damaged"),
 ]
 

@@ -284,8 +284,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         if value and not Path(value).is_file():
             _fail(parser, f"--{name} {value}: no such file")
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
-                      f"`python -m data.tokenizer train --input CORPUS.dat --vocab_size N --out DIR`")
+        from data.tokenizer import missing_tokenizer_hint
+
+        _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; {missing_tokenizer_hint(args.tokenizer)}")
     if args.tokenizer:
         from data.tokenizer import KoTokenizer, TokenizerError
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.tokenizer import TOKENIZER_FILES
 from trainer import dist, faults, safety
 from trainer.sampler import TrainState
 
@@ -427,7 +428,7 @@ def export(engine, run_dir: Path, meta: dict, config_dict: dict, tokenizer_dir: 
             if meta.get("tracking"):  # the tracked runs (trainer/tracking.py), for trainer.evaluate to log to
                 (tmp / "tracking.json").write_text(json.dumps({"step": meta.get("step"), "runs": meta["tracking"]}, indent=2))
             if tokenizer_dir is not None:
-                for name in ("tokenizer.json", "vocab.txt", "pretokenizer.json"):
+                for name in TOKENIZER_FILES:
                     if (tokenizer_dir / name).is_file():
                         shutil.copy2(tokenizer_dir / name, tmp / name)
     dist.barrier()

@@ -430,37 +430,42 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
 
 # --- writing ---------------------------------------------------------------------------
 def write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int) -> dict:
-    """tokenizer.json with BERT's [CLS] A [SEP] (B [SEP]) template, vocab.txt, tokenizer_config.json,
-    special_tokens_map.json (BertTokenizerFast loads them offline), pretokenizer.json.
-    Returns {"morpheme": analyzer or None, "ids": special ids} or {} without a tokenizer."""
+    """tokenizer.json with the [CLS] A [SEP] (B [SEP]) template, vocab.txt, tokenizer_config.json,
+    special_tokens_map.json (AutoTokenizer loads them offline), pretokenizer.json. A foreign tokenizer
+    (one a transformers folder brought) keeps its tokenizer.json but for the template, under the
+    generic PreTrainedTokenizerFast.
+    Returns {"morpheme": analyzer or None, "foreign": bool, "ids": special ids} or {} without a tokenizer."""
     if tokenizer_dir is None:
         return {}
     from tokenizers import Tokenizer, processors
 
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    vocab = tok.get_vocab()
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                "mask_token": "[MASK]"}
-    missing = [t for t in specials.values() if t not in vocab]
-    if missing:
-        raise ValueError(f"{tokenizer_dir}/tokenizer.json lacks special tokens {missing}")
-    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    from data.tokenizer import KoTokenizer
+
+    ko = KoTokenizer.load(tokenizer_dir)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))  # as written (KoTokenizer changes a flag)
+    named = ko.named()
+    specials = {f"{r}_token": named[r] for r in ("unk", "sep", "pad", "cls", "mask") if r in named}
+    # the inputs our runs trained on: [CLS] A [SEP] (B [SEP]), whatever a foreign tokenizer's own template was
+    cls, sep = named["cls"], named["sep"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, ko.cls_id), (sep, ko.sep_id)])
     tok.save(str(out / "tokenizer.json"))
     if (tokenizer_dir / "vocab.txt").is_file():
         shutil.copy2(tokenizer_dir / "vocab.txt", out / "vocab.txt")
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        specials, tokenizer_class="BertTokenizerFast", do_lower_case=False, strip_accents=False,
-        tokenize_chinese_chars=False, model_max_length=max_length), indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    if ko.foreign:  # the generic class applies tokenizer.json as it is (a BERT class could rebuild its parts)
+        config = dict(specials, tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length)
+    else:
+        config = dict(specials, tokenizer_class="BertTokenizerFast", do_lower_case=False, strip_accents=False,
+                      tokenize_chinese_chars=False, model_max_length=max_length)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
     morpheme = None
     pre = tokenizer_dir / "pretokenizer.json"
     if pre.is_file():
         shutil.copy2(pre, out / "pretokenizer.json")
         morpheme = json.loads(pre.read_text()).get("morpheme")
-    return {"morpheme": morpheme, "ids": {"cls": cls_id, "sep": sep_id}}
+    return {"morpheme": morpheme, "foreign": ko.foreign, "ids": {"cls": ko.cls_id, "sep": ko.sep_id}}
 
 
 def _tokenizer_note(tok: dict) -> str:
@@ -472,6 +477,10 @@ def _tokenizer_note(tok: dict) -> str:
                 f"input into morphemes first (each eojeol cut at morpheme boundaries, later pieces prefixed "
                 f"with `##`), e.g. with this repository's `data.tokenizer.KoTokenizer.load(<this folder>)`, "
                 f"which reads `pretokenizer.json`.\n")
+    if tok.get("foreign"):
+        return ("The tokenizer is the one the model was imported with (its `tokenizer.json`, with the "
+                "[CLS] A [SEP] B [SEP] template our runs train on): it loads with `AutoTokenizer` "
+                "(PreTrainedTokenizerFast) and adds those special tokens itself.\n")
     return ("The tokenizer (WordPiece, no lowercasing, no accent stripping: those would split Hangul "
             "into jamo) loads with `AutoTokenizer`/`BertTokenizerFast` and adds [CLS]/[SEP] itself.\n")
 

@@ -174,10 +174,16 @@ class Task:
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
         trained there (by the first process to get its lock) if missing."""
-        from data.tokenizer import check_vocab_size
+        from data.tokenizer import check_vocab_size, lacks_tokenizer_json, missing_tokenizer_hint
 
         args = self.args
         path = self._tokenizer_path()
+        folder = Path(args.checkpoint) if args.checkpoint else None
+        folder = folder if folder is None or folder.is_dir() else folder.parent
+        if path is None and folder is not None and lacks_tokenizer_json(folder):
+            # a transformers folder whose tokenizer is vocab.txt alone: a tokenizer trained here would not
+            # give the ids its embeddings were trained on
+            raise SystemExit(f"--checkpoint {args.checkpoint} has no tokenizer.json: {missing_tokenizer_hint(folder)}")
         if path is None and train_inputs:
             first = Path(train_inputs[0])
             path = first.with_name(first.name + ".tokenizer")
@@ -191,6 +197,11 @@ class Task:
             check_vocab_size(tok, self.config.vocab_size)
         except ValueError as e:
             raise SystemExit(f"{e} (tokenizer {path}, model {args.model})") from None
+        if tok.foreign:
+            ids = ", ".join(f"{r} {tok.named()[r]}={i}" for r, i in tok.roles.items() if r != "eod")
+            eod = ("" if tok.eod_id != tok.sep_id else
+                   f"; it has no [EOD], so pretraining documents end with {tok.named()['sep']}")
+            self.ctx.log(f"[tokenizer] {path}: not trained here; special tokens {ids}{eod}")
         self.tokenizer_dir = path
         return tok
 
