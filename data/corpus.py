@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from data.spec import CorpusSpec, SpecError, resolve, text_file_problem
-from data.tokenizer import KoTokenizer, decode_lines
+from data.tokenizer import KoTokenizer, decode_lines, missing_tokenizer_hint
 
 logger = logging.getLogger(__name__)
 
@@ -751,8 +751,8 @@ def _cli(argv: list[str] | None = None) -> int:
             if args.num_workers < 0:
                 ap.error(f"--num_workers must be >= 0, got {args.num_workers}")
             if not (Path(args.tokenizer) / "tokenizer.json").is_file():
-                ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there; train one with "
-                         f"`python -m data.tokenizer train --input SPEC --vocab_size N --out DIR`")
+                ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there; "
+                         f"{missing_tokenizer_hint(args.tokenizer)}")
             cs = resolve(args.corpus_path)
             tok = KoTokenizer.load(args.tokenizer)
             t0 = time.perf_counter()

@@ -405,8 +405,9 @@ def postprocess(features: MRCFeatures, start_logits, end_logits, n_best: int = 2
         if prev is None or score[a, b] > prev[0]:
             context = features.examples[f.example_index].context
             i, j = int(top_s[a]), int(top_e[b])
+            # strip: byte-level BPE pieces carry the space before a word in their offsets
             best[f.example_index] = (float(score[a, b]),
-                                     context[f.token_offsets[i][0]: f.token_offsets[j][1]])
+                                     context[f.token_offsets[i][0]: f.token_offsets[j][1]].strip())
     return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(features.examples)}
 
 
