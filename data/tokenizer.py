@@ -103,8 +103,8 @@ def missing_tokenizer_hint(folder: str | Path) -> str:
     if lacks_tokenizer_json(folder):
         return (f"it is a transformers tokenizer without tokenizer.json: write one into a new folder with "
                 f"`python -c \"from transformers import AutoTokenizer as T; "
-                f"T.from_pretrained('{folder}').save_pretrained('{folder}.tokenizer')\"` and pass "
-                f"--tokenizer {folder}.tokenizer")
+                f"T.from_pretrained('{folder}').save_pretrained('{folder}.tokenizer')\"`, then copy "
+                f"{folder}.tokenizer/tokenizer.json into {folder} (train.py also takes --tokenizer {folder}.tokenizer)")
     return f"train one with `{_TRAIN_HINT}`"
 
 

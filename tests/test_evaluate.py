@@ -140,7 +140,13 @@ def test_bad_inputs_stop_before_any_run(env, tmp_path, monkeypatch, capsys, tiny
     bad_sts = tmp_path / "sts.json"
     bad_sts.write_text(json.dumps([{"guid": "a", "sentence1": "x", "sentence2": "y", "labels": {"label": 7}}]))
     not_ner = KLUE.parent / "nsmc" / "sentiment_test.tsv"
+    from trainer.export import export
+
+    export(ckpt, tmp_path / "hf_vocab_only")  # a transformers folder as older uploads ship it: vocab.txt alone
+    (tmp_path / "hf_vocab_only" / "tokenizer.json").unlink()
     cases = [
+        ([str(tmp_path / "hf_vocab_only"), "--tasks", "sts"], "it is a transformers tokenizer without tokenizer.json: "
+         "write one into a new folder with `python -c \"from transformers import AutoTokenizer"),
         ([str(wrong), "--tasks", "sts"], "mismatched tokenizer: tokenizer has 1000 tokens"),
         ([str(ckpt), "--tasks", "sts", "--set", f"sts.train_file={bad_sts}"], "KLUE STS similarities are numbers from 0 to 5"),
         ([str(ckpt), "--tasks", "ner", "--set", f"ner.train_file={not_ner}"], "expected KLUE NER TSV"),

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,8 @@ from data.tokenizer import KoTokenizer, TokenizerError, check_vocab_size
 from tests.trainer_util import launch
 
 transformers = pytest.importorskip("transformers")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
 NSMC_TRAIN = SHARED / "nsmc" / "sentiment_train.tsv"
 GOOGLE_SPECIALS = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TEXTS = ["태어나 처음으로 가슴아리는 영화였다. 20년이상 지났지만..", "아 더빙.. 진짜 짜증나네요 목소리",
@@ -205,6 +209,17 @@ def test_fine_tune_and_export_a_google_layout_bert_folder(google_bert_dir, tmp_p
     with torch.no_grad():
         diff = (hf.eval()(**batch).logits - build_ours(load_source(final))(**batch)["logits"]).abs().max().item()
     assert diff < 1e-5
+
+    # trainer.evaluate scores the folder itself (converted once; its tokenizer files go along)
+    ev = tmp_path / "ev"
+    subprocess.run([sys.executable, "-m", "trainer.evaluate", str(hf_dir), "--tasks", "nsmc", "--output_dir", str(ev),
+                    "--no_progress", "--set", "all.max_seq_length=64", "--set", "all.num_steps=2", "--set",
+                    "all.warmup_steps=0", "--set", "all.max_train_examples=16", "--set", "all.max_eval_examples=16",
+                    "--set", "all.train_batch_size=8"],
+                   cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    run = json.loads((ev / "results.json").read_text())["runs"]["hf|nsmc|42"]
+    assert 0.0 <= run["metrics"]["accuracy"] <= 1.0
+    assert KoTokenizer.load(ev / "checkpoints" / "hf").roles == tok.roles
 
 
 def test_pretrain_from_a_modernbert_folder_with_its_bpe_tokenizer(bpe_dir, tiny_corpus, tmp_path):

@@ -117,7 +117,8 @@ def label_of(path: Path, taken: set[str]) -> str:
 def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     """What the loop needs to start from `spec`: {"checkpoint", "model", "tokenizer"}; a step-N
     gets its recorded config written out, a transformers folder is converted to our format."""
-    from data.tokenizer import KoTokenizer, check_vocab_size
+    from data.tokenizer import (TOKENIZER_FILES, KoTokenizer, check_vocab_size, lacks_tokenizer_json,
+                                missing_tokenizer_hint)
     from models.hf_compat import is_hf_config
     from trainer import checkpoint
     path = Path(spec)
@@ -138,7 +139,7 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
                 tmp.mkdir(parents=True)
                 checkpoint.save_weights(src.state, tmp / checkpoint.WEIGHTS, {"train_mode": "", "step": ""})
                 src.config.to_json(tmp / "config.json")
-                for name in ("tokenizer.json", "vocab.txt", "pretokenizer.json"):
+                for name in TOKENIZER_FILES:
                     if src.tokenizer_dir and (src.tokenizer_dir / name).is_file():
                         shutil.copy2(src.tokenizer_dir / name, tmp / name)
                 shutil.rmtree(slot, ignore_errors=True)
@@ -173,8 +174,10 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     except (FileNotFoundError, ValueError, KeyError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"checkpoint {spec}: {e}") from None
     if not resolved["tokenizer"] or not (Path(resolved["tokenizer"]) / "tokenizer.json").is_file():
+        fix = (missing_tokenizer_hint(folder) if lacks_tokenizer_json(folder) else
+               "put tokenizer.json beside the weights")
         raise SystemExit(f"checkpoint {spec}: its tokenizer ({resolved['tokenizer']}) is missing; every task "
-                         f"tokenizes with the checkpoint's tokenizer: put tokenizer.json beside the weights")
+                         f"tokenizes with the checkpoint's tokenizer: {fix}")
     try:
         check_vocab_size(KoTokenizer.load(resolved["tokenizer"]), resolved["config"].vocab_size)
     except ValueError as e:

@@ -199,7 +199,7 @@ class Task:
             raise SystemExit(f"{e} (tokenizer {path}, model {args.model})") from None
         if tok.foreign:
             ids = ", ".join(f"{r} {tok.named()[r]}={i}" for r, i in tok.roles.items() if r != "eod")
-            eod = ("" if tok.eod_id != tok.sep_id else
+            eod = ("" if tok.eod_id != tok.sep_id or args.train_mode != "pretrain" else
                    f"; it has no [EOD], so pretraining documents end with {tok.named()['sep']}")
             self.ctx.log(f"[tokenizer] {path}: not trained here; special tokens {ids}{eod}")
         self.tokenizer_dir = path
