@@ -452,6 +452,14 @@ class KoTokenizer:
         """named: role -> token string a transformers folder names (special_tokens_map.json)."""
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # "[MASK]" in raw text is text, not a special id
+        # texts encode whole and the same every time: a transformers file may carry truncation (a
+        # document cut at 512 tokens), padding or BPE dropout; they are switched off (ours has none)
+        if tokenizer.truncation:
+            tokenizer.no_truncation()
+        if tokenizer.padding:
+            tokenizer.no_padding()
+        if getattr(tokenizer.model, "dropout", None):
+            tokenizer.model.dropout = None
         self.morpheme = morpheme
         self.splitter = MorphemeSplitter(morpheme) if morpheme else None
         vocab = tokenizer.get_vocab()
