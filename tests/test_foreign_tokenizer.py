@@ -106,13 +106,15 @@ def test_byte_level_bpe_reads_and_encodes_as_transformers(bpe_dir):
 def test_truncation_padding_and_bpe_dropout_of_a_file_are_off(bpe_dir, tmp_path):
     """A transformers tokenizer.json may carry truncation (512), padding or BPE dropout: corpus lines
     would be cut, padded or encoded differently each time. They are switched off."""
-    raw = json.loads((bpe_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    raw["truncation"] = {"max_length": 4, "stride": 0, "strategy": "longest_first", "direction": "right"}
-    raw["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
-                      "pad_type_id": 0, "pad_token": "[PAD]"}
-    raw["model"]["dropout"] = 0.5
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    tok.enable_truncation(4)
+    tok.enable_padding(length=64, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    tok.model.dropout = 0.5
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    tok.save(str(tmp_path / "t" / "tokenizer.json"))
+    assert json.loads((tmp_path / "t" / "tokenizer.json").read_text())["model"]["dropout"] == 0.5
     plain, noisy = KoTokenizer.load(bpe_dir), KoTokenizer.load(tmp_path / "t")
     texts = TEXTS[:2] * 3
     assert [noisy.encode(t) for t in texts] == [plain.encode(t) for t in texts] == noisy.encode_batch(texts)
