@@ -98,7 +98,7 @@ def key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str
     return table
 
 
-def bert_config_from_hf(d: dict) -> ModelConfig:
+def bert_config_from_hf(d: dict, family: str = "BERT") -> ModelConfig:
     """Our ModelConfig from a transformers BertConfig's dict (config.json); refuses what we cannot compute."""
     by_hf = OURS_BY_HF_ACTIVATION
     act = d.get("hidden_act", "gelu")
@@ -114,7 +114,7 @@ def bert_config_from_hf(d: dict) -> ModelConfig:
         problems.append(f"hidden_dropout_prob {d.get('hidden_dropout_prob', 0.1)} != attention_probs_dropout_prob "
                         f"{d.get('attention_probs_dropout_prob', 0.1)} (we have one dropout_prob)")
     if problems:
-        raise ValueError("this BERT config has no equivalent here: " + ", ".join(problems))
+        raise ValueError(f"this {family} config has no equivalent here: " + ", ".join(problems))
     return ModelConfig(model_type="transformer", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                        num_hidden_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
                        ff_dim=d["intermediate_size"], act_fn=by_hf[act], dropout_prob=d.get("hidden_dropout_prob", 0.1),
@@ -122,6 +122,55 @@ def bert_config_from_hf(d: dict) -> ModelConfig:
                        max_position_embedding=d["max_position_embeddings"], type_vocab_size=d.get("type_vocab_size", 2),
                        LN_eps=d.get("layer_norm_eps", 1e-12), ln_pos=1, layer_group=1, n_experts=1,
                        pad_token_id=d.get("pad_token_id", 0) or 0)
+
+
+# RoBERTa = BERT but for two things: positions are numbered from pad_token_id + 1 (real tokens of a
+# right-padded row get pad + 1 + i) and one token type. Its folders read as our BERT: the position
+# table from that offset on, the token-type row doubled (our pairs mark segments 0 and 1; both rows
+# equal, so the imported model computes RoBERTa's outputs), its heads under BERT's names.
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
+ROBERTA_RENAMES = [("roberta.", "bert."), ("lm_head.dense.", "cls.predictions.transform.dense."),
+                   ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
+                   ("lm_head.decoder.weight", "cls.predictions.decoder.weight"), ("lm_head.bias", "cls.predictions.bias"),
+                   ("classifier.dense.", "bert.pooler.dense."), ("classifier.out_proj.", "classifier.")]
+
+
+def _roberta_offset(d: dict) -> int:
+    return (d.get("pad_token_id", 1) or 0) + 1
+
+
+def roberta_config_from_hf(d: dict) -> ModelConfig:
+    """Our (BERT) ModelConfig for a transformers RoBERTa / XLM-R config.json."""
+    import dataclasses
+
+    config = bert_config_from_hf(d, family="RoBERTa")
+    positions = d["max_position_embeddings"] - _roberta_offset(d)
+    if positions < 1:
+        raise ValueError(f"this RoBERTa config has no equivalent here: max_position_embeddings "
+                         f"{d['max_position_embeddings']} leaves no position after the padding offset "
+                         f"(pad_token_id + 1 = {_roberta_offset(d)})")
+    return dataclasses.replace(config, max_position_embedding=positions, type_vocab_size=max(2, config.type_vocab_size))
+
+
+def roberta_as_bert(hf_state: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
+    """A RoBERTa state dict under BERT's names (`bert_from_hf_state` reads it): positions from the
+    padding offset on, the token-type rows doubled to two, lm_head as cls.predictions, the
+    classification head's dense as BERT's pooler and out_proj as its classifier (the same function:
+    tanh(dense(<s>)) then a linear layer). lm_head.decoder.bias is lm_head.bias."""
+    offset, out = _roberta_offset(hf_config), {}
+    for key, t in hf_state.items():
+        if key == "lm_head.decoder.bias":
+            continue
+        for old, new in ROBERTA_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        if key.endswith("embeddings.position_embeddings.weight"):
+            t = t[offset:]
+        elif key.endswith("embeddings.token_type_embeddings.weight") and t.shape[0] == 1:
+            t = torch.cat([t, t])
+        out[key] = t
+    return out
 
 
 # per family: the weight that shows each head when a folder's config names no class (ModernBERT's
@@ -355,11 +404,13 @@ def is_hf_config(d: dict) -> bool:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """Our ModelConfig for a `transformers` config.json that we can import (BERT, ModernBERT)."""
+    """Our ModelConfig for a `transformers` config.json that we can import (BERT, RoBERTa, ModernBERT)."""
     if d.get("model_type") == "modernbert":
         return modernbert_config_from_hf(d)
     if d.get("model_type") == "bert":
         return bert_config_from_hf(d)
-    raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT and ModernBERT folders can be read "
-                     f"as our model; for a model we exported as another architecture, use the checkpoint it was "
-                     f"exported from; for others, start from one of our checkpoints or configs/")
+    if d.get("model_type") in ROBERTA_TYPES:
+        return roberta_config_from_hf(d)
+    raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT, RoBERTa (XLM-R) and ModernBERT "
+                     f"folders can be read as our model; for a model we exported as another architecture, use the "
+                     f"checkpoint it was exported from; for others, start from one of our checkpoints or configs/")

@@ -208,6 +208,56 @@ def test_transformers_bert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_di
                 assert (out[end] - mine[end])[real].abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("cls,task", [
+    ("RobertaForMaskedLM", "pretrain"), ("RobertaModel", "encoder"), ("RobertaForSequenceClassification", "classify"),
+    ("RobertaForQuestionAnswering", "mrc"), ("XLMRobertaForMaskedLM", "pretrain"),
+])
+def test_transformers_roberta_folder_reads_as_our_bert(tmp_path, tiny_tokenizer_dir, cls, task):
+    """A RoBERTa / XLM-R folder (klue/roberta-base's family: positions from pad_token_id + 1, one token
+    type) reads as our BERT: same hidden states and head outputs on right-padded Korean pairs, with
+    our segment ids 0/1 (both token-type rows are RoBERTa's one) against RoBERTa's zeros; a fine-tuning
+    run takes the folder, and the result exports as BERT computing the same."""
+    pad = 1
+    config_cls = transformers.XLMRobertaConfig if cls.startswith("XLM") else transformers.RobertaConfig
+    hf_cfg = config_cls(vocab_size=TINY_CONFIG["vocab_size"], hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64 + pad + 1, pad_token_id=pad,
+                        type_vocab_size=1, layer_norm_eps=1e-5, num_labels=3 if task == "classify" else 2)
+    torch.manual_seed(5)
+    hf = getattr(transformers, cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, q in hf.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                q.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    source = load_source(tmp_path / "hf")
+    assert source.config.max_position_embedding == 64 and source.config.type_vocab_size == 2
+    heads = {k.split(".")[0] for k in source.state if not k.startswith("encoder.")}
+    assert heads == {"pretrain": {"mlm_head"}, "encoder": set(), "classify": {"classifier_head"},
+                     "mrc": {"span_head"}}[task]
+    ours = build_ours(source)
+    batch = _korean_pairs(tiny_tokenizer_dir)
+    real = batch["attention_mask"].bool()
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == pad, 7).masked_fill(~real, pad)  # RoBERTa's padding
+    theirs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        out = hf(**theirs, **({"output_hidden_states": True} if task != "encoder" else {}))
+        h_hf = out.last_hidden_state if task == "encoder" else out.hidden_states[-1]
+        mine = dict(batch, input_ids=ids)
+        assert (h_hf - ours.encoder(**mine).last_hidden_state)[real].abs().max().item() < TOL
+        if task == "pretrain":
+            assert (out.logits - ours_outputs(ours, **mine)[1])[real].abs().max().item() < TOL
+        elif task == "classify":
+            assert (out.logits - ours(**mine)["logits"]).abs().max().item() < TOL
+        elif task == "mrc":
+            got = ours(**mine)
+            for end in ("start_logits", "end_logits"):
+                assert (out[end] - got[end])[real].abs().max().item() < TOL
+    if task == "classify":  # exported back: a BERT computing the same
+        summary = export(tmp_path / "hf", tmp_path / "bert", do_verify=True)
+        assert summary["architectures"] == ["BertForSequenceClassification"]
+        assert max(summary["verify"].values()) < TOL
+
+
 def test_transformers_bert_folder_is_checked(tmp_path, capsys):
     from models.hf_compat import bert_config_from_hf
 

@@ -240,6 +240,52 @@ def test_fine_tune_and_export_a_google_layout_bert_folder(google_bert_dir, tmp_p
     assert KoTokenizer.load(ev / "checkpoints" / "hf").roles == tok.roles
 
 
+@pytest.mark.skipif(not (SHARED / "klue" / "nli_train.json").exists(), reason="../shared/data not available")
+def test_nli_from_a_klue_roberta_style_folder(tiny_corpus, tmp_path):
+    """klue/roberta-base's shape: a RobertaForMaskedLM (positions from pad + 1, one token type) with a
+    WordPiece tokenizer in KLUE's layout ([CLS] 0, [PAD] 1, [SEP] 2, [UNK] 3, [MASK] 4). NLI pairs (our
+    segments 0 and 1) fine-tune from it; the export is a BERT that AutoTokenizer + AutoModel... run
+    as we do."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from trainer.export import build_ours, export, load_source
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_lines(tiny_corpus), trainers.WordPieceTrainer(
+        vocab_size=1500, special_tokens=["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"], show_progress=False))
+    hf_dir = tmp_path / "roberta"
+    fast = transformers.BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,
+                                          bos_token="[CLS]", eos_token="[SEP]")
+    cfg = transformers.RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                                     eos_token_id=2, type_vocab_size=1)
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(cfg).save_pretrained(hf_dir)
+    fast.save_pretrained(hf_dir)
+    assert (KoTokenizer.load(hf_dir).cls_id, KoTokenizer.load(hf_dir).pad_id) == (0, 1)
+    out = tmp_path / "runs"
+    launch("train.py", ["--model_name", "nli", "--model", str(hf_dir), "--checkpoint", str(hf_dir),
+                        "--output_dir", str(out), "--max_seq_length", "64", "--num_workers", "0", "--no_progress",
+                        "--logging_steps", "1", "--train_mode", "nli", "--train_file",
+                        str(SHARED / "klue" / "nli_train.json"), "--max_train_examples", "16",
+                        "--train_batch_size", "8", "--num_steps", "2"])
+    final = out / "nli" / "final"
+    summary = export(final, tmp_path / "nli_hf", do_verify=True)
+    assert summary["architectures"] == ["BertForSequenceClassification"] and max(summary["verify"].values()) < 1e-5
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nli_hf", local_files_only=True)
+    batch = hf_tok(["영화가 재밌다", "배우 연기가 좋았다 정말로"], ["재밌는 영화다", "연기가 별로였다"], padding=True,
+                   return_tensors="pt")
+    assert batch["input_ids"][0, 0] == 0 and batch["token_type_ids"].max() == 1
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "nli_hf", local_files_only=True)
+    assert hf.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
+    with torch.no_grad():
+        diff = (hf.eval()(**batch).logits - build_ours(load_source(final))(**batch)["logits"]).abs().max().item()
+    assert diff < 1e-5
+
+
 def test_pretrain_from_a_modernbert_folder_with_its_bpe_tokenizer(bpe_dir, tiny_corpus, tmp_path):
     """A transformers ModernBertForMaskedLM folder (byte-level BPE tokenizer, special tokens at the end,
     embedding rows rounded up past the tokenizer) continues pretraining on a Korean corpus, SOP

@@ -297,8 +297,8 @@ def test_unsupported_transformers_config_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="mlp_bias"):
         modernbert_config_from_hf({"model_type": "modernbert", "mlp_bias": True})
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "architectures": ["RobertaModel"]}))
-    with pytest.raises(ValueError, match="only BERT and ModernBERT"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deberta-v2", "architectures": ["DebertaV2Model"]}))
+    with pytest.raises(ValueError, match=r"only BERT, RoBERTa \(XLM-R\) and ModernBERT"):
         load_config(tmp_path)
     # trainer.evaluate reads transformers folders too: it names the same reason, not "not a BERT folder"
     # (the config is refused before weights are looked for: this folder has none)

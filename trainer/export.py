@@ -22,8 +22,9 @@ What each model becomes (`hf_target`):
 - anything else (Switch MoE, Mix LM, pre-LN with sharing or factorization): our weights and
   config plus EXPORT_NOTE.md.
 The weight names come from `models.hf_compat.key_table` (the BERT table), renamed per target,
-and `models.hf_compat.modernbert_key_table` for ModernBERT. A ModernBERT `transformers` folder is
-also read as a source (`load_source`), so it can start a run (`--checkpoint FOLDER`).
+and `models.hf_compat.modernbert_key_table` for ModernBERT. A BERT, RoBERTa / XLM-R (read as BERT)
+or ModernBERT `transformers` folder is also read as a source (`load_source`), so it can start a run
+(`--checkpoint FOLDER`) or be exported again.
 """
 from __future__ import annotations
 
@@ -152,8 +153,9 @@ def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str
 
 
 def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
-    """A `transformers` BERT or ModernBERT folder (ours exported, or anyone's) as our weights and config;
-    `weights` default: the folder's (`_hf_weights_file`), looked for once the config is known to be ours."""
+    """A `transformers` BERT, RoBERTa (read as BERT) or ModernBERT folder (ours exported, or anyone's) as our
+    weights and config; `weights` default: the folder's (`_hf_weights_file`), looked for once the config
+    is known to be ours."""
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
     weights = weights or _hf_weights_file(config_path.parent)
@@ -166,6 +168,10 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
         hf_state = checkpoint.read_safetensors(weights)[0]
     family = hf_config["model_type"]
     arch = (hf_config.get("architectures") or [None])[0]
+    if family in hf_compat.ROBERTA_TYPES:  # read as the BERT it is (hf_compat.roberta_as_bert)
+        hf_state, family = hf_compat.roberta_as_bert(hf_state, hf_config), "bert"
+        arch = arch and arch.replace("XLMRoberta", "Bert").replace("Roberta", "Bert")
+        hf_config = dict(hf_config, model_type="bert")
     # our own BERT exports keep our config beside: their sequence classifier is our SOP head
     ours = (weights.parent / "ko_model_config.json").is_file()
     try:
@@ -429,11 +435,12 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
 
 
 # --- writing ---------------------------------------------------------------------------
-def write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int) -> dict:
+def write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int, segments: bool = True) -> dict:
     """tokenizer.json with the [CLS] A [SEP] (B [SEP]) template, vocab.txt, tokenizer_config.json,
     special_tokens_map.json (AutoTokenizer loads them offline), pretokenizer.json. A foreign tokenizer
     (one a transformers folder brought) keeps its tokenizer.json but for the template, under the
-    generic PreTrainedTokenizerFast.
+    generic PreTrainedTokenizerFast. `segments`: the model takes token_type_ids (not ModernBERT), so
+    the tokenizer returns them (the [CLS] A [SEP] B [SEP] pairs our runs train on mark B as type 1).
     Returns {"morpheme": analyzer or None, "foreign": bool, "ids": special ids} or {} without a tokenizer."""
     if tokenizer_dir is None:
         return {}
@@ -458,6 +465,8 @@ def write_tokenizer(tokenizer_dir: Path | None, out: Path, max_length: int) -> d
     else:
         config = dict(specials, tokenizer_class="BertTokenizerFast", do_lower_case=False, strip_accents=False,
                       tokenize_chinese_chars=False, model_max_length=max_length)
+    config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"] if segments else \
+        ["input_ids", "attention_mask"]
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
     morpheme = None
@@ -499,7 +508,8 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
     summary = {"source": source.info, "target": target or "ours", "reason": why}
     with safety.staged_dir(out, overwrite=overwrite, source=Path(src),
                            info={"by": "python -m trainer.export", "source": source.info}) as tmp:
-        tok = write_tokenizer(source.tokenizer_dir, tmp, source.config.max_position_embedding)
+        tok = write_tokenizer(source.tokenizer_dir, tmp, source.config.max_position_embedding,
+                              segments=target != "modernbert")
         if target is None:
             _write_ours(source, tmp, why, tok)
         else:
@@ -561,8 +571,8 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     if has_sop and target in ("roberta-prelayernorm", "modernbert"):
         lines.append(f"The SOP classifier is not exported ({family} has no pretraining sequence head).\n")
     if target == "modernbert":
-        lines.append("ModernBERT has no token-type embeddings: pass input_ids and attention_mask only "
-                     "(the tokenizer's token_type_ids are not model inputs).\n")
+        lines.append("ModernBERT has no token-type embeddings: the tokenizer returns input_ids and "
+                     "attention_mask only.\n")
     if left:
         lines.append("Weights of ours not exported (task heads without a `transformers` counterpart here): "
                      + ", ".join(f"`{k}`" for k in left) + ".\n")
