@@ -2,8 +2,10 @@
 MoE experts and the heads."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 
 
 def activation(name: str):
-    return {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}[name]
+    return {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}[name]

@@ -11,7 +11,7 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 MODEL_TYPES = ("transformer", "mix_lm", "modernbert")
-ACT_FNS = ("gelu", "relu", "swish")
+ACT_FNS = ("gelu", "relu", "swish", "gelu_tanh")  # gelu_tanh: the tanh approximation (ALBERT's gelu_new)
 
 
 @dataclass

@@ -131,7 +131,8 @@ def bert_config_from_hf(d: dict, family: str = "BERT") -> ModelConfig:
 ROBERTA_TYPES = ("roberta", "xlm-roberta")
 ROBERTA_RENAMES = [("roberta.", "bert."), ("lm_head.dense.", "cls.predictions.transform.dense."),
                    ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
-                   ("lm_head.decoder.weight", "cls.predictions.decoder.weight"), ("lm_head.bias", "cls.predictions.bias"),
+                   ("lm_head.decoder.weight", "cls.predictions.decoder.weight"),
+                   ("lm_head.bias", "cls.predictions.bias"),
                    ("classifier.dense.", "bert.pooler.dense."), ("classifier.out_proj.", "classifier.")]
 
 
@@ -150,6 +151,33 @@ def roberta_config_from_hf(d: dict) -> ModelConfig:
                          f"{d['max_position_embeddings']} leaves no position after the padding offset "
                          f"(pad_token_id + 1 = {_roberta_offset(d)})")
     return dataclasses.replace(config, max_position_embedding=positions, type_vocab_size=max(2, config.type_vocab_size))
+
+
+def albert_config_from_hf(d: dict) -> ModelConfig:
+    """Our ModelConfig (post-LN transformer, `layer_group` consecutive layers sharing weights, factorized
+    embeddings) for a transformers ALBERT config.json; refuses what we cannot compute."""
+    import dataclasses
+
+    config = bert_config_from_hf(dict(d, hidden_act=d.get("hidden_act", "gelu_new")), family="ALBERT")
+    groups, layers = d.get("num_hidden_groups", 1), d["num_hidden_layers"]
+    problems = []
+    if d.get("inner_group_num", 1) != 1:
+        problems.append(f"inner_group_num {d['inner_group_num']} (we share whole layers: 1)")
+    if layers % groups:
+        problems.append(f"num_hidden_layers {layers} not a multiple of num_hidden_groups {groups}")
+    if problems:
+        raise ValueError("this ALBERT config has no equivalent here: " + ", ".join(problems))
+    embedding = d.get("embedding_size", 128)
+    return dataclasses.replace(config, layer_group=layers // groups,
+                               embedding_size=None if embedding == config.hidden_size else embedding)
+
+
+def roberta_prelayernorm_config_from_hf(d: dict) -> ModelConfig:
+    """Our pre-LN transformer for a transformers RoBERTa-PreLayerNorm config.json (what we export pre-LN
+    models as): RoBERTa's position offset and token types (`roberta_config_from_hf`), ln_pos 0."""
+    import dataclasses
+
+    return dataclasses.replace(roberta_config_from_hf(d), ln_pos=0)
 
 
 def roberta_as_bert(hf_state: dict[str, Tensor], hf_config: dict) -> dict[str, Tensor]:
@@ -179,7 +207,10 @@ def roberta_as_bert(hf_state: dict[str, Tensor], hf_config: dict) -> dict[str, T
 HEAD_MARKERS = {"bert": {"mlm": "cls.predictions.bias", "classify": "classifier.weight", "qa": "qa_outputs.weight"},
                 "modernbert": {"mlm": "decoder.bias"}}
 DECODER_KEYS = {"modernbert": ("decoder.weight", "model.embeddings.tok_embeddings.weight"),
-                "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
+                "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+                "albert": ("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight"),
+                "roberta-prelayernorm": ("lm_head.decoder.weight",
+                                         "roberta_prelayernorm.embeddings.word_embeddings.weight")}
 
 
 def head_kind(family: str, architecture: str | None, hf_state: dict[str, Tensor]) -> str | None:
@@ -280,9 +311,10 @@ MODERNBERT_CONFIG_KEYS: list[tuple[str, str]] = [
     ("LN_eps", "norm_eps"), ("pad_token_id", "pad_token_id"), ("local_attention", "local_attention"),
     ("global_attn_every_n_layers", "global_attn_every_n_layers"),
 ]
-HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 # the transformers activation names that compute one of ours (the same function under another name too)
-OURS_BY_HF_ACTIVATION = {v: k for k, v in HF_ACTIVATIONS.items()} | {"swish": "swish", "gelu_python": "gelu"}
+OURS_BY_HF_ACTIVATION = {v: k for k, v in HF_ACTIVATIONS.items()} | {"swish": "swish", "gelu_python": "gelu",
+                                                                      "gelu_new": "gelu_tanh"}
 
 
 def modernbert_key_table(config: ModelConfig, ours_prefix: str = "encoder.", hf_prefix: str = "model.",
@@ -404,13 +436,18 @@ def is_hf_config(d: dict) -> bool:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """Our ModelConfig for a `transformers` config.json that we can import (BERT, RoBERTa, ModernBERT)."""
+    """Our ModelConfig for a `transformers` config.json that we can import (BERT, RoBERTa / XLM-R, ALBERT,
+    RoBERTa-PreLayerNorm, ModernBERT)."""
     if d.get("model_type") == "modernbert":
         return modernbert_config_from_hf(d)
     if d.get("model_type") == "bert":
         return bert_config_from_hf(d)
     if d.get("model_type") in ROBERTA_TYPES:
         return roberta_config_from_hf(d)
-    raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT, RoBERTa (XLM-R) and ModernBERT "
-                     f"folders can be read as our model; for a model we exported as another architecture, use the "
-                     f"checkpoint it was exported from; for others, start from one of our checkpoints or configs/")
+    if d.get("model_type") == "albert":
+        return albert_config_from_hf(d)
+    if d.get("model_type") == "roberta-prelayernorm":
+        return roberta_prelayernorm_config_from_hf(d)
+    raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT, RoBERTa (XLM-R), ALBERT, "
+                     f"RoBERTa-PreLayerNorm and ModernBERT folders can be read as our model; for others, start "
+                     f"from one of our checkpoints or configs/")

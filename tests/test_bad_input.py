@@ -121,7 +121,7 @@ CASES = [
     ("config_missing", {"model": "{d}/nope.json"}, "model config file '{d}/nope.json' does not exist"),
     ("config_not_json", {"model": "{d}/truncated.json"}, "--model {d}/truncated.json: "),
     ("config_unknown_key", {"model": "{d}/unknown_key.json"}, "unknown model config key(s) ['hidden_dim']"),
-    ("config_bad_act_fn", {"model": "{d}/act_fn.json"}, "act_fn must be one of ('gelu', 'relu', 'swish'), got 'tanh'"),
+    ("config_bad_act_fn", {"model": "{d}/act_fn.json"}, "act_fn must be one of ('gelu', 'relu', 'swish', 'gelu_tanh'), got 'tanh'"),
     ("config_heads", {"model": "{d}/heads.json"}, "hidden_size (33) must be divisible by num_heads (2)"),
     ("config_layer_group", {"model": "{d}/layer_group.json"}, "num_hidden_layers (2) must be divisible by layer_group (3)"),
     # corpus

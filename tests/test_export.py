@@ -83,6 +83,10 @@ def test_hf_export_matches_ours(tmp_path, tiny_tokenizer_dir, name, overrides, f
     assert diff["hidden"] < TOL and diff["logits"] < TOL, diff
     if family == "albert":
         assert cfg["num_hidden_groups"] == 1 and cfg["embedding_size"] == 16
+    # the folder reads back as the model it was exported from (RoBERTa-PreLayerNorm has no SOP head)
+    back, original = load_source(tmp_path / "hf").state, load_source(src).state
+    kept = {k for k in original if family != "roberta-prelayernorm" or not k.startswith("sop_head.")}
+    assert back.keys() == kept and all(torch.equal(back[k], original[k]) for k in back)
     for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md"):
         assert (tmp_path / "hf" / f).is_file(), f
 
@@ -139,9 +143,8 @@ def test_fine_tuned_heads_export_as_transformers_task_classes(tmp_path, tiny_tok
                                                                output_loading_info=True)
         assert type(hf).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"], info
         out, mine = hf.eval()(**batch), ours(**batch)
-    if name == "bert":  # a BERT folder reads back as the model it was exported from, head included
-        back, original = load_source(tmp_path / "hf").state, load_source(src).state
-        assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    back, original = load_source(tmp_path / "hf").state, load_source(src).state  # read back: the same model
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
     if task == "classify":
         assert hf.config.num_labels == kwargs["num_labels"]
         assert hf.config.problem_type == ("regression" if kwargs["num_labels"] == 1 else "single_label_classification")
@@ -185,20 +188,25 @@ def test_transformers_bert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_di
         torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
         (tmp_path / "hf" / "model.safetensors").unlink()
     assert load_config(tmp_path / "hf") == bert_config_from_hf(hf_cfg.to_dict()) == cfg
-    source = load_source(tmp_path / "hf")
+    _assert_reads_as_ours(hf, load_source(tmp_path / "hf"), task, _korean_pairs(tiny_tokenizer_dir))
+
+
+def _assert_reads_as_ours(hf, source, task: str, batch: dict, theirs: dict | None = None) -> None:
+    """The folder `source` was read from holds `hf`'s `task` head (and no other), and our model built
+    from it gives hf's hidden states and head outputs on the real tokens of `batch` (hf is given
+    `theirs`, default the same batch)."""
     heads = {k.split(".")[0] for k in source.state if not k.startswith("encoder.")}
     assert heads == {"pretrain": {"mlm_head"}, "encoder": set(), "classify": {"classifier_head"},
                      "mrc": {"span_head"}}[task]
     ours = build_ours(source)
-    batch = _korean_pairs(tiny_tokenizer_dir)
     real = batch["attention_mask"].bool()
     with torch.no_grad():
-        out = hf(**batch, **({"output_hidden_states": True} if task != "encoder" else {}))
+        out = hf(**(theirs or batch), **({"output_hidden_states": True} if task != "encoder" else {}))
         h_hf = out.last_hidden_state if task == "encoder" else out.hidden_states[-1]
-        h_ours = ours.encoder(**batch).last_hidden_state
-        assert (h_hf - h_ours)[real].abs().max().item() < TOL
+        assert (h_hf - ours.encoder(**batch).last_hidden_state)[real].abs().max().item() < TOL
         if task == "pretrain":
-            logits = out.prediction_logits if cls == "BertForPreTraining" else out.logits
+            logits = getattr(out, "prediction_logits", None)
+            logits = out.logits if logits is None else logits
             assert (logits - ours_outputs(ours, **batch)[1])[real].abs().max().item() < TOL
         elif task == "classify":
             assert (out.logits - ours(**batch)["logits"]).abs().max().item() < TOL
@@ -219,9 +227,10 @@ def test_transformers_roberta_folder_reads_as_our_bert(tmp_path, tiny_tokenizer_
     run takes the folder, and the result exports as BERT computing the same."""
     pad = 1
     config_cls = transformers.XLMRobertaConfig if cls.startswith("XLM") else transformers.RobertaConfig
-    hf_cfg = config_cls(vocab_size=TINY_CONFIG["vocab_size"], hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64 + pad + 1, pad_token_id=pad,
-                        type_vocab_size=1, layer_norm_eps=1e-5, num_labels=3 if task == "classify" else 2)
+    hf_cfg = config_cls(vocab_size=TINY_CONFIG["vocab_size"], hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64 + pad + 1,
+                        pad_token_id=pad, type_vocab_size=1, layer_norm_eps=1e-5,
+                        num_labels=3 if task == "classify" else 2)
     torch.manual_seed(5)
     hf = getattr(transformers, cls)(hf_cfg).eval()
     with torch.no_grad():
@@ -231,31 +240,46 @@ def test_transformers_roberta_folder_reads_as_our_bert(tmp_path, tiny_tokenizer_
     hf.save_pretrained(tmp_path / "hf")
     source = load_source(tmp_path / "hf")
     assert source.config.max_position_embedding == 64 and source.config.type_vocab_size == 2
-    heads = {k.split(".")[0] for k in source.state if not k.startswith("encoder.")}
-    assert heads == {"pretrain": {"mlm_head"}, "encoder": set(), "classify": {"classifier_head"},
-                     "mrc": {"span_head"}}[task]
-    ours = build_ours(source)
     batch = _korean_pairs(tiny_tokenizer_dir)
     real = batch["attention_mask"].bool()
     ids = batch["input_ids"].masked_fill(batch["input_ids"] == pad, 7).masked_fill(~real, pad)  # RoBERTa's padding
-    theirs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
-    with torch.no_grad():
-        out = hf(**theirs, **({"output_hidden_states": True} if task != "encoder" else {}))
-        h_hf = out.last_hidden_state if task == "encoder" else out.hidden_states[-1]
-        mine = dict(batch, input_ids=ids)
-        assert (h_hf - ours.encoder(**mine).last_hidden_state)[real].abs().max().item() < TOL
-        if task == "pretrain":
-            assert (out.logits - ours_outputs(ours, **mine)[1])[real].abs().max().item() < TOL
-        elif task == "classify":
-            assert (out.logits - ours(**mine)["logits"]).abs().max().item() < TOL
-        elif task == "mrc":
-            got = ours(**mine)
-            for end in ("start_logits", "end_logits"):
-                assert (out[end] - got[end])[real].abs().max().item() < TOL
+    _assert_reads_as_ours(hf, source, task, dict(batch, input_ids=ids),
+                          theirs={"input_ids": ids, "attention_mask": batch["attention_mask"]})
     if task == "classify":  # exported back: a BERT computing the same
         summary = export(tmp_path / "hf", tmp_path / "bert", do_verify=True)
         assert summary["architectures"] == ["BertForSequenceClassification"]
         assert max(summary["verify"].values()) < TOL
+
+
+@pytest.mark.parametrize("cls,task", [("AlbertForMaskedLM", "pretrain"), ("AlbertModel", "encoder"),
+                                      ("AlbertForSequenceClassification", "classify")])
+def test_transformers_albert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_dir, cls, task):
+    """An ALBERT folder made by transformers (its default gelu_new, factorized embeddings, two layers
+    sharing one group) reads as our layer_group / embedding_size model with its head."""
+    hf_cfg = transformers.AlbertConfig(vocab_size=TINY_CONFIG["vocab_size"], embedding_size=16, hidden_size=32,
+                                       num_hidden_layers=2, num_hidden_groups=1, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    assert hf_cfg.hidden_act == "gelu_new"
+    torch.manual_seed(6)
+    hf = getattr(transformers, cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, q in hf.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                q.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    source = load_source(tmp_path / "hf")
+    assert (source.config.layer_group, source.config.embedding_size, source.config.act_fn) == (2, 16, "gelu_tanh")
+    _assert_reads_as_ours(hf, source, task, _korean_pairs(tiny_tokenizer_dir))
+    nsmc = Path(__file__).resolve().parents[2] / "shared" / "data" / "nsmc" / "sentiment_train.tsv"
+    if task == "classify" and nsmc.exists():  # a fine-tuning run starts from it and exports back to ALBERT
+        launch("train.py", ["--model_name", "cls", "--model", str(tmp_path / "hf"), "--checkpoint", str(tmp_path / "hf"),
+                            "--tokenizer", str(tiny_tokenizer_dir), "--output_dir", str(tmp_path / "runs"),
+                            "--max_seq_length", "64", "--num_workers", "0", "--no_progress", "--train_mode", "classify",
+                            "--train_file", str(nsmc), "--max_train_examples", "16", "--train_batch_size", "8",
+                            "--num_steps", "2"])
+        summary = export(tmp_path / "runs" / "cls" / "final", tmp_path / "albert", do_verify=True)
+        assert summary["architectures"] == ["AlbertForSequenceClassification"] and max(summary["verify"].values()) < TOL
+        assert json.loads((tmp_path / "albert" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
 
 
 def test_transformers_bert_folder_is_checked(tmp_path, capsys):

@@ -36,17 +36,23 @@ def _lines(corpus: Path) -> list[str]:
 def google_bert_dir(tiny_corpus, tmp_path_factory) -> Path:
     """A WordPiece tokenizer in the layout of Google's and klue/bert-base's vocab.txt, saved by
     transformers' BertTokenizerFast (tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    out = tmp_path_factory.mktemp("google_bert")
+    transformers.BertTokenizerFast(tokenizer_object=_wordpiece(tiny_corpus, GOOGLE_SPECIALS), do_lower_case=False,
+                                   strip_accents=False).save_pretrained(out)
+    return out
+
+
+def _wordpiece(corpus: Path, specials: list[str]):
+    """A BERT-style WordPiece tokenizer (no lowercasing) trained on `corpus`, `specials` first."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(_lines(tiny_corpus), trainers.WordPieceTrainer(
-        vocab_size=1500, special_tokens=GOOGLE_SPECIALS, show_progress=False))
-    out = tmp_path_factory.mktemp("google_bert")
-    transformers.BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False).save_pretrained(out)
-    return out
+    tok.train_from_iterator(_lines(corpus), trainers.WordPieceTrainer(
+        vocab_size=1500, special_tokens=specials, show_progress=False))
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -246,19 +252,12 @@ def test_nli_from_a_klue_roberta_style_folder(tiny_corpus, tmp_path):
     WordPiece tokenizer in KLUE's layout ([CLS] 0, [PAD] 1, [SEP] 2, [UNK] 3, [MASK] 4). NLI pairs (our
     segments 0 and 1) fine-tune from it; the export is a BERT that AutoTokenizer + AutoModel... run
     as we do."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     from trainer.export import build_ours, export, load_source
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(_lines(tiny_corpus), trainers.WordPieceTrainer(
-        vocab_size=1500, special_tokens=["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"], show_progress=False))
     hf_dir = tmp_path / "roberta"
-    fast = transformers.BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,
-                                          bos_token="[CLS]", eos_token="[SEP]")
+    klue_layout = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
+    fast = transformers.BertTokenizerFast(tokenizer_object=_wordpiece(tiny_corpus, klue_layout), do_lower_case=False,
+                                          strip_accents=False, bos_token="[CLS]", eos_token="[SEP]")
     cfg = transformers.RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
                                      eos_token_id=2, type_vocab_size=1)

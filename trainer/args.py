@@ -286,7 +286,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         from data.tokenizer import missing_tokenizer_hint
 
-        _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; {missing_tokenizer_hint(args.tokenizer)}")
+        _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; "
+                      f"{missing_tokenizer_hint(args.tokenizer)}")
     if args.tokenizer:
         from data.tokenizer import KoTokenizer, TokenizerError
 

@@ -76,7 +76,6 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         ("classifier.bias", "classifier.out_proj.bias"),
     ],
 }
-HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
 PREFIX = {"bert": "bert.", "albert": "albert.", "roberta-prelayernorm": "roberta_prelayernorm.",
           "modernbert": "model."}
 CLASS_PREFIX = {"bert": "Bert", "albert": "Albert", "roberta-prelayernorm": "RobertaPreLayerNorm",
@@ -153,8 +152,8 @@ def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str
 
 
 def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
-    """A `transformers` BERT, RoBERTa (read as BERT) or ModernBERT folder (ours exported, or anyone's) as our
-    weights and config; `weights` default: the folder's (`_hf_weights_file`), looked for once the config
+    """A `transformers` BERT, RoBERTa / XLM-R (read as BERT), ALBERT, RoBERTa-PreLayerNorm or ModernBERT folder
+    (ours exported, or anyone's) as our weights and config; `weights` default: the folder's (`_hf_weights_file`), looked for once the config
     is known to be ours."""
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
@@ -176,9 +175,12 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
     ours = (weights.parent / "ko_model_config.json").is_file()
     try:
         state = (hf_compat.modernbert_from_hf_state(hf_state, config, arch) if family == "modernbert" else
-                 hf_compat.bert_from_hf_state(hf_state, config, arch, sop=ours))
+                 hf_compat.bert_from_hf_state(hf_state, config, arch, sop=ours) if family == "bert" else
+                 from_hf_state(hf_state, config, family))   # ALBERT, RoBERTa-PreLayerNorm: as we export them
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     # heads computing another function than ours are left out (initialised fresh where a run needs them)
     if (family == "modernbert" and "classifier_head.classifier.weight" in state
             and hf_config.get("classifier_pooling", "cls") != "cls"):
@@ -277,6 +279,46 @@ def to_hf_state(state: dict[str, Tensor], config: ModelConfig, target: str,
     return out, sorted(set(state) - used)
 
 
+def from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, target: str) -> dict[str, Tensor]:
+    """`to_hf_state` backwards, for ALBERT and RoBERTa-PreLayerNorm folders (ours exported, or anyone's):
+    our encoder, and each head whose weights are all there (an ALBERT pooler alone is neither our SOP
+    nor our classification head). Missing encoder weights raise KeyError naming them."""
+    p = PREFIX[target]
+    strip = "" if any(k.startswith(p) for k in hf_state) else p    # ...Model folders have no prefix
+    found, heads = {}, {}
+    for ours, hf in key_table(_bert_shaped(config), ours_prefix="encoder.", hf_prefix="bert.", heads=True,
+                              task_heads=True):
+        names = [_rename(h, target) for h in hf]
+        names = [n[len(strip):] if strip and n.startswith(strip) else n for n in names]
+        complete = all(n in hf_state for n in names)
+        if ours.startswith("encoder."):
+            if not complete:
+                raise KeyError(f"{target} weights lack {next(n for n in names if n not in hf_state)}")
+        else:
+            heads.setdefault(ours.split(".")[0], []).append(complete)
+        if complete:
+            found[ours] = hf_compat._joined(hf_state, tuple(names))
+    out = {k: v for k, v in found.items() if k.startswith("encoder.") or all(heads[k.split(".")[0]])}
+    base = "" if strip else p
+    if target == "albert":
+        proj = base + "encoder.embedding_hidden_mapping_in."
+        w, b = hf_state[proj + "weight"], hf_state[proj + "bias"]
+        if config.embedding_dim != config.hidden_size:
+            out["encoder.embeddings.projection.weight"], out["encoder.embeddings.projection.bias"] = w, b
+        elif not (torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) and not b.any()):
+            raise ValueError("its embedding_size equals hidden_size but embedding_hidden_mapping_in is not the "
+                             "identity: our layers take the embeddings unprojected at that size")
+    else:  # RoBERTa numbers positions from pad_token_id + 1; its final LayerNorm is our final norm
+        pos = "encoder.embeddings.position_embeddings.weight"
+        out[pos] = out[pos][config.pad_token_id + 1:]
+        types = "encoder.embeddings.token_type_embeddings.weight"
+        if out[types].shape[0] == 1:
+            out[types] = torch.cat([out[types], out[types]])
+        for s in ("weight", "bias"):
+            out[f"encoder.final_norm.{s}"] = hf_state[base + f"LayerNorm.{s}"]
+    return out
+
+
 def hf_class_keys(cfg) -> set[str]:
     """The state-dict keys of the class `cfg.architectures[0]` (built on the meta device: no memory)."""
     import transformers
@@ -318,7 +360,7 @@ def hf_config(config: ModelConfig, target: str, has_mlm: bool, has_sop: bool, to
 
     common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                   num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_heads,
-                  intermediate_size=config.ff_dim, hidden_act=HF_ACT[config.act_fn],
+                  intermediate_size=config.ff_dim, hidden_act=hf_compat.HF_ACTIVATIONS[config.act_fn],
                   hidden_dropout_prob=config.dropout_prob, attention_probs_dropout_prob=config.dropout_prob,
                   max_position_embeddings=config.max_position_embedding, type_vocab_size=config.type_vocab_size,
                   initializer_range=config.initializer_range, layer_norm_eps=config.LN_eps,
