@@ -153,6 +153,40 @@ def roberta_config_from_hf(d: dict) -> ModelConfig:
     return dataclasses.replace(config, max_position_embedding=positions, type_vocab_size=max(2, config.type_vocab_size))
 
 
+# ELECTRA (KoELECTRA) = BERT's encoder with factorized embeddings (embeddings_project, as ALBERT's);
+# its generator's MLM head is BERT's at the embedding width, with gelu. Its discriminator head
+# (replaced-token detection) and classification head (dense, gelu, out_proj: not BERT's tanh pooler)
+# have no counterpart here.
+ELECTRA_RENAMES = [("electra.", "bert."), ("generator_predictions.dense.", "cls.predictions.transform.dense."),
+                   ("generator_predictions.LayerNorm.", "cls.predictions.transform.LayerNorm."),
+                   ("generator_lm_head.weight", "cls.predictions.decoder.weight"),
+                   ("generator_lm_head.bias", "cls.predictions.bias")]
+
+
+def electra_config_from_hf(d: dict) -> ModelConfig:
+    """Our (BERT, possibly factorized) ModelConfig for a transformers ELECTRA config.json."""
+    import dataclasses
+
+    config = bert_config_from_hf(d, family="ELECTRA")
+    embedding = d.get("embedding_size", 128)
+    return dataclasses.replace(config, embedding_size=None if embedding == config.hidden_size else embedding)
+
+
+def electra_as_bert(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(an ELECTRA state dict under BERT's names, our embedding projection's weights or {})."""
+    out, projection = {}, {}
+    for key, t in hf_state.items():
+        for old, new in ELECTRA_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        if key.removeprefix("bert.").startswith("embeddings_project."):
+            projection["encoder.embeddings.projection." + key.rsplit(".", 1)[1]] = t
+        else:
+            out[key] = t
+    return out, projection
+
+
 def albert_config_from_hf(d: dict) -> ModelConfig:
     """Our ModelConfig (post-LN transformer, `layer_group` consecutive layers sharing weights, factorized
     embeddings) for a transformers ALBERT config.json; refuses what we cannot compute."""
@@ -437,7 +471,7 @@ def is_hf_config(d: dict) -> bool:
 
 def config_from_hf(d: dict) -> ModelConfig:
     """Our ModelConfig for a `transformers` config.json that we can import (BERT, RoBERTa / XLM-R, ALBERT,
-    RoBERTa-PreLayerNorm, ModernBERT)."""
+    ELECTRA, RoBERTa-PreLayerNorm, ModernBERT)."""
     if d.get("model_type") == "modernbert":
         return modernbert_config_from_hf(d)
     if d.get("model_type") == "bert":
@@ -446,8 +480,10 @@ def config_from_hf(d: dict) -> ModelConfig:
         return roberta_config_from_hf(d)
     if d.get("model_type") == "albert":
         return albert_config_from_hf(d)
+    if d.get("model_type") == "electra":
+        return electra_config_from_hf(d)
     if d.get("model_type") == "roberta-prelayernorm":
         return roberta_prelayernorm_config_from_hf(d)
     raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT, RoBERTa (XLM-R), ALBERT, "
-                     f"RoBERTa-PreLayerNorm and ModernBERT folders can be read as our model; for others, start "
+                     f"ELECTRA, RoBERTa-PreLayerNorm and ModernBERT folders can be read as our model; for others, start "
                      f"from one of our checkpoints or configs/")

@@ -282,6 +282,34 @@ def test_transformers_albert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_
         assert json.loads((tmp_path / "albert" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
 
 
+@pytest.mark.parametrize("cls,task,embedding", [
+    ("ElectraForMaskedLM", "pretrain", 16), ("ElectraModel", "encoder", 32), ("ElectraForQuestionAnswering", "mrc", 16),
+    ("ElectraForPreTraining", "encoder", 16), ("ElectraForSequenceClassification", "encoder", 32),
+])
+def test_transformers_electra_folder_reads_as_our_model(tmp_path, tiny_tokenizer_dir, capsys, cls, task, embedding):
+    """An ELECTRA folder (KoELECTRA's family): BERT's encoder, factorized when embedding_size differs
+    (embeddings_project is our projection), the generator's MLM head, qa_outputs. The discriminator and
+    classification heads have no counterpart: the encoder comes with a warning."""
+    hf_cfg = transformers.ElectraConfig(vocab_size=TINY_CONFIG["vocab_size"], embedding_size=embedding, hidden_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                        max_position_embeddings=64, num_labels=2 if task == "mrc" else 3)
+    torch.manual_seed(7)
+    hf = getattr(transformers, cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, q in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                q.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    source = load_source(tmp_path / "hf")
+    assert source.config.embedding_size == (None if embedding == 32 else embedding)
+    warned = "has no counterpart here" in capsys.readouterr().err
+    headless = cls in ("ElectraForPreTraining", "ElectraForSequenceClassification")
+    assert warned == headless
+    if headless:  # compare the encoder
+        hf = hf.electra
+    _assert_reads_as_ours(hf, source, task, _korean_pairs(tiny_tokenizer_dir))
+
+
 def test_transformers_bert_folder_is_checked(tmp_path, capsys):
     from models.hf_compat import bert_config_from_hf
 

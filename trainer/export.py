@@ -171,11 +171,21 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
         hf_state, family = hf_compat.roberta_as_bert(hf_state, hf_config), "bert"
         arch = arch and arch.replace("XLMRoberta", "Bert").replace("Roberta", "Bert")
         hf_config = dict(hf_config, model_type="bert")
+    projection = None  # ELECTRA's: our embedding projection
+    if family == "electra":  # BERT's encoder (embeddings_project: our projection) and generator MLM head
+        hf_state, projection = hf_compat.electra_as_bert(hf_state)
+        lost = ("its replaced-token detection head" if any(k.startswith("discriminator_") for k in hf_state) else
+                "its classification head (dense, gelu, out_proj; ours is BERT's tanh pooler)"
+                if "classifier.dense.weight" in hf_state else None)
+        if lost:
+            _without_head({}, "", weights, f"{lost} has no counterpart here, so it")
+        arch, family, hf_config = arch and arch.replace("Electra", "Bert"), "bert", dict(hf_config, model_type="bert")
     # our own BERT exports keep our config beside: their sequence classifier is our SOP head
     ours = (weights.parent / "ko_model_config.json").is_file()
     try:
         state = (hf_compat.modernbert_from_hf_state(hf_state, config, arch) if family == "modernbert" else
-                 hf_compat.bert_from_hf_state(hf_state, config, arch, sop=ours) if family == "bert" else
+                 hf_compat.bert_from_hf_state(hf_state, dataclasses.replace(config, embedding_size=None), arch,
+                                              sop=ours) | (projection or {}) if family == "bert" else
                  from_hf_state(hf_state, config, family))   # ALBERT, RoBERTa-PreLayerNorm: as we export them
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
@@ -190,6 +200,9 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
     if hf_compat.untied_decoder(hf_config, hf_state):
         state = _without_head(state, "mlm_head.", weights, "its MLM decoder is not tied to the word embeddings "
                               "(tie_word_embeddings false) and ours always is, so its MLM head")
+    if projection is not None and config.act_fn != "gelu" and "mlm_head.bias" in state:
+        state = _without_head(state, "mlm_head.", weights, f"ELECTRA's generator head always applies gelu and this "
+                              f"model's act_fn is {config.act_fn}, so its MLM head")
     return Source(state, config, _tokenizer_dir([weights.parent]),
                   {"path": str(weights), "kind": "transformers", "step": None, "train_mode": None,
                    "objective": "mlm" if "mlm_head.bias" in state else None})
