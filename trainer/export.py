@@ -22,9 +22,10 @@ What each model becomes (`hf_target`):
 - anything else (Switch MoE, Mix LM, pre-LN with sharing or factorization): our weights and
   config plus EXPORT_NOTE.md.
 The weight names come from `models.hf_compat.key_table` (the BERT table), renamed per target,
-and `models.hf_compat.modernbert_key_table` for ModernBERT. A BERT, RoBERTa / XLM-R (read as BERT)
-or ModernBERT `transformers` folder is also read as a source (`load_source`), so it can start a run
-(`--checkpoint FOLDER`) or be exported again.
+and `models.hf_compat.modernbert_key_table` for ModernBERT. A `transformers` folder is also read
+as a source (`load_source`), so it can start a run (`--checkpoint FOLDER`) or be exported again:
+BERT, ALBERT, RoBERTa-PreLayerNorm and ModernBERT by the same tables (`from_hf_state` for ALBERT and
+RoBERTa-PreLayerNorm), RoBERTa / XLM-R and ELECTRA as the BERT they are (`_as_bert`).
 """
 from __future__ import annotations
 
@@ -146,15 +147,38 @@ def _hf_weights_file(folder: Path) -> Path:
                             f"(sharded checkpoints: save it again with save_pretrained(..., max_shard_size='100GB'))")
 
 
-def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str) -> dict[str, Tensor]:
+def _warn_left_out(weights: Path, why: str) -> None:
     print(f"[import] warning: {weights}: {why} is not imported; the encoder is", file=sys.stderr, flush=True)
+
+
+def _without_head(state: dict[str, Tensor], prefix: str, weights: Path, why: str) -> dict[str, Tensor]:
+    _warn_left_out(weights, why)
     return {k: v for k, v in state.items() if not k.startswith(prefix)}
 
 
+def _as_bert(hf_state: dict[str, Tensor], hf_config: dict, arch: str | None, weights: Path):
+    """A RoBERTa / XLM-R or ELECTRA folder's (state, config, architecture) under BERT's names, and
+    ELECTRA's embedding projection as our weights (None or {} without one): `hf_compat.roberta_as_bert`,
+    `hf_compat.electra_as_bert`. ELECTRA heads without a counterpart here are named in a warning."""
+    family, projection = hf_config["model_type"], None
+    if family == "electra":
+        hf_state, projection = hf_compat.electra_as_bert(hf_state)
+        lost = ("its replaced-token detection head" if any(k.startswith("discriminator_") for k in hf_state) else
+                "its classification head (dense, gelu, out_proj; ours is BERT's tanh pooler)"
+                if "classifier.dense.weight" in hf_state else None)
+        if lost:
+            _warn_left_out(weights, f"{lost} has no counterpart here, so it")
+    else:
+        hf_state = hf_compat.roberta_as_bert(hf_state, hf_config)
+    for name in ("XLMRoberta", "Roberta", "Electra"):
+        arch = arch and arch.replace(name, "Bert")
+    return hf_state, dict(hf_config, model_type="bert"), arch, projection
+
+
 def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
-    """A `transformers` BERT, RoBERTa / XLM-R (read as BERT), ALBERT, RoBERTa-PreLayerNorm or ModernBERT folder
-    (ours exported, or anyone's) as our weights and config; `weights` default: the folder's (`_hf_weights_file`), looked for once the config
-    is known to be ours."""
+    """A `transformers` BERT, RoBERTa / XLM-R, ELECTRA, ALBERT, RoBERTa-PreLayerNorm or ModernBERT folder
+    (ours exported, or anyone's) as our weights and config; `weights` default: the folder's
+    (`_hf_weights_file`), looked for once the config is known to be ours."""
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
     weights = weights or _hf_weights_file(config_path.parent)
@@ -167,26 +191,17 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
         hf_state = checkpoint.read_safetensors(weights)[0]
     family = hf_config["model_type"]
     arch = (hf_config.get("architectures") or [None])[0]
-    if family in hf_compat.ROBERTA_TYPES:  # read as the BERT it is (hf_compat.roberta_as_bert)
-        hf_state, family = hf_compat.roberta_as_bert(hf_state, hf_config), "bert"
-        arch = arch and arch.replace("XLMRoberta", "Bert").replace("Roberta", "Bert")
-        hf_config = dict(hf_config, model_type="bert")
-    projection = None  # ELECTRA's: our embedding projection
-    if family == "electra":  # BERT's encoder (embeddings_project: our projection) and generator MLM head
-        hf_state, projection = hf_compat.electra_as_bert(hf_state)
-        lost = ("its replaced-token detection head" if any(k.startswith("discriminator_") for k in hf_state) else
-                "its classification head (dense, gelu, out_proj; ours is BERT's tanh pooler)"
-                if "classifier.dense.weight" in hf_state else None)
-        if lost:
-            _without_head({}, "", weights, f"{lost} has no counterpart here, so it")
-        arch, family, hf_config = arch and arch.replace("Electra", "Bert"), "bert", dict(hf_config, model_type="bert")
+    projection = None  # ELECTRA's embeddings_project (our factorized embeddings' projection)
+    if family in (*hf_compat.ROBERTA_TYPES, "electra"):
+        hf_state, hf_config, arch, projection = _as_bert(hf_state, hf_config, arch, weights)
+    table = hf_config["model_type"]   # the weight names now: bert, albert, roberta-prelayernorm, modernbert
     # our own BERT exports keep our config beside: their sequence classifier is our SOP head
     ours = (weights.parent / "ko_model_config.json").is_file()
     try:
-        state = (hf_compat.modernbert_from_hf_state(hf_state, config, arch) if family == "modernbert" else
+        state = (hf_compat.modernbert_from_hf_state(hf_state, config, arch) if table == "modernbert" else
                  hf_compat.bert_from_hf_state(hf_state, dataclasses.replace(config, embedding_size=None), arch,
-                                              sop=ours) | (projection or {}) if family == "bert" else
-                 from_hf_state(hf_state, config, family))   # ALBERT, RoBERTa-PreLayerNorm: as we export them
+                                              sop=ours) | (projection or {}) if table == "bert" else
+                 from_hf_state(hf_state, config, table))   # ALBERT, RoBERTa-PreLayerNorm: as we export them
     except KeyError as e:
         raise ValueError(f"{weights}: {e.args[0]}; not a complete {family} checkpoint") from None
     except ValueError as e:
@@ -200,7 +215,7 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
     if hf_compat.untied_decoder(hf_config, hf_state):
         state = _without_head(state, "mlm_head.", weights, "its MLM decoder is not tied to the word embeddings "
                               "(tie_word_embeddings false) and ours always is, so its MLM head")
-    if projection is not None and config.act_fn != "gelu" and "mlm_head.bias" in state:
+    if family == "electra" and config.act_fn != "gelu" and "mlm_head.bias" in state:
         state = _without_head(state, "mlm_head.", weights, f"ELECTRA's generator head always applies gelu and this "
                               f"model's act_fn is {config.act_fn}, so its MLM head")
     return Source(state, config, _tokenizer_dir([weights.parent]),
