@@ -2,9 +2,14 @@
 
 Our fused qkv projection corresponds to HF's separate query/key/value (concatenated on dim 0).
 Only configs HF's BertModel can express map: transformer, post-LN, no experts, no layer
-sharing, no factorized embeddings.
+sharing, no factorized embeddings (trainer.export renames the BERT table for ALBERT and
+RoBERTa-PreLayerNorm). Folders of the families that are BERT under other names, RoBERTa / XLM-R
+and ELECTRA, are read through BERT's names (`roberta_as_bert`, `electra_as_bert`); `config_from_hf`
+reads the config.json of every family we import.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -136,14 +141,17 @@ ROBERTA_RENAMES = [("roberta.", "bert."), ("lm_head.dense.", "cls.predictions.tr
                    ("classifier.dense.", "bert.pooler.dense."), ("classifier.out_proj.", "classifier.")]
 
 
+def _renamed(key: str, renames: list[tuple[str, str]]) -> str:
+    """`key` with the first matching prefix of `renames` replaced."""
+    return next((new + key[len(old):] for old, new in renames if key.startswith(old)), key)
+
+
 def _roberta_offset(d: dict) -> int:
     return (d.get("pad_token_id", 1) or 0) + 1
 
 
 def roberta_config_from_hf(d: dict) -> ModelConfig:
     """Our (BERT) ModelConfig for a transformers RoBERTa / XLM-R config.json."""
-    import dataclasses
-
     config = bert_config_from_hf(d, family="RoBERTa")
     positions = d["max_position_embeddings"] - _roberta_offset(d)
     if positions < 1:
@@ -165,8 +173,6 @@ ELECTRA_RENAMES = [("electra.", "bert."), ("generator_predictions.dense.", "cls.
 
 def electra_config_from_hf(d: dict) -> ModelConfig:
     """Our (BERT, possibly factorized) ModelConfig for a transformers ELECTRA config.json."""
-    import dataclasses
-
     config = bert_config_from_hf(d, family="ELECTRA")
     embedding = d.get("embedding_size", 128)
     return dataclasses.replace(config, embedding_size=None if embedding == config.hidden_size else embedding)
@@ -176,10 +182,7 @@ def electra_as_bert(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dic
     """(an ELECTRA state dict under BERT's names, our embedding projection's weights or {})."""
     out, projection = {}, {}
     for key, t in hf_state.items():
-        for old, new in ELECTRA_RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        key = _renamed(key, ELECTRA_RENAMES)
         if key.removeprefix("bert.").startswith("embeddings_project."):
             projection["encoder.embeddings.projection." + key.rsplit(".", 1)[1]] = t
         else:
@@ -190,8 +193,6 @@ def electra_as_bert(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dic
 def albert_config_from_hf(d: dict) -> ModelConfig:
     """Our ModelConfig (post-LN transformer, `layer_group` consecutive layers sharing weights, factorized
     embeddings) for a transformers ALBERT config.json; refuses what we cannot compute."""
-    import dataclasses
-
     config = bert_config_from_hf(dict(d, hidden_act=d.get("hidden_act", "gelu_new")), family="ALBERT")
     groups, layers = d.get("num_hidden_groups", 1), d["num_hidden_layers"]
     problems = []
@@ -209,8 +210,6 @@ def albert_config_from_hf(d: dict) -> ModelConfig:
 def roberta_prelayernorm_config_from_hf(d: dict) -> ModelConfig:
     """Our pre-LN transformer for a transformers RoBERTa-PreLayerNorm config.json (what we export pre-LN
     models as): RoBERTa's position offset and token types (`roberta_config_from_hf`), ln_pos 0."""
-    import dataclasses
-
     return dataclasses.replace(roberta_config_from_hf(d), ln_pos=0)
 
 
@@ -223,10 +222,7 @@ def roberta_as_bert(hf_state: dict[str, Tensor], hf_config: dict) -> dict[str, T
     for key, t in hf_state.items():
         if key == "lm_head.decoder.bias":
             continue
-        for old, new in ROBERTA_RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        key = _renamed(key, ROBERTA_RENAMES)
         if key.endswith("embeddings.position_embeddings.weight"):
             t = t[offset:]
         elif key.endswith("embeddings.token_type_embeddings.weight") and t.shape[0] == 1:
@@ -472,18 +468,11 @@ def is_hf_config(d: dict) -> bool:
 def config_from_hf(d: dict) -> ModelConfig:
     """Our ModelConfig for a `transformers` config.json that we can import (BERT, RoBERTa / XLM-R, ALBERT,
     ELECTRA, RoBERTa-PreLayerNorm, ModernBERT)."""
-    if d.get("model_type") == "modernbert":
-        return modernbert_config_from_hf(d)
-    if d.get("model_type") == "bert":
-        return bert_config_from_hf(d)
-    if d.get("model_type") in ROBERTA_TYPES:
-        return roberta_config_from_hf(d)
-    if d.get("model_type") == "albert":
-        return albert_config_from_hf(d)
-    if d.get("model_type") == "electra":
-        return electra_config_from_hf(d)
-    if d.get("model_type") == "roberta-prelayernorm":
-        return roberta_prelayernorm_config_from_hf(d)
+    readers = {"bert": bert_config_from_hf, "roberta": roberta_config_from_hf, "xlm-roberta": roberta_config_from_hf,
+               "albert": albert_config_from_hf, "electra": electra_config_from_hf,
+               "roberta-prelayernorm": roberta_prelayernorm_config_from_hf, "modernbert": modernbert_config_from_hf}
+    if d.get("model_type") in readers:
+        return readers[d["model_type"]](d)
     raise ValueError(f"a transformers {d.get('model_type')!r} config: only BERT, RoBERTa (XLM-R), ALBERT, "
-                     f"ELECTRA, RoBERTa-PreLayerNorm and ModernBERT folders can be read as our model; for others, start "
-                     f"from one of our checkpoints or configs/")
+                     f"ELECTRA, RoBERTa-PreLayerNorm and ModernBERT folders can be read as our model; for others, "
+                     f"start from one of our checkpoints or configs/")
