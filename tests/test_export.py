@@ -177,18 +177,25 @@ def test_transformers_bert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_di
                                      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_heads,
                                      intermediate_size=cfg.ff_dim, max_position_embeddings=cfg.max_position_embedding,
                                      layer_norm_eps=cfg.LN_eps, num_labels=3 if task == "classify" else 2)
-    torch.manual_seed(4)
-    hf = getattr(transformers, cls)(hf_cfg).eval()
-    with torch.no_grad():
-        for name, q in hf.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                q.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_hf_model(cls, hf_cfg, tmp_path / "hf", seed=4)
     if not safetensors:  # as older transformers wrote them (transformers 5 writes safetensors only)
         torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
         (tmp_path / "hf" / "model.safetensors").unlink()
     assert load_config(tmp_path / "hf") == bert_config_from_hf(hf_cfg.to_dict()) == cfg
     _assert_reads_as_ours(hf, load_source(tmp_path / "hf"), task, _korean_pairs(tiny_tokenizer_dir))
+
+
+def _saved_hf_model(cls: str, hf_cfg, folder: Path, seed: int):
+    """transformers' `cls` built from `hf_cfg` (norms and biases drawn away from 1 and 0, so a wrong
+    mapping shows), in eval mode, saved to `folder`."""
+    torch.manual_seed(seed)
+    hf = getattr(transformers, cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, q in hf.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                q.normal_(0.0, 0.5)
+    hf.save_pretrained(folder)
+    return hf
 
 
 def _assert_reads_as_ours(hf, source, task: str, batch: dict, theirs: dict | None = None) -> None:
@@ -231,13 +238,7 @@ def test_transformers_roberta_folder_reads_as_our_bert(tmp_path, tiny_tokenizer_
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64 + pad + 1,
                         pad_token_id=pad, type_vocab_size=1, layer_norm_eps=1e-5,
                         num_labels=3 if task == "classify" else 2)
-    torch.manual_seed(5)
-    hf = getattr(transformers, cls)(hf_cfg).eval()
-    with torch.no_grad():
-        for name, q in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
-                q.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_hf_model(cls, hf_cfg, tmp_path / "hf", seed=5)
     source = load_source(tmp_path / "hf")
     assert source.config.max_position_embedding == 64 and source.config.type_vocab_size == 2
     batch = _korean_pairs(tiny_tokenizer_dir)
@@ -260,13 +261,7 @@ def test_transformers_albert_folder_reads_as_our_model(tmp_path, tiny_tokenizer_
                                        num_hidden_layers=2, num_hidden_groups=1, num_attention_heads=2,
                                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
     assert hf_cfg.hidden_act == "gelu_new"
-    torch.manual_seed(6)
-    hf = getattr(transformers, cls)(hf_cfg).eval()
-    with torch.no_grad():
-        for name, q in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
-                q.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_hf_model(cls, hf_cfg, tmp_path / "hf", seed=6)
     source = load_source(tmp_path / "hf")
     assert (source.config.layer_group, source.config.embedding_size, source.config.act_fn) == (2, 16, "gelu_tanh")
     _assert_reads_as_ours(hf, source, task, _korean_pairs(tiny_tokenizer_dir))
@@ -293,13 +288,7 @@ def test_transformers_electra_folder_reads_as_our_model(tmp_path, tiny_tokenizer
     hf_cfg = transformers.ElectraConfig(vocab_size=TINY_CONFIG["vocab_size"], embedding_size=embedding, hidden_size=32,
                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                         max_position_embeddings=64, num_labels=2 if task == "mrc" else 3)
-    torch.manual_seed(7)
-    hf = getattr(transformers, cls)(hf_cfg).eval()
-    with torch.no_grad():
-        for name, q in hf.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                q.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path / "hf")
+    hf = _saved_hf_model(cls, hf_cfg, tmp_path / "hf", seed=7)
     source = load_source(tmp_path / "hf")
     assert source.config.embedding_size == (None if embedding == 32 else embedding)
     warned = "has no counterpart here" in capsys.readouterr().err
