@@ -150,6 +150,16 @@ def _roberta_offset(d: dict) -> int:
     return (d.get("pad_token_id", 1) or 0) + 1
 
 
+def roberta_embedding(name: str, t: Tensor, offset: int) -> Tensor:
+    """A RoBERTa embedding table as ours (`name` ends with its weight's name): positions from the padding
+    offset on, a single token-type row doubled; any other tensor as it is."""
+    if name.endswith("embeddings.position_embeddings.weight"):
+        return t[offset:]
+    if name.endswith("embeddings.token_type_embeddings.weight") and t.shape[0] == 1:
+        return torch.cat([t, t])
+    return t
+
+
 def roberta_config_from_hf(d: dict) -> ModelConfig:
     """Our (BERT) ModelConfig for a transformers RoBERTa / XLM-R config.json."""
     config = bert_config_from_hf(d, family="RoBERTa")
@@ -223,11 +233,7 @@ def roberta_as_bert(hf_state: dict[str, Tensor], hf_config: dict) -> dict[str, T
         if key == "lm_head.decoder.bias":
             continue
         key = _renamed(key, ROBERTA_RENAMES)
-        if key.endswith("embeddings.position_embeddings.weight"):
-            t = t[offset:]
-        elif key.endswith("embeddings.token_type_embeddings.weight") and t.shape[0] == 1:
-            t = torch.cat([t, t])
-        out[key] = t
+        out[key] = roberta_embedding(key, t, offset)
     return out
 
 

@@ -336,12 +336,9 @@ def from_hf_state(hf_state: dict[str, Tensor], config: ModelConfig, target: str)
         elif not (torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) and not b.any()):
             raise ValueError("its embedding_size equals hidden_size but embedding_hidden_mapping_in is not the "
                              "identity: our layers take the embeddings unprojected at that size")
-    else:  # RoBERTa numbers positions from pad_token_id + 1; its final LayerNorm is our final norm
-        pos = "encoder.embeddings.position_embeddings.weight"
-        out[pos] = out[pos][config.pad_token_id + 1:]
-        types = "encoder.embeddings.token_type_embeddings.weight"
-        if out[types].shape[0] == 1:
-            out[types] = torch.cat([out[types], out[types]])
+    else:  # RoBERTa's position offset and token types (as a RoBERTa folder's); its final LayerNorm is ours
+        for key in ("encoder.embeddings.position_embeddings.weight", "encoder.embeddings.token_type_embeddings.weight"):
+            out[key] = hf_compat.roberta_embedding(key, out[key], config.pad_token_id + 1)
         for s in ("weight", "bias"):
             out[f"encoder.final_norm.{s}"] = hf_state[base + f"LayerNorm.{s}"]
     return out
