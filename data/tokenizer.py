@@ -474,8 +474,9 @@ class KoTokenizer:
         self._id_to_token = [""] * self.vocab_size
         for tok, i in vocab.items():
             self._id_to_token[i] = tok
-        self._spec = json.loads(tokenizer.to_str())
-        h = hashlib.sha256(tokenizer.to_str().encode())
+        text = tokenizer.to_str()
+        self._spec = json.loads(text)
+        h = hashlib.sha256(text.encode())
         # ours: {"morpheme": ...} alone, as before foreign tokenizers were read (caches keep their names)
         h.update(json.dumps({"morpheme": morpheme, **({"roles": self.roles} if self.foreign else {})}).encode())
         self.fingerprint: str = h.hexdigest()[:16]
