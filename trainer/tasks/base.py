@@ -178,8 +178,8 @@ class Task:
 
         args = self.args
         path = self._tokenizer_path()
-        folder = Path(args.checkpoint) if args.checkpoint else None
-        folder = folder if folder is None or folder.is_dir() else folder.parent
+        # the folder of the weights --checkpoint resolved to (a step-N records its tokenizer)
+        folder = self.start.path.parent if self.start.kind == "weights" else None
         if path is None and folder is not None and lacks_tokenizer_json(folder):
             # a transformers folder whose tokenizer is vocab.txt alone: a tokenizer trained here would not
             # give the ids its embeddings were trained on
