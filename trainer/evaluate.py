@@ -130,7 +130,7 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     slot = work / "checkpoints" / re.sub(r"[^\w.-]+", "_", label)
     try:
         if hf:
-            from trainer.export import load_source  # BERT, RoBERTa and ModernBERT folders; it names what it refuses
+            from trainer.export import load_source  # every family it reads; it names what it refuses
 
             src = load_source(folder)
             if is_main and not (slot / checkpoint.WEIGHTS).is_file():
