@@ -370,8 +370,11 @@ class PretrainDataset(torch.utils.data.Dataset):
                              f"{self.vocab_size}); delete that directory and it will be rebuilt")
         return ids
 
-    def mask_tokens(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """MLM-mask a sequence that already holds its special tokens; returns (inputs, labels)."""
+    def mask_tokens(self, ids: np.ndarray, rng: np.random.Generator,
+                    starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """MLM-mask a sequence that already holds its special tokens; returns (inputs, labels).
+        starts (bool, like ids): the tokens that begin a corpus line, word starts for whole-word
+        masking whatever the token (a byte-level BPE without prefix space marks no line's first word)."""
         ids = ids.copy()
         labels = np.full_like(ids, -100)
         cand = ~self.special[ids]
@@ -380,7 +383,10 @@ class PretrainDataset(torch.utils.data.Dataset):
             return ids, labels
         k = max(1, int(round(self.mlm_probability * n_cand)))
         if self.whole_word_mask:
-            word = np.cumsum(self.word_start[ids] | ~cand) - 1
+            first = self.word_start[ids] | ~cand
+            if starts is not None:
+                first |= starts
+            word = np.cumsum(first) - 1
             sizes = np.bincount(word[cand], minlength=word[-1] + 1)
             words = rng.permutation(np.flatnonzero(sizes))
             take = max(1, int(np.searchsorted(np.cumsum(sizes[words]), k, side="right")))
@@ -396,12 +402,25 @@ class PretrainDataset(torch.utils.data.Dataset):
         ids[rand] = rng.choice(self.random_ids, size=len(rand))
         return ids, labels
 
-    def _single(self, body: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return self.mask_tokens(np.concatenate([[self.cls_id], body, [self.sep_id]]), rng)
+    def _single(self, body: np.ndarray, rng: np.random.Generator,
+                starts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        edges = None if starts is None else np.concatenate([[False], starts, [False]])
+        return self.mask_tokens(np.concatenate([[self.cls_id], body, [self.sep_id]]), rng, edges)
 
-    def _mlm_row(self, s: int, e: int, skip: int) -> np.ndarray:
+    def _starts(self, s: int, e: int) -> np.ndarray | None:
+        """Over _span(s, e): True at the first token of each unit (line); None without whole-word
+        masking (nothing reads it)."""
+        if not self.whole_word_mask:
+            return None
+        rel = np.asarray(self.unit_offsets[s:e]) - int(self.unit_offsets[s])
+        out = np.zeros(int(self.unit_offsets[e]) - int(self.unit_offsets[s]), dtype=bool)
+        out[rel[rel < len(out)]] = True
+        return out
+
+    def _mlm_row(self, s: int, e: int, skip: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Units [s, e) rendered in the mlm layout (separators, [EOD] after a document's last unit),
-        `skip` rendered tokens dropped at the start, cut to the row budget, with [CLS]/[SEP] edges."""
+        `skip` rendered tokens dropped at the start, cut to the row budget, with [CLS]/[SEP] edges;
+        and the row's line starts (see _starts)."""
         body = self._span(s, e)
         rel = np.asarray(self.unit_offsets[s:e + 1]) - int(self.unit_offsets[s])
         n = e - s
@@ -418,8 +437,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         order = np.lexsort((rank, pos))
         stream = np.insert(body, pos[order], val[order].astype(body.dtype))
         prefix, suffix = self._mlm_prefix, self._mlm_suffix
-        stream = stream[skip:skip + self.max_seq_length - prefix - suffix]
-        return np.concatenate([[self.cls_id] * prefix, stream, [self.sep_id] * suffix]).astype(np.int64)
+        cut = slice(skip, skip + self.max_seq_length - prefix - suffix)
+        ids = np.concatenate([[self.cls_id] * prefix, stream[cut], [self.sep_id] * suffix]).astype(np.int64)
+        starts = self._starts(s, e)
+        if starts is not None:
+            starts = np.concatenate([np.zeros(prefix, dtype=bool), np.insert(starts, pos[order], False)[cut],
+                                     np.zeros(suffix, dtype=bool)])
+        return ids, starts
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
@@ -432,13 +456,18 @@ class PretrainDataset(torch.utils.data.Dataset):
             gs, ge = (int(x) for x in self.groups[g])
             keep = bool(rng.random() < ICT_KEEP_QUERY)
             passage = self._span(gs, ge) if keep else np.concatenate([self._span(gs, u), self._span(u + 1, ge)])
-            q_ids, q_labels = self._single(self._span(u, u + 1), rng)
-            p_ids, p_labels = self._single(passage, rng)
+            starts = self._starts(gs, ge)
+            if starts is not None and not keep:
+                a, b = (int(self.unit_offsets[x]) - int(self.unit_offsets[gs]) for x in (u, u + 1))
+                starts = np.concatenate([starts[:a], starts[b:]])
+            q_ids, q_labels = self._single(self._span(u, u + 1), rng, self._starts(u, u + 1))
+            p_ids, p_labels = self._single(passage, rng, starts)
             return {"query_input_ids": q_ids, "query_mlm_labels": q_labels,
                     "passage_input_ids": p_ids, "passage_mlm_labels": p_labels, "query_kept": keep}
         s, e = (int(x) for x in self.groups[i])
         if self.objective == "mlm":
-            ids, labels = self.mask_tokens(self._mlm_row(s, e, int(self.mlm_skip[i])), rng)
+            ids, starts = self._mlm_row(s, e, int(self.mlm_skip[i]))
+            ids, labels = self.mask_tokens(ids, rng, starts)
             return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "mlm_labels": labels}
         body = self._span(s, e)
         if e - s >= 2:
@@ -446,13 +475,16 @@ class PretrainDataset(torch.utils.data.Dataset):
         else:
             cut = int(rng.integers(1, len(body)))
         a, b = body[:cut], body[cut:]
+        flags = self._starts(s, e)
+        fa, fb = (None, None) if flags is None else (flags[:cut], flags[cut:])
         swapped = bool(rng.random() < 0.5)
         if swapped:
-            a, b = b, a
+            a, b, fa, fb = b, a, fb, fa
         ids = np.concatenate([[self.cls_id], a, [self.sep_id], b, [self.sep_id]])
         tt = np.zeros_like(ids)
         tt[len(a) + 2:] = 1
-        ids, labels = self.mask_tokens(ids, rng)
+        starts = None if flags is None else np.concatenate([[False], fa, [False], fb, [False]])
+        ids, labels = self.mask_tokens(ids, rng, starts)
         return {"input_ids": ids, "token_type_ids": tt, "mlm_labels": labels, "sop_label": int(swapped)}
 
     def _pad(self, seqs: list[np.ndarray], value: int) -> tuple[torch.Tensor, int]:

@@ -201,6 +201,59 @@ def test_masking_with_a_foreign_tokenizer(google_bert_dir, tiny_corpus, tmp_path
     assert masked > 0
 
 
+@pytest.mark.parametrize("objective,separator", [("mlm", "eod"), ("mlm", "sep"), ("sop", "sep"), ("ict", "sep")])
+def test_whole_word_masking_splits_lines_of_a_byte_level_bpe(bpe_dir, tiny_corpus, tmp_path, objective, separator):
+    """A byte-level BPE without prefix space marks no line's first word ("Ġ" only after a space): where
+    lines are joined (mlm with --mlm_separator eod, SOP segments, ICT passages) that word still is a
+    word of its own for whole-word masking, not the end of the previous line's last word."""
+    import shutil
+
+    from data.corpus import open_corpus
+    from data.pretrain import PretrainDataset
+
+    tok = KoTokenizer.load(bpe_dir)
+    shutil.copy(tiny_corpus, tmp_path / "c.dat")
+    corpus = open_corpus(str(tmp_path / "c.dat"), tok)
+    ds = PretrainDataset(corpus, tok, 64, objective=objective, mlm_probability=0.3, whole_word_mask=True, seed=1,
+                         mlm_separator=separator)
+    ws, special = tok.is_word_start(), tok.is_special()
+    unmarked = differ = 0
+    for i in range(min(len(ds), 300)):
+        if objective == "mlm":     # the row's line starts, checked against the lines' own tokens
+            s, e = (int(x) for x in ds.groups[i])
+            ids, starts = ds._mlm_row(s, e, int(ds.mlm_skip[i]))
+            if i < 20 and ds.mlm_skip[i] == 0:
+                for u, at in zip(range(s, e), np.flatnonzero(starts)):
+                    n = min(len(ds._span(u, u + 1)), len(ids) - 1 - at)     # the row ends with [SEP]
+                    assert list(ids[at:at + n]) == list(ds._span(u, u + 1)[:n])
+            sample = ds[i]
+            rows = [(np.asarray(sample["input_ids"]), np.asarray(sample["mlm_labels"]), starts)]
+        elif objective == "sop":
+            sample = ds[i]
+            rows = [(np.asarray(sample["input_ids"]), np.asarray(sample["mlm_labels"]), None)]
+        else:
+            sample = ds[i]
+            rows = [(np.asarray(sample[p + "input_ids"]), np.asarray(sample[p + "mlm_labels"]), None)
+                    for p in ("query_", "passage_")]
+        for ids, labels, starts in rows:
+            sel = labels != -100
+            orig = np.where(sel, labels, ids)
+            cand = ~special[orig]
+            # a piece that continues a word (no mark, after a text piece) is selected with the piece before
+            # it, except at a line start: there the selections may differ, and must sometimes
+            cont = ~ws[orig][1:] & cand[1:] & cand[:-1]
+            if starts is not None:
+                assert (sel[1:][cont & ~starts[1:]] == sel[:-1][cont & ~starts[1:]]).all()
+                unmarked += int((cont & starts[1:]).sum())
+            differ += int((sel[1:][cont] != sel[:-1][cont]).sum())
+    if separator == "eod":
+        assert unmarked > 0                     # the case exists: lines joined without a mark
+    if separator == "eod" or objective != "mlm":
+        assert differ > 0                       # and those lines' first words are masked on their own
+    else:
+        assert differ == 0                      # [SEP] after every line: nothing is joined
+
+
 @pytest.mark.skipif(not NSMC_TRAIN.exists(), reason="../shared/data not available")
 def test_fine_tune_and_export_a_google_layout_bert_folder(google_bert_dir, tmp_path):
     """A transformers BertForMaskedLM folder with its own (Google-layout) tokenizer: --model and

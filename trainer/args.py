@@ -48,7 +48,7 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=("sop", "ict", "mlm"), default="sop",
                    help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")
     g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of tokens masked for MLM")
-    g.add_argument("--whole_word_mask", action="store_true", help="mask whole words (a head piece and its ## pieces)")
+    g.add_argument("--whole_word_mask", action="store_true", help="mask whole words (a head piece and its ## pieces; ▁/Ġ-marked words for other tokenizers)")
     g.add_argument("--mlm_separator", choices=("eod", "sep", "wrap"), default="sep",
                    help="--objective mlm rows: 'eod' = units run together, [EOD] after each document; 'sep' = [SEP] "
                         "after every unit (sentence or line); 'wrap' = every unit as [CLS] unit [SEP] (run_mlm's layout)")
