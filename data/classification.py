@@ -4,7 +4,9 @@ Shape letters: B batch, L padded sequence length (longest in the batch rounded u
 of 8, never above ``max_seq_length``).
 
 TSV layout (NSMC): a header line naming the columns, tab-separated, no quoting:
-``id<TAB>document<TAB>label`` with integer labels (NSMC: 0 negative, 1 positive).
+``id<TAB>document<TAB>label``. Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
+names (``positive``, ``IT과학``, ``-1``): where any label of the files is not a non-negative integer,
+every label is a name, numbered in sorted order (integers by value first) by ``number_labels``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ __all__ = [
     "load_classification_tsv",
     "split_held_out",
     "label_counts",
+    "number_labels",
     "resolve_num_labels",
     "ClassificationDataset",
 ]
@@ -38,7 +41,7 @@ logger = logging.getLogger(__name__)
 class ClassificationExample:
     id: str
     text: str
-    label: int
+    label: int   # the class index (as read: a label name, str, until number_labels numbers it)
 
 
 def load_classification_tsv(path: str | Path, text_column: str = "document",
@@ -46,8 +49,9 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                             limit: int | None = None) -> list[ClassificationExample]:
     """Read a TSV with a header (NSMC layout) into examples; ``limit`` reads the first N rows.
 
-    Rows with an empty text are skipped with a logged count (NSMC has a few); a missing column or a non-integer
-    label raises ``ValueError`` naming the file and line.
+    Rows with an empty text are skipped with a logged count (NSMC has a few); a missing column or an empty
+    label raises ``ValueError`` naming the file and line. A label that is not a non-negative integer is
+    kept as its text (a label name for ``number_labels``).
     """
     path = Path(path)
     if not path.is_file():
@@ -109,14 +113,10 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
                 num_empty += 1
                 continue
             raw = row[col[label_column]].strip()
-            try:
-                label = int(raw)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: label {_shorten(raw)} in column {label_column!r} is "
-                                 f"not an integer; labels must be class indices 0..C-1") from None
-            if label < 0:
-                raise ValueError(f"{path}:{line_no}: label {label} is negative; labels must be "
-                                 f"class indices 0..C-1")
+            if not raw:
+                raise ValueError(f"{path}:{line_no}: the label (column {label_column!r}) is empty; give the row "
+                                 f"its label or remove it")
+            label = int(raw) if raw.isascii() and raw.isdigit() else raw
             ex_id = row[col[id_column]].strip() if id_column is not None else str(line_no)
             examples.append(ClassificationExample(ex_id, text, label))
     if num_empty:
@@ -134,6 +134,32 @@ def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, li
     held = set(order[:max(1, round(fraction * len(examples)))])
     return ([e for i, e in enumerate(examples) if i not in held],
             [e for i, e in enumerate(examples) if i in held])
+
+
+def _name_order(name: str) -> tuple:
+    """Sort key of label names: integers ("-1", "0", "10") by value, before the other names."""
+    try:
+        return (0, int(name), "")
+    except ValueError:
+        return (1, 0, name)
+
+
+def number_labels(sources: dict[str, Sequence[ClassificationExample]],
+                  known: Sequence[str] | None = None) -> list[str] | None:
+    """Turn label names into class indices, in place, over every source (name -> examples: the
+    training and evaluation files, so both number a name alike). None where every label already is a
+    non-negative integer (class indices, unchanged); else the names, index i naming class i: `known`
+    (a checkpoint's label names) when it holds every name of the files, else the files' names sorted
+    (integers by value first, then the rest alphabetically)."""
+    rows = [e for examples in sources.values() for e in examples]
+    if all(isinstance(e.label, int) for e in rows):
+        return None
+    found = {str(e.label) for e in rows}
+    names = list(known) if known and found <= set(known) else sorted(found, key=_name_order)
+    index = {n: i for i, n in enumerate(names)}
+    for e in rows:
+        e.label = index[str(e.label)]
+    return names
 
 
 def label_counts(examples: Sequence[ClassificationExample]) -> dict[int, int]:
@@ -190,6 +216,10 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.examples = list(examples)
         self.max_seq_length = max_seq_length
         self.pad_id = tokenizer.pad_id
+        named = next((e for e in self.examples if not isinstance(e.label, int)), None)
+        if named is not None:
+            raise ValueError(f"example {named.id!r} has the label name {_shorten(named.label)}; number the "
+                             f"label names first (number_labels)")
         self.num_labels = num_labels if num_labels is not None else (
             max((e.label for e in self.examples), default=0) + 1)
         bad = [e for e in self.examples if not 0 <= e.label < self.num_labels]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.classification import (ClassificationDataset, ClassificationExample, load_classification_tsv,
-                                 pad_batch, padded_length)
+                                 number_labels, pad_batch, padded_length, resolve_num_labels)
 
 NSMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "nsmc"
 needs_nsmc = pytest.mark.skipif(not (NSMC / "sentiment_train.tsv").exists(),
@@ -70,8 +70,8 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match=r"nolabel.tsv.*lacks the column\(s\) \['label'\]"):
         load_classification_tsv(no_label)
     bad_label = tmp_path / "badlabel.tsv"
-    bad_label.write_text("id\tdocument\tlabel\n1\t좋아요\t1\n2\t별로예요\t긍정\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"badlabel.tsv:3: label '긍정'.*not an integer"):
+    bad_label.write_text("id\tdocument\tlabel\n1\t좋아요\t1\n2\t별로예요\t \n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"badlabel.tsv:3: the label \(column 'label'\) is empty"):
         load_classification_tsv(bad_label)
     short_row = tmp_path / "short.tsv"
     short_row.write_text("id\tdocument\tlabel\n1\t좋아요\n", encoding="utf-8")
@@ -87,3 +87,34 @@ def test_bad_input_errors(tmp_path, tiny_tokenizer):
     assert [e.id for e in exs] == ["1"]                      # the empty document is skipped
     with pytest.raises(ValueError, match="num_labels"):
         ClassificationDataset(exs, tiny_tokenizer, num_labels=2)
+
+
+def test_label_names_are_numbered_alike_in_every_file(tmp_path, tiny_tokenizer):
+    """Labels that are not class indices (names, negative numbers) become classes in sorted order (numbers
+    by value first), the same in the training and the evaluation file; a checkpoint's names keep their
+    order when they cover the files'; class indices stay as they are."""
+    train, evals = tmp_path / "train.tsv", tmp_path / "eval.tsv"
+    train.write_text("id\tdocument\tlabel\n1\t좋아요\tpositive\n2\t별로\tnegative\n3\t그냥\tneutral\n",
+                     encoding="utf-8")
+    evals.write_text("id\tdocument\tlabel\n4\t최고\tpositive\n", encoding="utf-8")
+    a, b = load_classification_tsv(train), load_classification_tsv(evals)
+    assert [e.label for e in a] == ["positive", "negative", "neutral"]
+    with pytest.raises(ValueError, match="label name 'positive'.*number_labels"):
+        ClassificationDataset(a, tiny_tokenizer)
+    assert number_labels({"train": a, "eval": b}) == ["negative", "neutral", "positive"]
+    assert [e.label for e in a] == [2, 0, 1] and [e.label for e in b] == [2]
+    assert resolve_num_labels({"train": a, "eval": b}) == 3
+    assert ClassificationDataset(a, tiny_tokenizer, num_labels=3)[0]["label"] == 2
+
+    b = load_classification_tsv(evals)      # evaluation rows alone: the checkpoint's order, not their own
+    assert number_labels({"eval": b}, known=["negative", "neutral", "positive"]) == ["negative", "neutral", "positive"]
+    assert b[0].label == 2
+    assert number_labels({"eval": load_classification_tsv(evals)}, known=["bad", "good"]) == ["positive"]
+
+    signed = [ClassificationExample(str(i), "글", lab) for i, lab in enumerate(["1", "-1", "10", "2", "0"])]
+    for e in signed:
+        e.label = int(e.label) if e.label.isdigit() else e.label          # as the reader keeps them
+    assert number_labels({"t": signed}) == ["-1", "0", "1", "2", "10"]
+    assert [e.label for e in signed] == [2, 0, 4, 3, 1]
+    indices = [ClassificationExample("1", "글", 1), ClassificationExample("2", "글", 0)]
+    assert number_labels({"t": indices}) is None and [e.label for e in indices] == [1, 0]

@@ -127,6 +127,42 @@ def test_classify_from_transformers_bert_folder(env):
     assert (env.out / "cls_hf" / "final" / "tokenizer.json").is_file()
 
 
+def test_classify_with_label_names(env, tmp_path):
+    """NSMC rows labelled by name ("positive"/"negative", "중립" for a third class): numbered in sorted order,
+    the same in the evaluation file, recorded in the checkpoint and exported as id2label; evaluating the
+    model on rows of one class alone numbers them by the checkpoint's names, not by their own."""
+    names = {"0": "negative", "1": "positive"}
+    rows = [line.split("\t") for line in NSMC_TRAIN.read_text(encoding="utf-8").splitlines()[1:41]]
+    train, evals = tmp_path / "train.tsv", tmp_path / "eval.tsv"
+    train.write_text("id\tdocument\tlabel\n" + "".join(f"{i}\t{d}\t{names[lab] if n % 5 else '중립'}\n"
+                                                     for n, (i, d, lab) in enumerate(rows[:32])), encoding="utf-8")
+    evals.write_text("id\tdocument\tlabel\n" + "".join(f"{i}\t{d}\tpositive\n" for i, d, _ in rows[32:]),
+                     encoding="utf-8")
+    proc = run_task(env, "cls_names", ["--train_mode", "classify", "--checkpoint", str(env.pre / "final"),
+                                       "--train_file", str(train), "--eval_file", str(evals),
+                                       "--train_batch_size", "8", "--num_steps", "2", "--save_steps", "2"])
+    assert "[classify] label names as classes (sorted): 0 negative, 1 positive, 2 중립" in proc.stdout
+    assert "3 labels" in proc.stdout
+    run = env.out / "cls_names"
+    assert json.loads((run / "step-2" / "meta.json").read_text())["label_names"] == ["negative", "positive", "중립"]
+
+    from trainer.export import export
+
+    export(run / "final", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive", "2": "중립"}
+    assert config["label2id"] == {"negative": 0, "positive": 1, "중립": 2}
+
+    # rows of one class, numbered as the checkpoint's: ours, a step, the transformers export (its id2label)
+    for start in (run / "final", run / "step-2", tmp_path / "hf"):
+        model = ["--model", str(start)] if start.name == "hf" else []
+        proc = run_task(env, f"cls_names_eval_{start.name}", ["--train_mode", "classify", "--checkpoint", str(start),
+                                                              "--eval_file", str(evals), "--num_labels", "3",
+                                                              "--num_steps", "0", *model])
+        assert "label names as classes (the order of " in proc.stdout
+        assert "label counts {1: 8}" in proc.stdout
+
+
 def test_mrc_from_step_checkpoint(env):
     proc = run_task(env, "mrc", ["--train_mode", "mrc", "--checkpoint", str(env.pre / "step-10"),
                                  "--train_file", str(env.korquad), "--eval_fraction", "0.25",

@@ -161,8 +161,8 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--max_eval_examples", type=int, default=0,
                    help="evaluate only the first N held-out examples (questions or rows; 0 = all)")
     g.add_argument("--num_labels", type=int, default=0,
-                   help="classify: number of classes (0 = from the labels, which must then be 0..C-1 "
-                        "without gaps); give it when a class is absent from the files")
+                   help="classify: number of classes (0 = from the labels: class indices 0..C-1 without gaps, "
+                        "or label names, numbered in sorted order); give it when a class is absent from the files")
     g.add_argument("--doc_stride", type=int, default=128,
                    help="mrc: overlap stride between context windows; ner: tokens between the starts of the windows of a long sentence")
     g.add_argument("--crf", action="store_true", help="ner: a CRF layer over the character tags (Viterbi decoding)")

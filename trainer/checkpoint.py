@@ -121,6 +121,25 @@ class Start:
             return self.path.parent
         return None
 
+    def label_names(self) -> list[str] | None:
+        """The names of the classes of the classifier it holds: those a classify run numbered its label
+        names by (meta.json, or the exported model.safetensors' metadata), or a transformers config's
+        id2label where it names them (not transformers' default LABEL_i); else None."""
+        if self.meta is not None:
+            return self.meta.get("label_names")
+        if self.path is None:
+            return None
+        if self.path.suffix == ".safetensors":
+            names = read_label_names(self.path)
+            if names:
+                return names
+        try:
+            id2label = json.loads((self.path.parent / "config.json").read_text()).get("id2label") or {}
+            names = [str(id2label[str(i)]) for i in range(len(id2label))]
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        return None if names == [f"LABEL_{i}" for i in range(len(names))] else names or None
+
     def check_config(self, config: dict) -> None:
         """SystemExit unless the checkpoint was trained with this model config (`config_mismatch`)."""
         if self.meta is not None:
@@ -422,7 +441,9 @@ def export(engine, run_dir: Path, meta: dict, config_dict: dict, tokenizer_dir: 
     out = run_dir / FINAL
     if engine.ctx.is_main:
         with safety.staged_dir(out, fix=_FINAL_FIX, info={"by": "training", "step": meta.get("step")}) as tmp:
-            save_weights(weights, tmp / WEIGHTS, {"train_mode": meta.get("train_mode", ""), "step": str(meta.get("step", ""))})
+            save_weights(weights, tmp / WEIGHTS, {"train_mode": meta.get("train_mode", ""), "step": str(meta.get("step", "")),
+                                                  **({"label_names": json.dumps(meta["label_names"])}
+                                                     if meta.get("label_names") else {})})
             (tmp / "config.json").write_text(json.dumps(config_dict, indent=2))
             (tmp / "args.json").write_text(json.dumps(meta.get("args", {}), indent=2, default=str))
             if meta.get("tracking"):  # the tracked runs (trainer/tracking.py), for trainer.evaluate to log to
@@ -464,6 +485,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     data[8:8 + n] = canonical.ljust(n, b" ")
     with open(path, "wb") as f:
         f.write(data)
+
+
+def read_label_names(path: Path) -> list[str] | None:
+    """The class names an exported classify model was trained with (its metadata), or None."""
+    try:
+        names = read_safetensors(path, metadata_only=True)[1].get("label_names")
+        return json.loads(names) if names else None
+    except (CheckpointError, ValueError):
+        return None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -120,7 +120,8 @@ def load_source(src: str | Path) -> Source:
         return Source(checkpoint.read_step_weights(src), ModelConfig.from_dict(meta["model_config"]),
                       _tokenizer_dir([meta.get("tokenizer"), args.get("tokenizer")]),
                       {"path": str(src), "kind": "step", "step": meta.get("step"),
-                       "train_mode": args.get("train_mode"), "objective": args.get("objective")})
+                       "train_mode": args.get("train_mode"), "objective": args.get("objective"),
+                       "label_names": meta.get("label_names")})
     weights = src / checkpoint.WEIGHTS if src.is_dir() else src
     if not weights.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint or weights file")
@@ -136,7 +137,8 @@ def load_source(src: str | Path) -> Source:
     return Source(checkpoint.load_weights(weights), ModelConfig.from_json(config_path),
                   _tokenizer_dir([weights.parent, args.get("tokenizer")]),
                   {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
-                   "train_mode": args.get("train_mode"), "objective": args.get("objective")})
+                   "train_mode": args.get("train_mode"), "objective": args.get("objective"),
+                   "label_names": checkpoint.read_label_names(weights)})
 
 
 def _hf_weights_file(folder: Path) -> Path:
@@ -365,11 +367,14 @@ def task_head(state: dict[str, Tensor]) -> tuple[str | None, int]:
 TASK_CLASS = {"classify": "ForSequenceClassification", "qa": "ForQuestionAnswering"}
 
 
-def label_names(train_mode: str | None, num_labels: int) -> list[str] | None:
-    """The names of a classifier's outputs where the task defines them (KLUE NLI's three classes, STS's
-    similarity); None for classify, whose data numbers its labels."""
+def label_names(train_mode: str | None, num_labels: int, recorded: list[str] | None = None) -> list[str] | None:
+    """The names of a classifier's outputs: those a classify run numbered its label names by
+    (`recorded`; classes beyond them, from a larger --num_labels, keep transformers' LABEL_i), or the
+    task's (KLUE NLI's three classes, STS's similarity); None for class indices."""
     from data.pairs import NLI_LABELS
 
+    if recorded and len(recorded) <= num_labels:
+        return [*recorded, *(f"LABEL_{i}" for i in range(len(recorded), num_labels))]
     if train_mode == "nli" and num_labels == len(NLI_LABELS):
         return list(NLI_LABELS)
     if train_mode == "sts" and num_labels == 1:
@@ -591,7 +596,8 @@ def _write_hf(source: Source, out: Path, target: str, why: str, tok: dict, summa
     has_mlm = "mlm_head.bias" in source.state
     has_sop = "sop_head.classifier.weight" in source.state
     task = task_head(source.state)
-    names = label_names(source.info.get("train_mode"), task[1]) if task[0] == "classify" else None
+    names = (label_names(source.info.get("train_mode"), task[1], source.info.get("label_names"))
+             if task[0] == "classify" else None)
     cfg = hf_config(source.config, target, has_mlm, has_sop, tok.get("ids"), task, names)
     state, left = to_hf_state(source.state, source.config, target, hf_class_keys(cfg))
     cfg.save_pretrained(out)

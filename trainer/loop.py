@@ -144,6 +144,8 @@ def _run(args: Namespace, ctx, rd) -> dict:
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None,
             "num_samples": len(task.dataset) if task.dataset is not None else None}
+    if getattr(task, "label_names", None):  # classify's label names, index i naming class i (export's id2label)
+        meta["label_names"] = task.label_names
     sampler = None
     if task.dataset is not None:
         # before the Logger, which rewrites loss.tsv: an impossible batch must not touch the run directory

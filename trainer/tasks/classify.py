@@ -18,7 +18,7 @@ class ClassifyTask(Task):
     def __init__(self, args: Namespace, ctx: DistContext, start=None):
         super().__init__(args, ctx, start)
         from data.classification import (ClassificationDataset, label_counts, load_classification_tsv,
-                                         resolve_num_labels, split_held_out)
+                                         number_labels, resolve_num_labels, split_held_out)
         from models import build_model
 
         self.tokenizer = self.load_tokenizer()
@@ -40,6 +40,13 @@ class ClassifyTask(Task):
         sources = {f"--train_file {args.train_file}": train + ([] if args.eval_file else evals),
                    f"--eval_file {args.eval_file}": evals if args.eval_file else []}
         sources = {name: rows for name, rows in sources.items() if rows}
+        known = self.start.label_names() if self.start is not None else None
+        self.label_names = number_labels(sources, known)
+        if self.label_names is not None:
+            origin = (f"the order of {self.start.path}" if self.label_names == known else
+                      "sorted" + (f"; {self.start.path} has other labels {known}" if known else ""))
+            self.ctx.log(f"[classify] label names as classes ({origin}): "
+                         + ", ".join(f"{i} {n}" for i, n in enumerate(self.label_names)))
         try:
             num_labels = resolve_num_labels(sources, args.num_labels)
         except ValueError as e:
