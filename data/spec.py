@@ -69,6 +69,20 @@ def is_artifact(path: Path) -> bool:
     return bool(_ARTIFACT.search(path.name))
 
 
+COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"),
+              (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+              (b"PK\x03\x04", "zip", "unzip"))
+
+
+def compressed_problem(path: Path, head: bytes) -> str | None:
+    """The problem of a compressed file (by its magic bytes) given its first bytes, else None."""
+    for magic, kind, tool in COMPRESSED:
+        if head.startswith(magic):
+            return (f"is {kind}-compressed; corpus shards are read as plain UTF-8 text (their caches index the "
+                    f"file's bytes): decompress it first (`{tool} {path}`) and pass the text file")
+    return None
+
+
 def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
     """Why `path` cannot be a UTF-8 text shard (missing, not a regular file, empty, binary), or None.
 
@@ -93,6 +107,8 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
             head = f.read(sniff_bytes)
     except OSError as e:
         return f"cannot be read ({e.strerror}); check its permissions"
+    if compressed := compressed_problem(path, head):
+        return compressed
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
         if b"\0" in head:
@@ -144,8 +160,13 @@ def _expand(part: str) -> list[Path]:
     if p.is_dir():
         files = _directory_shards(p)
         if not files:
-            raise SpecError(f"{part}: the directory holds no *{SHARD_SUFFIX} file (searched recursively); put the "
-                            f"shards there as *{SHARD_SUFFIX}, or name them with a glob such as '{part.rstrip('/')}/*'")
+            packed = sorted(q.name for q in p.rglob(f"*{SHARD_SUFFIX}.*") if q.suffix in (".gz", ".bz2", ".xz", ".zst",
+                                                                                          ".zip"))
+            hint = (f"; it holds compressed shards ({', '.join(packed[:3])}{', ...' if len(packed) > 3 else ''}): "
+                    f"decompress them, shards are read as plain text") if packed else ""
+            raise SpecError(f"{part}: the directory holds no *{SHARD_SUFFIX} file (searched recursively){hint}; put "
+                            f"the shards there as *{SHARD_SUFFIX}, or name them with a glob such as "
+                            f"'{part.rstrip('/')}/*'")
         return files
     return [p]
 

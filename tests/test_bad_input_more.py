@@ -54,6 +54,12 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     (d / "damaged_pre" / "pretokenizer.json").write_text('{"morph')
     shutil.copytree(tok, d / "unknown_morpheme")
     (d / "unknown_morpheme" / "pretokenizer.json").write_text('{"morpheme": "okt"}')
+    # compressed corpus shards, alone and as a directory's only shards
+    import gzip
+
+    (d / "corpus.dat.gz").write_bytes(gzip.compress("영화가 정말 재미있다\n\n".encode() * 100, mtime=0))
+    (d / "gz_shards").mkdir()
+    (d / "gz_shards" / "part-0.dat.gz").write_bytes((d / "corpus.dat.gz").read_bytes())
     # model configs
     write_config(d / "string_value.json", dropout_prob="0.1")
     write_config(d / "null_value.json", initializer_range=None)
@@ -151,6 +157,12 @@ CASES = [
      "--train_mode mrc marks question and context as types 0 and 1"),
     ("config_vocab_size_4", {"model": "{m}/vocab_4.json"},
      "vocab_size=4 is too small: a tokenizer holds the 6 special tokens"),
+    ("corpus_gzip", {"corpus_path": "{m}/corpus.dat.gz"},
+     "corpus.dat.gz: is gzip-compressed; corpus shards are read as plain UTF-8 text (their caches index the "
+     "file's bytes): decompress it first (`gunzip -k "),
+    ("corpus_directory_of_gzip_shards", {"corpus_path": "{m}/gz_shards"},
+     "the directory holds no *.dat file (searched recursively); it holds compressed shards (part-0.dat.gz): "
+     "decompress them"),
     ("tokenizer_json_not_a_tokenizer", {"tokenizer": "{m}/not_a_tokenizer"},
      "tokenizer.json is JSON but not a tokenizer (no \"model\" object"),
     ("tokenizer_without_mask", {"tokenizer": "{m}/no_mask"},
