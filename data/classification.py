@@ -4,7 +4,8 @@ Shape letters: B batch, L padded sequence length (longest in the batch rounded u
 of 8, never above ``max_seq_length``).
 
 TSV layout (NSMC): a header line naming the columns, tab-separated, no quoting:
-``id<TAB>document<TAB>label``. Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
+``id<TAB>document<TAB>label`` (other columns are ignored; ``id`` is optional, the rows are then named
+by their line numbers; the text column may also be named ``text`` or ``sentence``). Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
 names (``positive``, ``IT과학``, ``-1``): where any label of the files is not a non-negative integer,
 every label is a name, numbered in sorted order (integers by value first) by ``number_labels``.
 """
@@ -44,10 +45,15 @@ class ClassificationExample:
     label: int   # the class index (as read: a label name, str, until number_labels numbers it)
 
 
+TEXT_COLUMNS = ("document", "text", "sentence")  # the text column's names, the first one present is read
+
+
 def load_classification_tsv(path: str | Path, text_column: str = "document",
                             label_column: str = "label", id_column: str | None = "id",
                             limit: int | None = None) -> list[ClassificationExample]:
-    """Read a TSV with a header (NSMC layout) into examples; ``limit`` reads the first N rows.
+    """Read a TSV with a header (NSMC layout) into examples; ``limit`` reads the first N rows. Without
+    an ``id`` column the rows are named by their line numbers; the default text column ``document``
+    may also be named ``text`` or ``sentence`` (TEXT_COLUMNS).
 
     Rows with an empty text are skipped with a logged count (NSMC has a few); a missing column or an empty
     label raises ``ValueError`` naming the file and line. A label that is not a non-negative integer is
@@ -85,10 +91,14 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
             raise ValueError(f"{path} is empty; expected a header line "
                              f"'{id_column}\\t{text_column}\\t{label_column}' and data rows")
         header = [h.strip().lstrip("\ufeff") for h in header]
+        if text_column == TEXT_COLUMNS[0] and text_column not in header:   # the default: its other usual names
+            text_column = next((c for c in TEXT_COLUMNS if c in header), text_column)
+        layout = "\\t".join(c for c in (id_column, text_column, label_column) if c is not None)
+        if id_column is not None and id_column not in header:
+            id_column = None                        # optional: the rows are then named by their line numbers
         needed = [c for c in (id_column, text_column, label_column) if c is not None]
         missing = [c for c in needed if c not in header]
         if missing:
-            layout = "\\t".join(needed)
             if len(header) == 1:
                 why = "has no tab: not a tab-separated file (a CSV, JSON or text file?)"
             elif header[-1].lstrip("-").isdigit():
@@ -97,7 +107,8 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
                 why = f"lacks the column(s) {missing}"
             raise ValueError(f"{path}: the first line {_shorten(header)} {why}; the file must be "
                              f"tab-separated with the header line '{layout}' (rename the columns in the "
-                             f"first line, or insert that line when there is none)")
+                             f"first line, or insert that line when there is none; the id column is optional, "
+                             f"the text column may also be named {' or '.join(TEXT_COLUMNS[1:])})")
         col = {c: header.index(c) for c in needed}
         width = max(col.values()) + 1
         for line_no, row in enumerate(reader, start=2):

@@ -118,3 +118,16 @@ def test_label_names_are_numbered_alike_in_every_file(tmp_path, tiny_tokenizer):
     assert [e.label for e in signed] == [2, 0, 4, 3, 1]
     indices = [ClassificationExample("1", "글", 1), ClassificationExample("2", "글", 0)]
     assert number_labels({"t": indices}) is None and [e.label for e in indices] == [1, 0]
+
+
+def test_header_without_id_and_other_text_names(tmp_path):
+    """`text` or `sentence` for the text column, no id column (rows named by line), extra columns ignored."""
+    f = tmp_path / "t.tsv"
+    f.write_text("label\tsource\ttext\npositive\tweb\t좋아요\nnegative\tweb\t별로\n", encoding="utf-8")
+    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [("2", "좋아요", "positive"),
+                                                                             ("3", "별로", "negative")]
+    f.write_text("sentence\tlabel\n좋아요\t1\n", encoding="utf-8")
+    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [("2", "좋아요", 1)]
+    f.write_text("id\tbody\tlabel\n1\t좋아요\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['document'\].*may also be named text or sentence"):
+        load_classification_tsv(f)
