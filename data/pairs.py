@@ -6,7 +6,11 @@ Files (KLUE v1.1 JSON, a list of objects):
   (ids 0, 1, 2 in that order, as KLUE);
 * STS: ``sentence1``, ``sentence2``, ``labels.label`` a number in [0, 5].
 ``guid`` names an example (its position when missing). A JSON-lines file (one object per line)
-is read the same way.
+is read the same way, and so is a tab-separated file with a header line (KorNLI's
+``sentence1 sentence2 gold_label``, KorSTS's ``genre filename year id score sentence1 sentence2``):
+the texts may be named ``premise``/``hypothesis`` or ``sentence1``/``sentence2``, the NLI label
+``gold_label`` or ``label`` (a name, or its id 0-2), the similarity ``labels.label``, ``score`` or
+``label``. TSV rows with an empty text are skipped and counted (KorNLI has a few).
 
 Inputs are ``[CLS] a [SEP] b [SEP]`` with token type 0 for ``[CLS] a [SEP]`` and 1 for ``b [SEP]``;
 a pair longer than ``max_seq_length`` is cut from the end of the longer side first.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -26,6 +31,8 @@ import torch
 from data.padding import pad_batch
 
 __all__ = ["NLI_LABELS", "PairExample", "load_klue_nli", "load_klue_sts", "SentencePairDataset", "hash_split"]
+
+logger = logging.getLogger(__name__)
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 T = TypeVar("T")
@@ -53,7 +60,12 @@ def hash_split(items: Sequence[T], key: Callable[[T], str], eval_fraction: float
 def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    text = path.read_text(encoding="utf-8").strip()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); expected KLUE JSON or a TSV with a header") from None
+    if text[:1] not in ("[", "{", ""):
+        return _read_tsv_records(path, text)
     try:
         data = json.loads(text)
     except ValueError:
@@ -68,41 +80,100 @@ def _read_records(path: Path) -> list[dict]:
     return data
 
 
-def _text(path: Path, i: int, record: dict, name: str) -> str:
-    value = record.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}: example {i} ({record.get('guid', 'no guid')}) has no text in {name!r}; "
-                         f"KLUE files have {name!r} on every example")
-    return value.strip()
+TSV_LINE = "_line"  # a TSV record's line number
+
+
+def _read_tsv_records(path: Path, text: str) -> list[dict]:
+    """A tab-separated file with a header line -> one record (column -> value) per data row."""
+    lines = text.splitlines()
+    header = [h.strip().lstrip("\ufeff") for h in lines[0].split("\t")]
+    if len(header) < 2:
+        raise ValueError(f"{path} is neither JSON nor a tab-separated file with a header line (its first line "
+                         f"{lines[0][:80]!r} has no tab); expected KLUE JSON, or a TSV such as KorNLI's")
+    records = []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise ValueError(f"{path}:{n}: {len(cells)} tab-separated field(s), expected {len(header)} "
+                             f"({header}); fix the row or remove it")
+        records.append(dict(zip(header, (c.strip() for c in cells)), **{TSV_LINE: n}))
+    if not records:
+        raise ValueError(f"{path} holds no rows after its header line")
+    return records
+
+
+def _where(i: int, record: dict) -> str:
+    return f"line {record[TSV_LINE]}" if TSV_LINE in record else f"example {i} ({record.get('guid', 'no guid')})"
+
+
+def _field(record: dict, names: tuple[str, ...]):
+    return next((record[n] for n in names if n in record), None)
+
+
+def _text(path: Path, i: int, record: dict, names: tuple[str, ...]) -> str | None:
+    """The text under the first of `names` present; None for an empty one in a TSV row (skipped)."""
+    value = _field(record, names)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if TSV_LINE in record and isinstance(value, str):
+        return None
+    raise ValueError(f"{path}: {_where(i, record)} has no text in {' or '.join(map(repr, names))}; "
+                     f"every example needs both sentences")
+
+
+def _pairs(path: Path, first: tuple[str, ...], second: tuple[str, ...],
+           label: Callable[[int, dict], float]) -> list[PairExample]:
+    out, skipped = [], 0
+    for i, r in enumerate(_read_records(path)):
+        a, b = _text(path, i, r, first), _text(path, i, r, second)
+        if a is None or b is None:
+            skipped += 1
+            continue
+        out.append(PairExample(str(r.get("guid", r.get("id", i))), a, b, label(i, r)))
+    if skipped:
+        logger.warning("%s: skipped %d row(s) with an empty sentence", path, skipped)
+    if not out:
+        raise ValueError(f"{path} holds no sentence pairs")
+    return out
 
 
 def load_klue_nli(path: str | Path) -> list[PairExample]:
-    """KLUE NLI JSON -> examples with label ids in NLI_LABELS order; any other gold_label is an error."""
+    """KLUE NLI JSON (or KorNLI-style TSV) -> examples with label ids in NLI_LABELS order; a label
+    that is neither one of them nor its id is an error."""
     path = Path(path)
-    out = []
-    for i, r in enumerate(_read_records(path)):
-        label = r.get("gold_label")
-        if label not in NLI_LABELS:
-            raise ValueError(f"{path}: example {i} ({r.get('guid', 'no guid')}) has gold_label {label!r}; "
-                             f"KLUE NLI labels are {list(NLI_LABELS)} (is this a KLUE NLI file?)")
-        out.append(PairExample(str(r.get("guid", i)), _text(path, i, r, "premise"), _text(path, i, r, "hypothesis"),
-                               float(NLI_LABELS.index(label))))
-    return out
+
+    def label(i: int, r: dict) -> float:
+        value = _field(r, ("gold_label", "label"))
+        if TSV_LINE in r and isinstance(value, str) and value.isdigit():     # a TSV's cells are text
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(NLI_LABELS):
+            return float(value)
+        if value not in NLI_LABELS:
+            raise ValueError(f"{path}: {_where(i, r)} has gold_label {value!r}; NLI labels are "
+                             f"{list(NLI_LABELS)} or their ids 0-2 (is this an NLI file?)")
+        return float(NLI_LABELS.index(value))
+    return _pairs(path, ("premise", "sentence1"), ("hypothesis", "sentence2"), label)
 
 
 def load_klue_sts(path: str | Path) -> list[PairExample]:
-    """KLUE STS JSON -> examples with the similarity `labels.label` (0..5; outside is an error)."""
+    """KLUE STS JSON (or KorSTS-style TSV) -> examples with the similarity (0..5; outside is an error)."""
     path = Path(path)
-    out = []
-    for i, r in enumerate(_read_records(path)):
+
+    def label(i: int, r: dict) -> float:
         labels = r.get("labels")
-        value = labels.get("label") if isinstance(labels, dict) else None
+        value = labels.get("label") if isinstance(labels, dict) else _field(r, ("score", "label"))
+        if TSV_LINE in r and isinstance(value, str):    # a TSV's cells are text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 5.0:
-            raise ValueError(f"{path}: example {i} ({r.get('guid', 'no guid')}) has labels.label {value!r}; "
-                             f"KLUE STS similarities are numbers from 0 to 5 (is this a KLUE STS file?)")
-        out.append(PairExample(str(r.get("guid", i)), _text(path, i, r, "sentence1"), _text(path, i, r, "sentence2"),
-                               float(value)))
-    return out
+            raise ValueError(f"{path}: {_where(i, r)} has labels.label {value!r}; STS similarities are numbers "
+                             f"from 0 to 5 (is this an STS file?)")
+        return float(value)
+    return _pairs(path, ("sentence1", "premise"), ("sentence2", "hypothesis"), label)
 
 
 class SentencePairDataset(torch.utils.data.Dataset):

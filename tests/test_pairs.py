@@ -47,6 +47,44 @@ def test_sts_label_outside_0_5(tmp_path, value):
         load_klue_sts(path)
 
 
+def test_kornli_and_korsts_tsv(tmp_path):
+    """KorNLI's and KorSTS's TSV layouts (header line, tab-separated) read as the KLUE JSON does: texts
+    by either name, NLI labels by name or id, STS scores as numbers; rows with an empty sentence are
+    skipped (KorNLI has some); a row with another number of fields or a bad label names its line."""
+    nli = tmp_path / "multinli.train.ko.tsv"
+    nli.write_text("sentence1\tsentence2\tgold_label\n"
+                   "개념적으로 크림 스키밍은 두 가지 기본 차원을 가지고 있다.\t제품과 지리학은 크림 스키밍을 작동시키는 것이다.\tneutral\n"
+                   "시즌 중에 알고 있는 거 알아?\t\tentailment\n"
+                   "우리 번호 중 하나가 당신의 지시를 세밀하게 수행할 것이다.\t우리 팀의 일원이 당신의 명령을 수행할 것이다.\t0\n",
+                   encoding="utf-8")
+    rows = load_klue_nli(nli)
+    assert [(e.text_a[:4], e.text_b[:4], e.label) for e in rows] == [("개념적으", "제품과 ", 1.0), ("우리 번", "우리 팀", 0.0)]
+    sts = tmp_path / "sts-train.tsv"
+    sts.write_text("genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
+                   "main-captions\tMSRvid\t2012test\t0001\t5.000\t비행기가 이륙하고 있다.\t비행기가 이륙하고 있다.\n"
+                   "main-captions\tMSRvid\t2012test\t0004\t3.800\t한 남자가 큰 플루트를 연주하고 있다.\t남자가 플루트를 연주하고 있다.\n",
+                   encoding="utf-8")
+    rows = load_klue_sts(sts)
+    assert [(e.guid, e.label) for e in rows] == [("0001", 5.0), ("0004", 3.8)]
+    assert rows[1].text_a == "한 남자가 큰 플루트를 연주하고 있다."
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence1\tsentence2\tgold_label\n가\t나\tmaybe\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 has gold_label 'maybe'"):
+        load_klue_nli(bad)
+    bad.write_text("sentence1\tsentence2\tscore\n가\t나\t5.5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 has labels.label 5.5"):
+        load_klue_sts(bad)
+    bad.write_text("sentence1\tsentence2\tgold_label\n가\t나\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.tsv:2: 2 tab-separated field"):
+        load_klue_nli(bad)
+    bad.write_text("sentence1\tgold_label\n가\tneutral\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 has no text in 'hypothesis' or 'sentence2'"):
+        load_klue_nli(bad)
+    bad.write_text("just a line of text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="neither JSON nor a tab-separated file"):
+        load_klue_nli(bad)
+
+
 def test_pair_encoding(tiny_tokenizer):
     ex = load_klue_sts(STS)[:3]
     ds = SentencePairDataset(ex, tiny_tokenizer, 64, regression=True)
