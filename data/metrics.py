@@ -16,6 +16,8 @@ https://korquad.github.io/KorQuad%201.0/, itself derived from the SQuAD v1.1 scr
   empty after normalization).
 * Per question, the maximum over its gold answers; averaged over ALL questions of the data set,
   an unanswered question scoring 0; reported in percent (0..100).
+* A question without gold answers (SQuAD 2.0's / KorQuAD 2.0's unanswerable ones) is scored as the
+  SQuAD 2.0 script does: EM and F1 are 1 when the prediction is empty, else 0.
 """
 from __future__ import annotations
 
@@ -95,16 +97,18 @@ def squad_em_f1(predictions: Mapping[str, str], examples) -> dict[str, float]:
         if qid not in predictions:
             missing += 1
             continue
-        if not answers:
-            raise ValueError(f"question {qid!r} has no gold answer; EM/F1 need at least one")
         pred = predictions[qid]
+        if not answers:  # unanswerable (SQuAD 2.0): right only when nothing is predicted
+            em += float(not normalize_answer(pred))
+            f1 += float(not normalize_answer(pred))
+            continue
         em += max(float(exact_match_score(pred, a)) for a in answers)
         f1 += max(f1_score(pred, a) for a in answers)
     total = len(gold)
     if total == 0:
         raise ValueError("squad_em_f1 got no gold questions; pass the evaluation examples")
     return {"exact_match": 100.0 * em / total, "f1": 100.0 * f1 / total,
-            "total": total, "missing": missing}
+            "total": total, "missing": missing, "unanswerable": sum(1 for a in gold.values() if not a)}
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -103,7 +103,8 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
                         or not isinstance(qa.get("question"), str):
                     raise _fail(path, qwhere, 'question needs an "id" and a "question" string')
                 answers = []
-                for ni, a in enumerate(qa.get("answers", [])):
+                # SQuAD 2.0's unanswerable questions: no answers (their plausible_answers are not answers)
+                for ni, a in enumerate([] if qa.get("is_impossible") is True else qa.get("answers", [])):
                     if not isinstance(a, dict) or not isinstance(a.get("text"), str) \
                             or not isinstance(a.get("answer_start"), int):
                         raise _fail(path, f"{qwhere}.answers[{ni}]",
@@ -370,7 +371,7 @@ def _rows(logits, n: int) -> list[np.ndarray]:
 
 
 def postprocess(features: MRCFeatures, start_logits, end_logits, n_best: int = 20,
-                max_answer_length: int = 30) -> dict[str, str]:
+                max_answer_length: int = 30, null_answers: bool = False) -> dict[str, str]:
     """Best answer text per example id from per-feature start/end logits.
 
     ``start_logits``/``end_logits``: (N, L) array/tensor or a list of N 1-D rows (L may differ
@@ -379,12 +380,17 @@ def postprocess(features: MRCFeatures, start_logits, end_logits, n_best: int = 2
     end >= start, it spans at most ``max_answer_length`` tokens and its start token has its
     max-context window there. The highest start+end logit sum wins; its text is the context
     slice between the first token's start char and the last token's end char ("" if none).
+    ``null_answers`` (data with unanswerable questions, SQuAD 2.0): the answer is "" where the
+    no-answer score, [CLS]'s start + end logits (the lowest over the example's windows, as BERT's
+    SQuAD 2.0 recipe), is above the best span's.
     """
     feats = features.features
     starts = _rows(start_logits, len(feats))
     ends = _rows(end_logits, len(feats))
     best: dict[int, tuple[float, str]] = {}
+    null: dict[int, float] = {}
     for f, s_row, e_row in zip(feats, starts, ends):
+        null[f.example_index] = min(null.get(f.example_index, np.inf), float(s_row[0] + e_row[0]))
         n = len(f.token_offsets)
         c0 = f.context_start
         s_ctx = s_row[c0: c0 + n]
@@ -408,6 +414,8 @@ def postprocess(features: MRCFeatures, start_logits, end_logits, n_best: int = 2
             # strip: byte-level BPE pieces carry the space before a word in their offsets
             best[f.example_index] = (float(score[a, b]),
                                      context[f.token_offsets[i][0]: f.token_offsets[j][1]].strip())
+    if null_answers:
+        best = {i: b for i, b in best.items() if b[0] >= null[i]}
     return {ex.id: best[i][1] if i in best else "" for i, ex in enumerate(features.examples)}
 
 

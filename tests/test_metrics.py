@@ -47,6 +47,15 @@ def test_squad_em_f1_by_hand():
     assert out["total"] == 4 and out["missing"] == 1
 
 
+def test_squad_em_f1_unanswerable_questions():
+    """SQuAD 2.0's rule for a question without gold answers: right (EM 1, F1 1) only when the prediction is
+    empty (after normalization)."""
+    gold = {"q1": ["서울"], "q2": [], "q3": [], "q4": []}
+    out = squad_em_f1({"q1": "서울", "q2": "", "q3": "부산", "q4": " . "}, gold)
+    assert out["exact_match"] == pytest.approx(75.0) and out["f1"] == pytest.approx(75.0)
+    assert out["unanswerable"] == 3 and out["total"] == 4
+
+
 def test_squad_em_f1_accepts_examples():
     from data.mrc import Answer, Example
     exs = [Example("a", "질문?", "맥락 서울", [Answer("서울", 3)], "t", "0-0")]

@@ -149,6 +149,31 @@ def test_postprocess_recovers_gold_and_respects_constraints(tiny_tokenizer):
         postprocess(feats, s0[:1], e0[:1])
 
 
+def test_unanswerable_questions(tiny_tokenizer, tmp_path):
+    """SQuAD 2.0: an `is_impossible` question (its plausible_answers ignored) has no answers, every window
+    of it is trained to point at [CLS], and with null_answers its prediction is empty where [CLS]'s score
+    (start + end, the lowest over the windows) beats the best span, else the span."""
+    path = tmp_path / "squad2.json"
+    context = "태조 이성계는 1392년에 조선을 세웠다. 수도는 한양이었다."
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "조선", "paragraphs": [{"context": context, "qas": [
+        {"id": "a", "question": "조선을 세운 사람은?", "answers": [{"text": "태조 이성계", "answer_start": 0}]},
+        {"id": "n", "question": "고려의 수도는?", "answers": [], "is_impossible": True,
+         "plausible_answers": [{"text": "한양", "answer_start": 28}]}]}]}]}, ensure_ascii=False), encoding="utf-8")
+    examples = load_squad(path)
+    assert [len(e.answers) for e in examples] == [1, 0]
+    feats = build_features(examples, tiny_tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    assert all(f.start_position == f.end_position == 0 for f in feats.features if f.example_id == "n")
+    starts, ends = _oracle_logits(feats)          # answered: its span scores 20, [CLS] 0; unanswerable: [CLS] 20
+    plain = postprocess(feats, starts, ends)
+    assert plain["a"] == "태조 이성계" and plain["n"] != ""       # SQuAD 1.1 rule: always a span
+    assert postprocess(feats, starts, ends, null_answers=True) == {"a": "태조 이성계", "n": ""}
+    for f, s, e in zip(feats.features, starts, ends):           # [CLS] above the span for the answered one too
+        if f.example_id == "a":
+            s[0] = e[0] = 11.0
+    assert postprocess(feats, starts, ends, null_answers=True) == {"a": "", "n": ""}
+    assert squad_em_f1(postprocess(feats, starts, ends, null_answers=True), examples)["exact_match"] == 50.0
+
+
 def test_collate_pads_to_multiple_of_8(tiny_tokenizer):
     ex = long_example()
     short = Example("short-0", "고려의 수도는?", "고려의 수도는 개경이었다.", [Answer("개경", 8)], "고려", "1-0")

@@ -56,6 +56,13 @@ class MRCTask(Task):
                 self.ctx.log(f"[mrc] warning: {warning}")
         self.eval_features = features(evals)
         self.eval_dataset = MRCDataset(self.eval_features)
+        # SQuAD 2.0-style data (questions without an answer, trained to point at [CLS]): empty predictions
+        unanswerable = {name: sum(1 for e in rows if not e.answers) for name, rows in (("train", train), ("eval", evals))}
+        self.null_answers = any(unanswerable.values())
+        if self.null_answers:
+            self.ctx.log(f"[mrc] questions without an answer (SQuAD 2.0 style): {unanswerable['train']} of {len(train)} "
+                         f"training, {unanswerable['eval']} of {len(evals)} evaluation; they are trained to point at "
+                         f"[CLS], and a prediction is empty where [CLS] scores above the best span")
         self.model = build_model(self.config, "mrc")
         if self.dataset is not None:
             self.ctx.log(f"[mrc] train {self.dataset.features.stats}")
@@ -81,7 +88,7 @@ class MRCTask(Task):
         if out is not None:
             starts = [row for batch in out["start_logits"] for row in batch]
             ends = [row for batch in out["end_logits"] for row in batch]
-            predictions = postprocess(self.eval_features, starts, ends)
+            predictions = postprocess(self.eval_features, starts, ends, null_answers=self.null_answers)
             path = write_predictions(predictions, run_dir(self.args) / "predictions.json")
             scores = squad_em_f1(predictions, self.eval_features.examples)
             self.ctx.log(f"[mrc] {scores['total']} questions, predictions in {path}")
