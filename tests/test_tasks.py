@@ -182,6 +182,34 @@ def test_mrc_from_step_checkpoint(env):
     assert scores["f1"] == pytest.approx(expected["f1"], abs=1e-3)
 
 
+def test_mrc_evaluates_unanswerable_questions(env, tmp_path):
+    """An evaluation file in SQuAD 2.0's layout (every third question made unanswerable): the run evaluates
+    it (it crashed after training before), and its scores are the SQuAD 2.0 rule's over its predictions."""
+    data = json.loads(env.korquad.read_text(encoding="utf-8"))
+    data["data"] = data["data"][-2:]
+    n = 0
+    for article in data["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                if n % 3 == 0:
+                    qa.update(is_impossible=True, plausible_answers=qa["answers"], answers=[])
+                n += 1
+    squad2 = tmp_path / "squad2.json"
+    squad2.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    proc = run_task(env, "mrc2", ["--train_mode", "mrc", "--checkpoint", str(env.pre / "final"),
+                                  "--train_file", str(env.korquad), "--eval_file", str(squad2), "--max_train_examples", "16",
+                                  "--max_eval_examples", "24", "--doc_stride", "32", "--max_query_length", "16",
+                                  "--train_batch_size", "8", "--num_steps", "2"])
+    assert "[mrc] questions without an answer (SQuAD 2.0 style): 0 of 16 training, 8 of 24 evaluation" in proc.stdout
+    from data.metrics import squad_em_f1
+    from data.mrc import load_squad
+
+    predictions = json.loads((env.out / "mrc2" / "predictions.json").read_text(encoding="utf-8"))
+    expected = squad_em_f1(predictions, load_squad(squad2)[:24])
+    assert eval_line(proc.stdout)["exact_match"] == pytest.approx(expected["exact_match"], abs=1e-3)
+    assert expected["unanswerable"] == 8
+
+
 @pytest.fixture(scope="module")
 def ict_runs(env):
     """The same global batches: 2 processes x 4 pairs, and 1 process x 8 pairs."""
