@@ -16,6 +16,7 @@ SpecError (a ValueError) naming the offending path and the fix, before any work.
 from __future__ import annotations
 
 import codecs
+import json
 import glob
 import math
 import re
@@ -116,6 +117,26 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
     except UnicodeDecodeError as e:
         return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
                 f"convert it with e.g. `iconv -f cp949 -t utf-8`")
+    return structured_problem(path, head)
+
+
+def structured_problem(path: Path, head: bytes) -> str | None:
+    """JSON (a JSON-lines dump, e.g. of a `datasets` corpus) given the file's first bytes, else None: its
+    lines would be trained on as text, braces, keys and escapes included."""
+    first = next((line for line in head.split(b"\n")[:-1] if line.strip()), b"").strip()
+    if not first.startswith((b"{", b"[")):
+        return None
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and any(isinstance(v, str) for v in record.values()):
+        key = next(k for k, v in record.items() if isinstance(v, str))
+        return (f"holds JSON lines (its first line is an object with the key(s) {list(record)[:5]}), not text: its "
+                f"lines would be trained on as they are, braces, keys and escapes included; write the text out "
+                f"first, one sentence per line and a blank line between documents, e.g. "
+                f"`jq -r '.{key}, \"\"' {path} > {Path(path).with_suffix('.dat').name}` (each record's text, then "
+                f"a blank line)")
     return None
 
 

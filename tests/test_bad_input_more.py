@@ -58,6 +58,8 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     import gzip
 
     (d / "corpus.dat.gz").write_bytes(gzip.compress("영화가 정말 재미있다\n\n".encode() * 100, mtime=0))
+    (d / "dump.jsonl").write_text("".join(json.dumps({"id": i, "text": "영화가 정말 재미있다"}, ensure_ascii=False) + "\n"
+                                          for i in range(50)), encoding="utf-8")
     (d / "gz_shards").mkdir()
     (d / "gz_shards" / "part-0.dat.gz").write_bytes((d / "corpus.dat.gz").read_bytes())
     # model configs
@@ -163,6 +165,10 @@ CASES = [
     ("corpus_directory_of_gzip_shards", {"corpus_path": "{m}/gz_shards"},
      "the directory holds no *.dat file (searched recursively); it holds compressed shards (part-0.dat.gz): "
      "decompress them"),
+    ("corpus_json_lines", {"corpus_path": "{m}/dump.jsonl"},
+     "dump.jsonl: holds JSON lines (its first line is an object with the key(s) ['id', 'text']), not text: its "
+     "lines would be trained on as they are, braces, keys and escapes included; write the text out first, one "
+     "sentence per line and a blank line between documents, e.g. `jq -r '.text, \"\"' "),
     ("tokenizer_json_not_a_tokenizer", {"tokenizer": "{m}/not_a_tokenizer"},
      "tokenizer.json is JSON but not a tokenizer (no \"model\" object"),
     ("tokenizer_without_mask", {"tokenizer": "{m}/no_mask"},

@@ -148,7 +148,7 @@ def test_bad_inputs_stop_before_any_run(env, tmp_path, monkeypatch, capsys, tiny
         ([str(tmp_path / "hf_vocab_only"), "--tasks", "sts"], "it is a transformers tokenizer without tokenizer.json: "
          "write one into a new folder with `python -c \"from transformers import AutoTokenizer"),
         ([str(wrong), "--tasks", "sts"], "mismatched tokenizer: tokenizer has 1000 tokens"),
-        ([str(ckpt), "--tasks", "sts", "--set", f"sts.train_file={bad_sts}"], "KLUE STS similarities are numbers from 0 to 5"),
+        ([str(ckpt), "--tasks", "sts", "--set", f"sts.train_file={bad_sts}"], "STS similarities are numbers from 0 to 5"),
         ([str(ckpt), "--tasks", "ner", "--set", f"ner.train_file={not_ner}"], "expected KLUE NER TSV"),
         ([str(ckpt), "--tasks", "sts", "--set", "sts.train_batch_size=7"], None),  # valid on 1 process
         ([str(ckpt), "--tasks", "sts", "--set", "sts.num_steps=-1"], "its recipe is not valid"),

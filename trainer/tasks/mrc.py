@@ -15,6 +15,7 @@ from trainer.tasks.base import Task, shard_range
 class MRCTask(Task):
     name = "mrc"
     unpad = ("eval",)  # training windows are mostly full (doc stride)
+    null_answers = False  # the data hold unanswerable questions (SQuAD 2.0): predictions may be empty
 
     def __init__(self, args: Namespace, ctx: DistContext, start=None):
         super().__init__(args, ctx, start)
