@@ -5,6 +5,14 @@ File layout (KLUE v1.1 `klue-ner-v1.1_*.tsv`): comment lines start with ``##``; 
 ``<char><TAB><tag>`` (the character may be a space), tags ``O``, ``B-<type>``, ``I-<type>``
 (IOB2); a blank line ends a sentence.
 
+Word-level files (CoNLL style) are read too: one word per line, ``<word><TAB><tag>`` (or columns
+separated by spaces, the word first and the tag last, ``-DOCSTART-`` lines skipped; Naver NER's
+``<index><TAB><word><TAB><tag>`` with ``PER_B``-style tags and ``-`` for O), tags in IOB2, IOB1 or
+BIOES, a blank line between sentences. A file is word-level when a tagged line's first column is
+not one character (or not two tab-separated columns) and it has no KLUE marks (lines of a space character, ``## guid<TAB>`` comments).
+The sentence is its words joined by spaces, each word's characters tagged
+``B-t`` then ``I-t`` (IOB2), the space inside an entity ``I-t``.
+
 Alignment: the tokenizer's offsets (`KoTokenizer.encode_with_offsets`, which refer to the
 original text with or without the mecab pre-tokenizer) give each token its characters. A token
 carries one tag per character, in slots 0..CHAR_SLOTS-1 (the p-th character of a token in slot
@@ -51,6 +59,15 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
                                 f"../shared/data/klue/ner_train.tsv")
     layout = ("expected KLUE NER TSV: '## guid<TAB>sentence' comment lines, then one '<character><TAB><BIO tag>' "
               "line per character (tags O, B-TYPE, I-TYPE), a blank line between sentences")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = [raw.rstrip("\r\n") for raw in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {layout}") from None
+    klue = any(line[:1].isspace() and line[1:2] == "\t" or line.startswith("##") and "\t" in line for line in lines)
+    if not klue and any(line.strip() and (len(line.split("\t")) != 2 or len(line.split("\t")[0]) != 1)
+                        for line in lines):
+        return _load_words(path, lines)   # no KLUE marks (space characters, '## guid' lines), words on lines
     sentences: list[NERSentence] = []
     chars: list[str] = []
     tags: list[str] = []
@@ -62,22 +79,94 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
             sentences.append(NERSentence(guid or f"{path.name}:{line_no}", "".join(chars), tags))
         chars, tags, guid = [], [], None
 
-    with open(path, encoding="utf-8", newline="") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if line.startswith("##"):
-                if "\t" in line and not chars:
-                    guid = line[2:].split("\t", 1)[0].strip() or None
-                continue
-            if not line.strip():
-                close(line_no)
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or len(parts[0]) != 1 or not _TAG.match(parts[1]):
-                raise ValueError(f"{path}:{line_no}: {line[:60]!r} is not '<one character><TAB><tag>'; {layout}")
-            chars.append(parts[0])
-            tags.append(parts[1])
-        close(line_no + 1 if sentences or chars else 1)
+    line_no = 0
+    for line_no, line in enumerate(lines, start=1):
+        if line.startswith("##"):
+            if "\t" in line and not chars:
+                guid = line[2:].split("\t", 1)[0].strip() or None
+            continue
+        if not line.strip():
+            close(line_no)
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or len(parts[0]) != 1 or not _TAG.match(parts[1]):
+            raise ValueError(f"{path}:{line_no}: {line[:60]!r} is not '<one character><TAB><tag>'; {layout}")
+        chars.append(parts[0])
+        tags.append(parts[1])
+    close(line_no + 1 if sentences or chars else 1)
+    if not sentences:
+        raise ValueError(f"{path} holds no tagged sentences; {layout}")
+    return sentences
+
+
+_WORD_TAG = re.compile(r"^([BIES])-(\S+)$")
+_SUFFIX_TAG = re.compile(r"^(\S+)_([BI])$")  # Naver NER: PER_B, PER_I
+
+
+def _iob2(tags: list[str]) -> list[str]:
+    """Word tags in IOB2, IOB1, BIOES or Naver's suffix style -> IOB2 (None where a tag is none of them)."""
+    out: list[str] = []
+    open_type = None  # the type of the entity the previous word is inside (None after O, S-, E-)
+    for tag in tags:
+        if tag in ("O", "-"):
+            out.append("O")
+            open_type = None
+            continue
+        m = _WORD_TAG.match(tag)
+        if m is None and (n := _SUFFIX_TAG.match(tag)):
+            m = _WORD_TAG.match(f"{n.group(2)}-{n.group(1)}")
+        if m is None:
+            return None
+        kind, typ = m.groups()
+        out.append(f"I-{typ}" if kind in "IE" and open_type == typ else f"B-{typ}")
+        open_type = typ if kind in "BI" else None
+    return out
+
+
+def _load_words(path: Path, lines: list[str]) -> list[NERSentence]:
+    """A word-level (CoNLL-style) file -> character-tagged sentences (see the module docstring)."""
+    layout = ("expected a KLUE NER TSV (one '<character><TAB><tag>' line per character) or a word-level file: "
+              "one '<word><TAB><tag>' line per word (tags O, B-TYPE, I-TYPE; IOB1 and BIOES too), a blank line "
+              "between sentences")
+    sentences: list[NERSentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    first = 0
+
+    def close() -> None:
+        nonlocal words, tags
+        if words:
+            iob2 = _iob2(tags)
+            if iob2 is None:
+                bad = next(t for t in tags if _iob2([t]) is None)
+                raise ValueError(f"{path}: the sentence at line {first} has the tag {bad!r}; {layout}")
+            text, char_tags = [], []
+            for i, (word, tag) in enumerate(zip(words, iob2)):
+                if i:
+                    text.append(" ")
+                    char_tags.append(tag if tag.startswith("I-") else "O")
+                inner = "O" if tag == "O" else f"I-{tag[2:]}"
+                text.extend(word)
+                char_tags.extend([tag] + [inner] * (len(word) - 1))
+            sentences.append(NERSentence(f"{path.name}:{first}", "".join(text), char_tags))
+        words, tags = [], []
+
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("##") or line.split()[0] == "-DOCSTART-":
+            close()
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        cols = [c.strip() for c in cols]
+        if len(cols) < 2 or not cols[-1]:
+            raise ValueError(f"{path}:{line_no}: {line[:60]!r} has no tag after the word; {layout}")
+        word = cols[1] if len(cols) >= 3 and cols[0].isdigit() else cols[0]
+        if not word:
+            raise ValueError(f"{path}:{line_no}: {line[:60]!r} has an empty word; {layout}")
+        if not words:
+            first = line_no
+        words.append(word)
+        tags.append(cols[-1])
+    close()
     if not sentences:
         raise ValueError(f"{path} holds no tagged sentences; {layout}")
     return sentences

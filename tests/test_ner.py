@@ -42,6 +42,40 @@ def test_reads_klue_layout(sentences):
                                                       for p in "BI"]
 
 
+def test_reads_word_level_files(tmp_path):
+    """CoNLL-style word-per-line files (IOB2, IOB1, BIOES; tab or space columns; -DOCSTART-) and Naver NER's
+    index/word/tag rows give the same character tags as the KLUE layout of the same sentence."""
+    want_text = "이순신 장군은 1545년 서울 건천동에서 태어났다"
+    want = ["B-PS", "I-PS", "I-PS", "O", "O", "O", "O", "O", "B-DT", "I-DT", "I-DT", "I-DT", "I-DT", "O",
+            "B-LC", *["I-LC"] * 7, *["O"] * 5]                 # 서울 건천동에서: the word's tag covers 에서
+    words = ["이순신", "장군은", "1545년", "서울", "건천동에서", "태어났다"]
+    layouts = {
+        "iob2.tsv": ["B-PS", "O", "B-DT", "B-LC", "I-LC", "O"],
+        "iob1.txt": ["I-PS", "O", "I-DT", "I-LC", "I-LC", "O"],
+        "bioes.tsv": ["S-PS", "O", "S-DT", "B-LC", "E-LC", "O"],
+    }
+    for name, tags in layouts.items():
+        sep = " " if name.endswith(".txt") else "\t"
+        body = "".join(f"{w}{sep}{t}\n" for w, t in zip(words, tags))
+        (tmp_path / name).write_text(f"-DOCSTART- O\n\n{body}\n{body}", encoding="utf-8")
+    naver = "".join(f"{i}\t{w}\t{t}\n" for i, (w, t) in
+                    enumerate(zip(words, ["PS_B", "-", "DT_B", "LC_B", "LC_I", "-"]), start=1))
+    (tmp_path / "naver.tsv").write_text(naver, encoding="utf-8")
+    for name in [*layouts, "naver.tsv"]:
+        got = load_klue_ner(tmp_path / name)
+        assert [(x.text, x.tags) for x in got] == [(want_text, want)] * (1 if name == "naver.tsv" else 2), name
+    # the source's word tags -> character tags: the entity's inner space is I-LC (as KLUE tags it)
+    assert want[want_text.index("서울") + 2] == "I-LC"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("이순신\tPERSON\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.tsv: the sentence at line 1 has the tag 'PERSON'"):
+        load_klue_ner(bad)
+    klue_damaged = tmp_path / "damaged.tsv"   # a KLUE file with one multi-character line stays a KLUE error
+    klue_damaged.write_text("## g1\t<이순신:PS>\n이\tB-PS\n \tO\n순신\tI-PS\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="damaged.tsv:4: '순신.+I-PS' is not '<one character><TAB><tag>'"):
+        load_klue_ner(klue_damaged)
+
+
 @pytest.mark.parametrize("kind", ["plain", "mecab"])
 def test_alignment_round_trip(kind, sentences, tiny_tokenizer, mecab_tokenizer):
     """characters -> (token, slot) tags -> characters gives the gold tags for every sentence, also

@@ -149,7 +149,7 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("fine-tuning tasks (mrc, ict, encoder, classify)")
     g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV (id, document, label); "
-                        "ner: KLUE NER TSV; nli/sts: KLUE NLI/STS JSON or KorNLI/KorSTS TSV")
+                        "ner: KLUE NER TSV or CoNLL-style word/tag lines; nli/sts: KLUE NLI/STS JSON or KorNLI/KorSTS TSV")
     g.add_argument("--eval_file", default=None, help="held-out file for evaluation at the end (same format as train_file)")
     g.add_argument("--eval_fraction", type=float, default=None,
                    help="pretrain: fraction of the corpus documents held out for validation (by a hash of their "
