@@ -125,7 +125,7 @@ def _iob2(tags: list[str]) -> list[str]:
 
 def _load_words(path: Path, lines: list[str]) -> list[NERSentence]:
     """A word-level (CoNLL-style) file -> character-tagged sentences (see the module docstring)."""
-    layout = ("expected a KLUE NER TSV (one '<character><TAB><tag>' line per character) or a word-level file: "
+    layout = ("expected KLUE NER TSV (one '<character><TAB><tag>' line per character) or a word-level file: "
               "one '<word><TAB><tag>' line per word (tags O, B-TYPE, I-TYPE; IOB1 and BIOES too), a blank line "
               "between sentences")
     sentences: list[NERSentence] = []
@@ -137,9 +137,6 @@ def _load_words(path: Path, lines: list[str]) -> list[NERSentence]:
         nonlocal words, tags
         if words:
             iob2 = _iob2(tags)
-            if iob2 is None:
-                bad = next(t for t in tags if _iob2([t]) is None)
-                raise ValueError(f"{path}: the sentence at line {first} has the tag {bad!r}; {layout}")
             text, char_tags = [], []
             for i, (word, tag) in enumerate(zip(words, iob2)):
                 if i:
@@ -162,6 +159,9 @@ def _load_words(path: Path, lines: list[str]) -> list[NERSentence]:
         word = cols[1] if len(cols) >= 3 and cols[0].isdigit() else cols[0]
         if not word:
             raise ValueError(f"{path}:{line_no}: {line[:60]!r} has an empty word; {layout}")
+        if _iob2([cols[-1]]) is None:
+            raise ValueError(f"{path}:{line_no}: {line[:60]!r}: {cols[-1][:30]!r} is not a NER tag (O, B-TYPE, "
+                             f"I-TYPE; S-/E-TYPE, TYPE_B/_I, -); {layout}")
         if not words:
             first = line_no
         words.append(word)

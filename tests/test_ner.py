@@ -68,7 +68,7 @@ def test_reads_word_level_files(tmp_path):
     assert want[want_text.index("서울") + 2] == "I-LC"
     bad = tmp_path / "bad.tsv"
     bad.write_text("이순신\tPERSON\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.tsv: the sentence at line 1 has the tag 'PERSON'"):
+    with pytest.raises(ValueError, match="bad.tsv:1: .*'PERSON' is not a NER tag"):
         load_klue_ner(bad)
     klue_damaged = tmp_path / "damaged.tsv"   # a KLUE file with one multi-character line stays a KLUE error
     klue_damaged.write_text("## g1\t<이순신:PS>\n이\tB-PS\n \tO\n순신\tI-PS\n", encoding="utf-8")
@@ -242,7 +242,7 @@ def test_bad_ner_input(env, tmp_path, monkeypatch, capsys, tiny_corpus):
             "--checkpoint", str(env.pre / "final"), "--num_steps", "2"]
     nsmc = KLUE.parent / "nsmc" / "sentiment_test.tsv"
     code, err = _run_main(["--model_name", "bad", "--train_file", str(nsmc), *base], monkeypatch, capsys)
-    assert code and "is not '<one character><TAB><tag>'" in err and "KLUE NER TSV" in err
+    assert code and "sentiment_test.tsv:1: " in err and "'label' is not a NER tag" in err and "KLUE NER TSV" in err
     assert not (tmp_path / "bad").exists()
     from data.tokenizer import train_tokenizer
 
