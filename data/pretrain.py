@@ -349,8 +349,14 @@ class PretrainDataset(torch.utils.data.Dataset):
                         self.stats["split_sentences"], max_seq_length - 3, self.stats["extra_pieces"])
         if len(self) == 0:
             what = {"all": "", "train": " outside the held-out documents", "eval": " in the held-out documents"}[split]
+            few = ""
+            if split != "all" and corpus.num_documents < 10:
+                few = (f"; the whole corpus has {corpus.num_documents} document(s) in {corpus.num_sentences} lines, and "
+                       f"documents are held out whole: documents are separated by blank lines (a corpus of one "
+                       f"document per line needs its sentences on lines of their own and a blank line after each "
+                       f"document), or leave --eval_fraction out")
             raise ValueError(f"no {objective} samples{what} of {corpus.path} with max_seq_length={max_seq_length} "
-                             f"({self.stats}); ict and sop need documents of at least two sentences/tokens")
+                             f"({self.stats}); ict and sop need documents of at least two sentences/tokens{few}")
 
 
     def __len__(self) -> int:

@@ -236,3 +236,25 @@ def test_bad_arguments(nsmc, synthetic):
         PretrainDataset(cache, synthetic[1], 128)
     with pytest.raises(ValueError, match="max_seq_length"):
         PretrainDataset(cache, tok, 4)
+
+
+def test_a_corpus_without_blank_lines(tmp_path, tiny_tokenizer_dir):
+    """A corpus of one document per line without blank lines is one document: a held-out split finds no
+    whole document and says why; a run of sop over it warns that the blank lines are missing."""
+    from data.tokenizer import KoTokenizer
+    from tests.trainer_util import launch, write_config
+
+    words = ["영화", "정말", "재미있다", "배우", "연기", "최고"]
+    corpus = tmp_path / "lines.dat"
+    corpus.write_text("".join(f"{words[i % 6]} {words[(i // 6) % 6]} {words[(i // 36) % 6]}\n" for i in range(10_000)),
+                      encoding="utf-8")
+    tok = KoTokenizer.load(tiny_tokenizer_dir)
+    cache = load_or_build(corpus, tok, progress=False)
+    with pytest.raises(ValueError, match=r"the whole corpus has 1 document\(s\) in 10000 lines, and documents are held "
+                                         r"out whole: documents are separated by blank lines"):
+        PretrainDataset(cache, tok, 64, "sop", split="eval", eval_fraction=0.1)
+    proc = launch("train.py", ["--model_name", "lines", "--model", str(write_config(tmp_path / "tiny.json")),
+                               "--output_dir", str(tmp_path / "out"), "--corpus_path", str(corpus),
+                               "--tokenizer", str(tiny_tokenizer_dir), "--max_seq_length", "32", "--train_batch_size", "4",
+                               "--num_steps", "1", "--num_workers", "0", "--no_progress", "--save_steps", "0"])
+    assert "has 1 document(s) in 10000 lines: documents are separated by blank lines" in proc.stdout

@@ -16,6 +16,10 @@ from trainer.tasks.base import Task
 EVAL_ORDER_KEY = 104729  # the fixed validation sample order: default_rng([seed, EVAL_ORDER_KEY])
 
 
+# more lines per document than any real document has (a book ~5-10k): the blank lines between documents
+# are missing (a corpus of one document per line read as one document)
+LINES_PER_DOCUMENT_WARNING = 10_000
+
 class PretrainTask(Task):
     name = "pretrain"
 
@@ -44,6 +48,12 @@ class PretrainTask(Task):
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"{flag} {args.eval_corpus if eval_spec and flag == '--eval_corpus' else args.corpus_path}"
                              f": {e}") from None
+        if args.objective in ("sop", "ict") and corpus.num_sentences >= LINES_PER_DOCUMENT_WARNING * corpus.num_documents:
+            ctx.log(f"[pretrain] warning: {args.corpus_path} has {corpus.num_documents} document(s) in "
+                    f"{corpus.num_sentences} lines: documents are separated by blank lines, and --objective "
+                    f"{args.objective} pairs the sentences of one document. A corpus of one document per line needs "
+                    f"its sentences on lines of their own and a blank line after each document (or use --objective "
+                    f"mlm)")
         common = dict(objective=args.objective, mlm_probability=args.mlm_probability,
                       whole_word_mask=args.whole_word_mask, seed=args.seed,
                       mlm_separator=args.mlm_separator, mlm_packing=args.mlm_packing)
