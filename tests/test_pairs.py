@@ -68,21 +68,16 @@ def test_kornli_and_korsts_tsv(tmp_path):
     assert [(e.guid, e.label) for e in rows] == [("0001", 5.0), ("0004", 3.8)]
     assert rows[1].text_a == "한 남자가 큰 플루트를 연주하고 있다."
     bad = tmp_path / "bad.tsv"
-    bad.write_text("sentence1\tsentence2\tgold_label\n가\t나\tmaybe\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 has gold_label 'maybe'"):
-        load_klue_nli(bad)
-    bad.write_text("sentence1\tsentence2\tscore\n가\t나\t5.5\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 has labels.label 5.5"):
-        load_klue_sts(bad)
-    bad.write_text("sentence1\tsentence2\tgold_label\n가\t나\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.tsv:2: 2 tab-separated field"):
-        load_klue_nli(bad)
-    bad.write_text("sentence1\tgold_label\n가\tneutral\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 has no text in 'hypothesis' or 'sentence2'"):
-        load_klue_nli(bad)
-    bad.write_text("just a line of text\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="neither JSON nor a tab-separated file"):
-        load_klue_nli(bad)
+    for text, load, message in [
+        ("sentence1\tsentence2\tgold_label\n가\t나\tmaybe\n", load_klue_nli, "line 2 has gold_label 'maybe'"),
+        ("sentence1\tsentence2\tscore\n가\t나\t5.5\n", load_klue_sts, "line 2 has labels.label 5.5"),
+        ("sentence1\tsentence2\tgold_label\n가\t나\n", load_klue_nli, "bad.tsv:2: 2 tab-separated field"),
+        ("sentence1\tgold_label\n가\tneutral\n", load_klue_nli, "line 2 has no text in 'hypothesis' or 'sentence2'"),
+        ("just a line of text\n", load_klue_nli, "neither JSON nor a tab-separated file"),
+    ]:
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            load(bad)
 
 
 def test_pair_encoding(tiny_tokenizer):
