@@ -88,6 +88,10 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
     for ai, article in enumerate(root["data"]):
         where = f"data[{ai}]"
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            if isinstance(article, dict) and "qas" in article and "context" in article:
+                raise _fail(path, where, 'article with "context" and "qas" but no "paragraphs": the KorQuAD 2.0 '
+                                         'layout (HTML pages, one "answer" per question), which is not read here; '
+                                         'convert it to plain-text paragraphs first')
             raise _fail(path, where, 'article without a "paragraphs" list')
         title = str(article.get("title", f"article-{ai}"))
         for pi, para in enumerate(article["paragraphs"]):

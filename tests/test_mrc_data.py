@@ -252,6 +252,11 @@ def test_bad_input_errors(tmp_path):
     wrong.write_text(json.dumps({"version": "x", "articles": []}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"wrong.json.*no \"data\" list.*SQuAD 1.1"):
         load_squad(wrong)
+    korquad2 = tmp_path / "korquad2.json"
+    korquad2.write_text(json.dumps({"version": "KorQuAD_2.0", "data": [{"title": "t", "context": "<p>서울</p>", "qas": [
+        {"id": "1", "question": "?", "answer": {"text": "서울", "answer_start": 3}}]}]}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"korquad2.json: data\[0\]: .*the KorQuAD 2.0 layout"):
+        load_squad(korquad2)
     no_start = tmp_path / "nostart.json"
     no_start.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
         {"context": "서울은 수도이다.", "qas": [{"id": "1", "question": "수도는?",
