@@ -5,7 +5,9 @@ of 8, never above ``max_seq_length``).
 
 TSV layout (NSMC): a header line naming the columns, tab-separated, no quoting:
 ``id<TAB>document<TAB>label`` (other columns are ignored; ``id`` is optional, the rows are then named
-by their line numbers; the text column may also be named ``text`` or ``sentence``). Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
+by their line numbers; the text column may also be named ``text`` or ``sentence``). A ``.csv`` file, or
+one whose header is comma-separated names holding the label column, is read as CSV (quoted fields
+may hold commas, quotes and line breaks). Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
 names (``positive``, ``IT과학``, ``-1``): where any label of the files is not a non-negative integer,
 every label is a name, numbered in sorted order (integers by value first) by ``number_labels``.
 """
@@ -85,7 +87,14 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
     examples: list[ClassificationExample] = []
     num_empty = 0
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        first = f.readline()
+        f.seek(0)
+        # a .csv file, or a header of comma-separated names holding the label column (no tab): comma-separated
+        # with CSV quoting (Excel, pandas)
+        comma = path.suffix.lower() == ".csv" or ("\t" not in first and label_column in
+                                                  [c.strip().strip('"').lstrip("\ufeff") for c in first.split(",")])
+        kind = "comma" if comma else "tab"
+        reader = csv.reader(f) if comma else csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path} is empty; expected a header line "
@@ -93,31 +102,32 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
         header = [h.strip().lstrip("\ufeff") for h in header]
         if text_column == TEXT_COLUMNS[0] and text_column not in header:   # the default: its other usual names
             text_column = next((c for c in TEXT_COLUMNS if c in header), text_column)
-        layout = "\\t".join(c for c in (id_column, text_column, label_column) if c is not None)
+        layout = ("," if comma else "\\t").join(c for c in (id_column, text_column, label_column) if c is not None)
         if id_column is not None and id_column not in header:
             id_column = None                        # optional: the rows are then named by their line numbers
         needed = [c for c in (id_column, text_column, label_column) if c is not None]
         missing = [c for c in needed if c not in header]
         if missing:
             if len(header) == 1:
-                why = "has no tab: not a tab-separated file (a CSV, JSON or text file?)"
+                why = "has no tab or comma: not a tab- or comma-separated file (a JSON or text file?)"
             elif header[-1].lstrip("-").isdigit():
                 why = "looks like a data row: the file has no header line"
             else:
                 why = f"lacks the column(s) {missing}"
             raise ValueError(f"{path}: the first line {_shorten(header)} {why}; the file must be "
-                             f"tab-separated with the header line '{layout}' (rename the columns in the "
+                             f"{kind}-separated with the header line '{layout}' (rename the columns in the "
                              f"first line, or insert that line when there is none; the id column is optional, "
                              f"the text column may also be named {' or '.join(TEXT_COLUMNS[1:])})")
         col = {c: header.index(c) for c in needed}
         width = max(col.values()) + 1
-        for line_no, row in enumerate(reader, start=2):
+        for row in reader:
+            line_no = reader.line_num   # a quoted CSV field may span lines
             if limit is not None and len(examples) >= limit:
                 break
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) < width:
-                raise ValueError(f"{path}:{line_no}: {len(row)} tab-separated field(s), expected "
+                raise ValueError(f"{path}:{line_no}: {len(row)} {kind}-separated field(s), expected "
                                  f"{len(header)} ({_shorten(header)}); fix the row or remove it")
             text = row[col[text_column]].strip()
             if not text:

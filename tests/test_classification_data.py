@@ -131,3 +131,19 @@ def test_header_without_id_and_other_text_names(tmp_path):
     f.write_text("id\tbody\tlabel\n1\t좋아요\t1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['document'\].*may also be named text or sentence"):
         load_classification_tsv(f)
+
+
+def test_csv_files(tmp_path):
+    """A .csv file (or a header of comma-separated names with the label column) is read with CSV quoting:
+    a quoted text may hold commas, quotes and line breaks; errors name the line."""
+    f = tmp_path / "reviews.csv"
+    f.write_text('id,document,label\n1,"재밌다, 정말 ""최고""",positive\n2,"줄바꿈\n있는 리뷰",negative\n3,별로,negative\n',
+                 encoding="utf-8")
+    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [
+        ("1", '재밌다, 정말 "최고"', "positive"), ("2", "줄바꿈\n있는 리뷰", "negative"), ("3", "별로", "negative")]
+    g = tmp_path / "reviews.txt"                      # no .csv suffix: the header tells
+    g.write_text("text,label\n좋아요,1\n", encoding="utf-8")
+    assert [(e.id, e.text, e.label) for e in load_classification_tsv(g)] == [("2", "좋아요", 1)]
+    f.write_text('document,label\n"좋아요",1\n"별로",0\n나빠요\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"reviews.csv:4: 1 comma-separated field\(s\), expected 2"):
+        load_classification_tsv(f)
