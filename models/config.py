@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,4 +247,18 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
         raise ValueError(f"model config file {str(p)!r} does not exist")
     available = sorted(f.name[: -len("_config.json")] for f in CONFIG_DIR.glob("*_config.json"))
     raise ValueError(f"no model config named {str(name_or_path)!r}: not a file and "
-                     f"{named} does not exist; available names: {available}")
+                     f"{named} does not exist; available names: {available}{hub_id_hint(name_or_path)}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_hint(spec: str | Path) -> str:
+    """For a name such as klue/bert-base that is no local path: how to fetch it (runs read local folders
+    only; compute nodes often have no network); "" for anything else."""
+    text = str(spec)
+    if not _HUB_ID.match(text) or Path(text).exists():
+        return ""
+    folder = text.replace("/", "-")
+    return (f"; {text!r} looks like a Hugging Face Hub id, and runs read local folders only: download it first "
+            f"(`huggingface-cli download {text} --local-dir {folder}`) and pass that folder ({folder}) instead")

@@ -169,6 +169,9 @@ CASES = [
      "dump.jsonl: holds JSON lines (its first line is an object with the key(s) ['id', 'text']), not text: its "
      "lines would be trained on as they are, braces, keys and escapes included; write the text out first, one "
      "sentence per line and a blank line between documents, e.g. `jq -r '.text, \"\"' "),
+    ("model_hub_id", {"model": "klue/bert-base", "checkpoint": "klue/bert-base"},
+     "'klue/bert-base' looks like a Hugging Face Hub id, and runs read local folders only: download it first "
+     "(`huggingface-cli download klue/bert-base --local-dir klue-bert-base`) and pass that folder"),
     ("tokenizer_json_not_a_tokenizer", {"tokenizer": "{m}/not_a_tokenizer"},
      "tokenizer.json is JSON but not a tokenizer (no \"model\" object"),
     ("tokenizer_without_mask", {"tokenizer": "{m}/no_mask"},

@@ -181,6 +181,12 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     return p
 
 
+def _hub_hint(spec: str) -> str:
+    from models.config import hub_id_hint  # (models imports torch: only on this error path)
+
+    return hub_id_hint(spec)
+
+
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.error(message)
 
@@ -287,7 +293,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         from data.tokenizer import missing_tokenizer_hint
 
         _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; "
-                      f"{missing_tokenizer_hint(args.tokenizer)}")
+                      f"{missing_tokenizer_hint(args.tokenizer)}{_hub_hint(args.tokenizer)}")
     if args.tokenizer:
         from data.tokenizer import KoTokenizer, TokenizerError
 
@@ -329,7 +335,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
                       f"with a larger max_position_embedding")
     if args.checkpoint and args.checkpoint != "auto" and not Path(args.checkpoint).exists():
         _fail(parser, f"--checkpoint {args.checkpoint}: no such file or directory "
-                      f"(use --checkpoint auto to resume from the latest checkpoint when there is one)")
+                      f"(use --checkpoint auto to resume from the latest checkpoint when there is one)"
+                      f"{_hub_hint(args.checkpoint)}")
     from trainer import probe
 
     probe.check(args, parser)

@@ -123,7 +123,9 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     from trainer import checkpoint
     path = Path(spec)
     if not path.exists():
-        raise SystemExit(f"checkpoint {spec}: no such file or directory")
+        from models.config import hub_id_hint
+
+        raise SystemExit(f"checkpoint {spec}: no such file or directory{hub_id_hint(spec)}")
     folder = path.parent if path.is_file() else path
     cfg_json = folder / "config.json"
     hf = cfg_json.is_file() and is_hf_config(json.loads(cfg_json.read_text()))

@@ -124,7 +124,7 @@ def load_source(src: str | Path) -> Source:
                        "label_names": meta.get("label_names")})
     weights = src / checkpoint.WEIGHTS if src.is_dir() else src
     if not weights.is_file():
-        raise FileNotFoundError(f"{src}: no such checkpoint or weights file")
+        raise FileNotFoundError(f"{src}: no such checkpoint or weights file{_hub_hint(src)}")
     config_path = weights.parent / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} missing: an exported model needs its config.json beside "
@@ -139,6 +139,12 @@ def load_source(src: str | Path) -> Source:
                   {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
                    "train_mode": args.get("train_mode"), "objective": args.get("objective"),
                    "label_names": checkpoint.read_label_names(weights)})
+
+
+def _hub_hint(src: Path) -> str:
+    from models.config import hub_id_hint
+
+    return hub_id_hint(src)
 
 
 def _hf_weights_file(folder: Path) -> Path:
