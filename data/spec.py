@@ -110,6 +110,9 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
         return f"cannot be read ({e.strerror}); check its permissions"
     if compressed := compressed_problem(path, head):
         return compressed
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows' "Unicode" (UTF-16) text
+        return (f"is UTF-16 text (it starts with a UTF-16 byte order mark), not UTF-8: convert it with "
+                f"`iconv -f utf-16 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
         if b"\0" in head:
