@@ -86,7 +86,7 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
               limit: int | None) -> list[ClassificationExample]:
     examples: list[ClassificationExample] = []
     num_empty = 0
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         first = f.readline()
         f.seek(0)
         # a .csv file, or a header of comma-separated names holding the label column (no tab): comma-separated

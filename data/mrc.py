@@ -75,7 +75,7 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
         raise FileNotFoundError(f"SQuAD/KorQuAD file {path} does not exist; pass the JSON file, "
                                 "e.g. ../shared/data/korquad/KorQuAD_v1.0_dev.json")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             root = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 "

@@ -60,7 +60,7 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
     layout = ("expected KLUE NER TSV: '## guid<TAB>sentence' comment lines, then one '<character><TAB><BIO tag>' "
               "line per character (tags O, B-TYPE, I-TYPE), a blank line between sentences")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             lines = [raw.rstrip("\r\n") for raw in f]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {layout}") from None

@@ -61,7 +61,7 @@ def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason}); expected KLUE JSON or a TSV with a header") from None
     if text[:1] not in ("[", "{", ""):

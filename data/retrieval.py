@@ -133,7 +133,7 @@ def read_dat_documents(path: str | Path, max_documents: int | None = None) -> li
         raise FileNotFoundError(f"corpus file {path} does not exist; pass a UTF-8 text file with "
                                 "one sentence per line and a blank line between documents")
     docs: list[list[str]] = [[]]
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             line = line.strip()
             if line:
@@ -221,7 +221,7 @@ def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
     texts: list[str] = []
     tsv: bool | None = None
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -296,7 +296,7 @@ class EncodeDataset(torch.utils.data.Dataset):
 def read_pairs_tsv(path: str | Path) -> list:
     """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as Pairs."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():

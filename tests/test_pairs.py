@@ -135,3 +135,25 @@ def test_bad_pair_input_stops_before_work(env, tmp_path, monkeypatch, capsys):
                            "--num_steps", "2"], monkeypatch, capsys)
     assert code and "example 7" in err and "6.2" in err and "0 to 5" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_readers_accept_a_utf8_byte_order_mark(tmp_path):
+    """Files saved by Windows editors start with a UTF-8 BOM: every task reader reads them as without."""
+    from data.classification import load_classification_tsv
+    from data.mrc import load_squad
+    from data.ner import load_klue_ner
+
+    bom = "\ufeff"
+    files = {
+        "nli.json": (json.dumps([{"guid": "a", "premise": "가", "hypothesis": "나", "gold_label": "neutral"}]),
+                     load_klue_nli, lambda r: (r[0].text_a, r[0].label), ("가", 1.0)),
+        "sts.tsv": ("sentence1\tsentence2\tscore\n가\t나\t4.5\n", load_klue_sts, lambda r: r[0].label, 4.5),
+        "squad.json": (json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "서울은 수도", "qas": [
+            {"id": "1", "question": "?", "answers": [{"text": "서울", "answer_start": 0}]}]}]}]}),
+            load_squad, lambda r: r[0].answers[0].text, "서울"),
+        "ner.tsv": ("## g1\t<서울:LC>\n서\tB-LC\n울\tI-LC\n", load_klue_ner, lambda r: (r[0].guid, r[0].tags), ("g1", ["B-LC", "I-LC"])),
+        "cls.tsv": ("id\tdocument\tlabel\n1\t좋다\t1\n", load_classification_tsv, lambda r: (r[0].id, r[0].label), ("1", 1)),
+    }
+    for name, (text, load, pick, want) in files.items():
+        (tmp_path / name).write_text(bom + text, encoding="utf-8")
+        assert pick(load(tmp_path / name)) == want, name
