@@ -60,7 +60,7 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     (d / "corpus.dat.gz").write_bytes(gzip.compress("영화가 정말 재미있다\n\n".encode() * 100, mtime=0))
     (d / "dump.jsonl").write_text("".join(json.dumps({"id": i, "text": "영화가 정말 재미있다"}, ensure_ascii=False) + "\n"
                                           for i in range(50)), encoding="utf-8")
-    (d / "utf16.dat").write_bytes("영화가 정말 재미있다\n\n".encode("utf-16") * 20)
+    (d / "utf16.txt").write_bytes("영화가 정말 재미있다\n\n".encode("utf-16") * 20)
     (d / "gz_shards").mkdir()
     (d / "gz_shards" / "part-0.dat.gz").write_bytes((d / "corpus.dat.gz").read_bytes())
     # model configs
@@ -166,8 +166,8 @@ CASES = [
     ("corpus_directory_of_gzip_shards", {"corpus_path": "{m}/gz_shards"},
      "the directory holds no *.dat file (searched recursively); it holds compressed shards (part-0.dat.gz): "
      "decompress them"),
-    ("corpus_utf16", {"corpus_path": "{m}/utf16.dat"},
-     "utf16.dat: is UTF-16 text (it starts with a UTF-16 byte order mark), not UTF-8: convert it with `iconv -f utf-16 "
+    ("corpus_utf16", {"corpus_path": "{m}/utf16.txt"},
+     "utf16.txt: is UTF-16 text (it starts with a UTF-16 byte order mark), not UTF-8: convert it with `iconv -f utf-16 "
      "-t utf-8 "),
     ("corpus_json_lines", {"corpus_path": "{m}/dump.jsonl"},
      "dump.jsonl: holds JSON lines (its first line is an object with the key(s) ['id', 'text']), not text: its "
