@@ -123,24 +123,33 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
     return structured_problem(path, head)
 
 
-def structured_problem(path: Path, head: bytes) -> str | None:
-    """JSON (a JSON-lines dump, e.g. of a `datasets` corpus) given the file's first bytes, else None: its
-    lines would be trained on as text, braces, keys and escapes included."""
-    first = next((line for line in head.split(b"\n")[:-1] if line.strip()), b"").strip()
-    if not first.startswith((b"{", b"[")):
+def json_lines_keys(head: bytes) -> list[str] | None:
+    """The keys of the first line of a JSON-lines file (an object with a string value; e.g. a `datasets`
+    dump) given the file's first bytes, else None."""
+    first = next((line for line in head.split(b"\n")[:-1] if line.strip()), b"").strip().lstrip(b"\xef\xbb\xbf")
+    if not first.startswith(b"{"):
         return None
     try:
         record = json.loads(first)
     except ValueError:
         return None
     if isinstance(record, dict) and any(isinstance(v, str) for v in record.values()):
-        key = next(k for k, v in record.items() if isinstance(v, str))
-        return (f"holds JSON lines (its first line is an object with the key(s) {list(record)[:5]}), not text: its "
-                f"lines would be trained on as they are, braces, keys and escapes included; write the text out "
-                f"first, one sentence per line and a blank line between documents, e.g. "
-                f"`jq -r '.{key}, \"\"' {path} > {Path(path).with_suffix('.dat').name}` (each record's text, then "
-                f"a blank line)")
+        return list(record)
     return None
+
+
+def structured_problem(path: Path, head: bytes) -> str | None:
+    """A JSON-lines corpus given the file's first bytes, else None: its lines would be trained on as text,
+    braces, keys and escapes included."""
+    keys = json_lines_keys(head)
+    if keys is None:
+        return None
+    text = next((k for k in keys if k in ("text", "document", "content", "sentence")), keys[-1])
+    return (f"holds JSON lines (its first line is an object with the key(s) {keys[:5]}), not text: its "
+            f"lines would be trained on as they are, braces, keys and escapes included; write the text out "
+            f"first, one sentence per line and a blank line between documents, e.g. "
+            f"`jq -r '.{text}, \"\"' {path} > {Path(path).with_suffix('.dat').name}` (each record's text, then "
+            f"a blank line)")
 
 
 def split_parts(spec: str) -> list[tuple[str, float | None]]:

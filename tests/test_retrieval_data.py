@@ -116,6 +116,10 @@ def test_read_text_file_and_encode_dataset(tmp_path, tiny_tokenizer):
         read_text_file(dup)
     with pytest.raises(FileNotFoundError, match="absent.txt"):
         read_text_file(tmp_path / "absent.txt")
+    jsonl = tmp_path / "passages.jsonl"     # a JSON-lines dump would be encoded braces and all
+    jsonl.write_text('{"doc_id": 7, "passage": "서울은 수도이다"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"passages.jsonl holds JSON lines .*`jq -r '\[.doc_id, .passage\] \| @tsv'"):
+        read_text_file(jsonl)
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no text lines"):
