@@ -7,13 +7,16 @@ TSV layout (NSMC): a header line naming the columns, tab-separated, no quoting:
 ``id<TAB>document<TAB>label`` (other columns are ignored; ``id`` is optional, the rows are then named
 by their line numbers; the text column may also be named ``text`` or ``sentence``). A ``.csv`` file, or
 one whose header is comma-separated names holding the label column, is read as CSV (quoted fields
-may hold commas, quotes and line breaks). Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
+may hold commas, quotes and line breaks). A file starting with ``[`` or ``{`` is JSON (a list of
+objects, ``{"data": [...]}`` or JSON lines; KLUE YNAT's layout: the text under ``document``,
+``text``, ``sentence`` or ``title``, the ``label``, the id under ``guid`` or ``id``). Labels are class indices 0..C-1 (NSMC: 0 negative, 1 positive) or
 names (``positive``, ``IT과학``, ``-1``): where any label of the files is not a non-negative integer,
 every label is a name, numbered in sorted order (integers by value first) by ``number_labels``.
 """
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
 from collections import Counter
@@ -67,6 +70,10 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
                                 f"tab-separated file with a header ({id_column}, {text_column}, "
                                 f"{label_column}), e.g. ../shared/data/nsmc/sentiment_train.tsv")
     try:
+        with open(path, encoding="utf-8-sig") as f:
+            start = f.read(1 << 10).lstrip()[:1]
+        if start in ("[", "{"):
+            return _read_json(path, text_column, label_column, id_column, limit)
         return _read_tsv(path, text_column, label_column, id_column, limit)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason}); a binary file or another encoding? "
@@ -74,6 +81,60 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
     except csv.Error as e:  # e.g. a line over the csv module's field size limit (a JSON file)
         raise ValueError(f"{path} is not a tab-separated file ({e}); expected the header line "
                          f"'{id_column}\\t{text_column}\\t{label_column}' and one row per line") from None
+
+
+JSON_TEXT_KEYS = (*TEXT_COLUMNS, "title")  # KLUE YNAT classifies its news headlines ("title")
+
+
+def _read_json(path: Path, text_column: str, label_column: str, id_column: str | None,
+               limit: int | None) -> list[ClassificationExample]:
+    """A JSON list of objects (KLUE YNAT's layout; or {"data": [...]}) or JSON lines: the text under the
+    first of `text_column` and JSON_TEXT_KEYS present, the label under `label_column`, the id under
+    `guid` or `id` (else the position)."""
+    text = path.read_text(encoding="utf-8-sig").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected a TSV with the "
+                             f"header line 'id\\tdocument\\tlabel', or JSON objects with a text and a "
+                             f"{label_column!r}") from None
+    if isinstance(data, dict):
+        data = data.get("data", [data])
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: JSON, but not a list of objects (got {_shorten(data)}); expected objects with a "
+                         f"text ({' or '.join(dict.fromkeys((text_column, *JSON_TEXT_KEYS)))}) and a "
+                         f"{label_column!r}, e.g. KLUE YNAT's")
+    keys = tuple(dict.fromkeys((text_column, *JSON_TEXT_KEYS)))
+    examples, num_empty = [], 0
+    for i, r in enumerate(data):
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{path}: example {i}" + (f" ({r['guid']})" if "guid" in r else "")
+        key = next((k for k in keys if k in r), None)
+        if key is None or not isinstance(r[key], str):
+            raise ValueError(f"{where} has no text ({' or '.join(keys)}: a string); every example needs one")
+        label = r.get(label_column)
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = label if label >= 0 else str(label)          # a negative number is a name, as in a TSV
+        elif isinstance(label, str) and label.strip():
+            label = label.strip()
+            label = int(label) if label.isascii() and label.isdigit() else label
+        else:
+            raise ValueError(f"{where} has the label {_shorten(label)} in {label_column!r}; labels are class "
+                             f"indices 0..C-1 or names")
+        if not r[key].strip():
+            num_empty += 1
+            continue
+        ex_id = str(r.get("guid", r.get(id_column or "id", i)))
+        examples.append(ClassificationExample(ex_id, r[key].strip(), label))
+    if num_empty:
+        logger.warning("%s: skipped %d example(s) with an empty text", path, num_empty)
+    if not examples:
+        raise ValueError(f"{path} holds no labelled examples")
+    return examples
 
 
 def _shorten(value: object, limit: int = 120) -> str:

@@ -198,7 +198,7 @@ CASES = [
      "lacks the column(s) ['label']; the file must be tab-separated with the header line 'id\\tdocument\\tlabel' "
      "(rename the columns in the first line"),
     ("classify_wrong_format", CLASSIFY | {"train_file": "{m}/58k.json"},
-     "has no tab or comma: not a tab- or comma-separated file"),
+     "58k.json: JSON, but not a list of objects (got ['xxxxx"),
     ("classify_stray_label", CLASSIFY | {"train_file": "{m}/stray_label.tsv"},
      "no rows with label(s) [2, 3, 4, 5, 6]; that would train a 8-class head. label 7 is on the row(s) with id '999'"),
     ("classify_label_above_num_labels", CLASSIFY | {"train_file": "{m}/stray_label.tsv", "num_labels": "2"},

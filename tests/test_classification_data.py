@@ -1,5 +1,6 @@
 """Sentiment TSV parsing (real NSMC slice), dataset/collate, padding rule, bad-input errors."""
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,26 @@ def test_csv_files(tmp_path):
     f.write_text('document,label\n"좋아요",1\n"별로",0\n나빠요\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"reviews.csv:4: 1 comma-separated field\(s\), expected 2"):
         load_classification_tsv(f)
+
+
+def test_json_files_klue_ynat_layout(tmp_path):
+    """A JSON list (KLUE YNAT: the headline under "title", topic names as labels) or JSON lines (a `datasets`
+    dump: "text", integer labels) read as the TSV does; ids from guid/id, else the position."""
+    ynat = tmp_path / "ynat-v1.1_train.json"
+    ynat.write_text(json.dumps([
+        {"guid": "ynat-v1_train_00000", "title": "유튜브 내달 2일까지 크리에이터 지원 공간 운영", "label": "생활문화",
+         "url": "https://news.naver.com/x", "date": "2016.06.30. 오전 10:36"},
+        {"guid": "ynat-v1_train_00001", "title": "내년부터 국가RD 평가 때 논문건수는 반영 않는다", "label": "사회"}],
+        ensure_ascii=False, indent=1), encoding="utf-8")
+    rows = load_classification_tsv(ynat)
+    assert [(e.id, e.label) for e in rows] == [("ynat-v1_train_00000", "생활문화"), ("ynat-v1_train_00001", "사회")]
+    assert number_labels({"t": rows}) == ["사회", "생활문화"] and [e.label for e in rows] == [1, 0]
+    dump = tmp_path / "train.jsonl"
+    dump.write_text('{"text": "좋다", "label": 1}\n{"text": "별로", "label": 0}\n{"text": "", "label": 0}\n', encoding="utf-8")
+    assert [(e.id, e.text, e.label) for e in load_classification_tsv(dump)] == [("0", "좋다", 1), ("1", "별로", 0)]
+    dump.write_text('[{"text": "좋다", "label": null}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.jsonl: example 0 has the label None in 'label'"):
+        load_classification_tsv(dump)
+    dump.write_text('[{"body": "좋다", "label": 1}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"example 0 has no text \(document or text or sentence or title"):
+        load_classification_tsv(dump)
