@@ -56,7 +56,8 @@ TEXT_COLUMNS = ("document", "text", "sentence")  # the text column's names, the 
 def load_classification_tsv(path: str | Path, text_column: str = "document",
                             label_column: str = "label", id_column: str | None = "id",
                             limit: int | None = None) -> list[ClassificationExample]:
-    """Read a TSV with a header (NSMC layout) into examples; ``limit`` reads the first N rows. Without
+    """Read a TSV with a header (NSMC layout; or CSV, or JSON: the module docstring) into examples;
+    ``limit`` reads the first N rows. Without
     an ``id`` column the rows are named by their line numbers; the default text column ``document``
     may also be named ``text`` or ``sentence`` (TEXT_COLUMNS).
 
