@@ -1,4 +1,5 @@
-"""Extractive machine reading comprehension (KorQuAD 1.0 / SQuAD 1.1 JSON layout).
+"""Extractive machine reading comprehension (KorQuAD 1.0 / SQuAD 1.1 JSON layout; also the flat
+one-object-per-question layout of `datasets`, and SQuAD 2.0's unanswerable questions).
 
 Shape letters: N number of features (windows), B batch, L padded sequence length (longest in
 the batch rounded up to a multiple of 8, never above ``max_seq_length``).
@@ -69,6 +70,34 @@ class Paragraph:
     context: str
 
 
+def _flat(rows: list) -> bool:
+    """Whether rows are the flat layout of `datasets` (squad, squad_kor_v1): one object per question with
+    "context", "question" and "answers": {"text": [...], "answer_start": [...]}."""
+    return bool(rows) and all(isinstance(r, dict) and "context" in r and "question" in r
+                              and isinstance(r.get("answers"), dict) for r in rows)
+
+
+def _nest(rows: list[dict]) -> dict:
+    """The flat layout -> SQuAD's nested one, in the rows' order: a new article where the title changes, a new
+    paragraph where the context does (how `datasets` flattened them)."""
+    data: list[dict] = []
+    for i, r in enumerate(rows):
+        a = r["answers"]
+        texts, starts = a.get("text", []), a.get("answer_start", [])
+        answers = ([{"text": t, "answer_start": st} for t, st in zip(texts, starts)]
+                   if isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts)
+                   else [{"text": texts, "answer_start": starts}])  # not lists of the same length: named below
+        qa = {"id": r.get("id", str(i)), "question": r["question"], "answers": answers}
+        title = str(r.get("title", ""))
+        if not data or data[-1]["title"] != title:
+            data.append({"title": title, "paragraphs": []})
+        paragraphs = data[-1]["paragraphs"]
+        if not paragraphs or paragraphs[-1]["context"] != r["context"]:
+            paragraphs.append({"context": r["context"], "qas": []})
+        paragraphs[-1]["qas"].append(qa)
+    return {"data": data}
+
+
 def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
     path = Path(path)
     if not path.is_file():
@@ -76,10 +105,21 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
                                 "e.g. ../shared/data/korquad/KorQuAD_v1.0_dev.json")
     try:
         with open(path, encoding="utf-8-sig") as f:
-            root = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 "
-                         "JSON file") from None
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 JSON file") from None
+    try:
+        root = json.loads(text)
+    except json.JSONDecodeError as e:
+        try:  # JSON lines: `datasets`' to_json() of squad_kor_v1 / squad
+            root = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 "
+                             "JSON file") from None
+    if isinstance(root, dict) and isinstance(root.get("data"), list) and _flat(root["data"]):
+        root = root["data"]
+    if isinstance(root, list) and _flat(root):
+        root = _nest(root)
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise _fail(path, "top level", 'no "data" list')
     paragraphs: list[Paragraph] = []

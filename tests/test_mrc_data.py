@@ -174,6 +174,29 @@ def test_unanswerable_questions(tiny_tokenizer, tmp_path):
     assert squad_em_f1(postprocess(feats, starts, ends, null_answers=True), examples)["exact_match"] == 50.0
 
 
+def test_flat_layout_of_datasets(tmp_path):
+    """`datasets`' squad_kor_v1 / squad saved with to_json: one object per question (context, question,
+    answers as lists), as JSON lines or a JSON list: the same questions, in the same order, as the nested
+    file they came from."""
+    if not KORQUAD.exists():
+        pytest.skip("../shared/data not available")
+    nested = json.loads(KORQUAD.read_text(encoding="utf-8"))
+    nested["data"] = nested["data"][:4]
+    (tmp_path / "nested.json").write_text(json.dumps(nested, ensure_ascii=False), encoding="utf-8")
+    rows = [{"id": qa["id"], "title": art["title"], "context": para["context"], "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa["answers"]], "answer_start": [a["answer_start"] for a in qa["answers"]]}}
+            for art in nested["data"] for para in art["paragraphs"] for qa in para["qas"]]
+    (tmp_path / "flat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "flat.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    want = [(e.id, e.title, e.context, e.question, e.answers) for e in load_squad(tmp_path / "nested.json")]
+    for name in ("flat.jsonl", "flat.json"):
+        assert [(e.id, e.title, e.context, e.question, e.answers) for e in load_squad(tmp_path / name)] == want
+    rows[0]["answers"] = {"text": ["a", "b"], "answer_start": [0]}
+    (tmp_path / "flat.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data\[0\].paragraphs\[0\].qas\[0\].answers\[0\]"):
+        load_squad(tmp_path / "flat.json")
+
+
 def test_collate_pads_to_multiple_of_8(tiny_tokenizer):
     ex = long_example()
     short = Example("short-0", "고려의 수도는?", "고려의 수도는 개경이었다.", [Answer("개경", 8)], "고려", "1-0")

@@ -148,7 +148,7 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
                         "nsmc.max_train_examples=256 or all.max_seq_length=64; repeatable")
 
     g = p.add_argument_group("fine-tuning tasks (mrc, ict, encoder, classify)")
-    g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON; ict: KorQuAD JSON or TSV pairs; classify: TSV, CSV or JSON (id, document, label; KLUE YNAT); "
+    g.add_argument("--train_file", default=None, help="mrc: KorQuAD/SQuAD JSON (or datasets' flat JSON lines); ict: KorQuAD JSON or TSV pairs; classify: TSV, CSV or JSON (id, document, label; KLUE YNAT); "
                         "ner: KLUE NER TSV or CoNLL-style word/tag lines; nli/sts: KLUE NLI/STS JSON or KorNLI/KorSTS TSV")
     g.add_argument("--eval_file", default=None, help="held-out file for evaluation at the end (same format as train_file)")
     g.add_argument("--eval_fraction", type=float, default=None,
