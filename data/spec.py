@@ -16,8 +16,8 @@ SpecError (a ValueError) naming the offending path and the fix, before any work.
 from __future__ import annotations
 
 import codecs
-import json
 import glob
+import json
 import math
 import re
 import stat
@@ -85,7 +85,8 @@ def compressed_problem(path: Path, head: bytes) -> str | None:
 
 
 def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
-    """Why `path` cannot be a UTF-8 text shard (missing, not a regular file, empty, binary), or None.
+    """Why `path` cannot be a UTF-8 text shard (missing, not a regular file, empty, compressed, UTF-16,
+    binary or in another encoding, JSON lines), or None.
 
     Only the first bytes are read: enough to catch a wrong file without reading a 100 GB corpus."""
     try:
