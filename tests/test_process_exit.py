@@ -123,3 +123,41 @@ def test_run_process_exits_cleanly_when_gloo_runs_python_late(tmp_path):
     assert "terminate called" not in err0 + err1
     assert (tmp_path / "callback0").read_text() == "ran"  # ran on gloo's thread while rank 0 was ending
     assert (tmp_path / "callback1").read_text() == "ran"
+
+
+CYCLE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from trainer import dist
+
+    out = Path(sys.argv[2])
+
+    class Held:  # stands for a DDP model left in a reference cycle, holding the process group
+        def __init__(self):
+            self.me = self
+        def __del__(self):
+            (out / "collected").write_text("yes")
+
+    def fn():
+        if sys.argv[1] == "group":
+            dist.init(device="cpu")
+            dist.shutdown()
+        Held()
+
+    dist.run_process(fn)
+""")
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_no_garbage_collection_at_exit_after_a_process_group(tmp_path, group):
+    """run_process collects unreachable objects at exit, except once a process group was used: collecting a
+    cycle that holds the gloo group destroys it while this thread holds the GIL, and its worker threads may
+    still need the GIL (a finished 2-process run once hung there). os._exit ends them instead."""
+    script = tmp_path / "cycle.py"
+    script.write_text(CYCLE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script), "group" if group else "plain", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=dict(env, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "collected").exists() is not group

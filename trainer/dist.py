@@ -49,6 +49,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# a torch.distributed group was set up in this process: its worker threads may outlive it (end_process)
+_GROUP_USED = False
+
+
 def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
     """Initialise torch.distributed from the torchrun environment (or a 1-process group)."""
     if "RANK" not in os.environ:
@@ -63,6 +67,8 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
+    global _GROUP_USED
+    _GROUP_USED = True
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
         # TRAINER_PG_TIMEOUT_S: the collective timeout in seconds (tests lower it to show that no
@@ -82,7 +88,9 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
 
 
 def shutdown() -> None:
+    global _GROUP_USED
     if dist.is_initialized():
+        _GROUP_USED = True
         dist.destroy_process_group()
 
 
@@ -99,7 +107,7 @@ def run_process(fn: Callable[[], object]) -> NoReturn:
     returns (or exits), the Python part of the shutdown is done here, in the interpreter's order:
     threading's exit callbacks run and the other non-daemon threads are joined, the atexit handlers
     run (logging, multiprocessing children, trackers), unreachable objects are collected (files they
-    hold get closed), the standard streams are flushed; then `os._exit` with the exit code Python
+    hold get closed; not after a process group was used: see `end_process`), the standard streams are flushed; then `os._exit` with the exit code Python
     would have used. Exceptions other than SystemExit and KeyboardInterrupt propagate as usual
     (traceback, exit code 1).
 
@@ -128,7 +136,15 @@ def end_process(code: int) -> NoReturn:
     # other non-daemon thread joined
     threading._shutdown()
     atexit._run_exitfuncs()
-    gc.collect()
+    # Unreachable objects are collected (files they hold get closed), except after a process group:
+    # a DDP/FSDP model left in a reference cycle holds the gloo group, which collecting it destroys, and
+    # ~ProcessGroupGloo joins gloo's worker threads while this thread holds the GIL. A worker that is
+    # still dropping a finished collective's Python-owned tensors needs the GIL: both wait forever (seen
+    # after a 2-process run had exported final/: main thread in gc_collect -> ~Reducer ->
+    # ~ProcessGroupGloo -> mutex; worker in ~AsyncWork -> decref_pyobject -> gil_scoped_acquire).
+    # os._exit below ends those threads without destroying anything.
+    if not (_GROUP_USED or dist.is_initialized()):
+        gc.collect()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
