@@ -16,7 +16,6 @@ every label is a name, numbered in sorted order (integers by value first) by ``n
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from collections import Counter
@@ -26,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from data.jsonfile import json_or_lines
 from data.padding import pad_batch, padded_length  # re-exported: their home is data/padding.py
 
 __all__ = [
@@ -92,23 +92,18 @@ def _read_json(path: Path, text_column: str, label_column: str, id_column: str |
     """A JSON list of objects (KLUE YNAT's layout; or {"data": [...]}) or JSON lines: the text under the
     first of `text_column` and JSON_TEXT_KEYS present, the label under `label_column`, the id under
     `guid` or `id` (else the position)."""
-    text = path.read_text(encoding="utf-8-sig").strip()
     try:
-        data = json.loads(text)
-    except ValueError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as e:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected a TSV with the "
-                             f"header line 'id\\tdocument\\tlabel', or JSON objects with a text and a "
-                             f"{label_column!r}") from None
+        data = json_or_lines(path.read_text(encoding="utf-8-sig").strip())
+    except ValueError as e:
+        raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected a TSV with the "
+                         f"header line 'id\\tdocument\\tlabel', or JSON objects with a text and a "
+                         f"{label_column!r}") from None
+    keys = tuple(dict.fromkeys((text_column, *JSON_TEXT_KEYS)))
     if isinstance(data, dict):
         data = data.get("data", [data])
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path}: JSON, but not a list of objects (got {_shorten(data)}); expected objects with a "
-                         f"text ({' or '.join(dict.fromkeys((text_column, *JSON_TEXT_KEYS)))}) and a "
-                         f"{label_column!r}, e.g. KLUE YNAT's")
-    keys = tuple(dict.fromkeys((text_column, *JSON_TEXT_KEYS)))
+                         f"text ({' or '.join(keys)}) and a {label_column!r}, e.g. KLUE YNAT's")
     examples, num_empty = [], 0
     for i, r in enumerate(data):
         if limit is not None and len(examples) >= limit:
@@ -121,8 +116,7 @@ def _read_json(path: Path, text_column: str, label_column: str, id_column: str |
         if isinstance(label, int) and not isinstance(label, bool):
             label = label if label >= 0 else str(label)          # a negative number is a name, as in a TSV
         elif isinstance(label, str) and label.strip():
-            label = label.strip()
-            label = int(label) if label.isascii() and label.isdigit() else label
+            label = _label(label.strip())
         else:
             raise ValueError(f"{where} has the label {_shorten(label)} in {label_column!r}; labels are class "
                              f"indices 0..C-1 or names")
@@ -136,6 +130,11 @@ def _read_json(path: Path, text_column: str, label_column: str, id_column: str |
     if not examples:
         raise ValueError(f"{path} holds no labelled examples")
     return examples
+
+
+def _label(text: str) -> int | str:
+    """A label as read: a class index where `text` is a non-negative integer, else a name."""
+    return int(text) if text.isascii() and text.isdigit() else text
 
 
 def _shorten(value: object, limit: int = 120) -> str:
@@ -154,14 +153,14 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
         # a .csv file, or a header of comma-separated names holding the label column (no tab): comma-separated
         # with CSV quoting (Excel, pandas)
         comma = path.suffix.lower() == ".csv" or ("\t" not in first and label_column in
-                                                  [c.strip().strip('"').lstrip("\ufeff") for c in first.split(",")])
+                                                  [c.strip().strip('"') for c in first.split(",")])
         kind = "comma" if comma else "tab"
         reader = csv.reader(f) if comma else csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path} is empty; expected a header line "
                              f"'{id_column}\\t{text_column}\\t{label_column}' and data rows")
-        header = [h.strip().lstrip("\ufeff") for h in header]
+        header = [h.strip() for h in header]   # (utf-8-sig: a leading byte order mark is gone)
         if text_column == TEXT_COLUMNS[0] and text_column not in header:   # the default: its other usual names
             text_column = next((c for c in TEXT_COLUMNS if c in header), text_column)
         layout = ("," if comma else "\\t").join(c for c in (id_column, text_column, label_column) if c is not None)
@@ -199,7 +198,7 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
             if not raw:
                 raise ValueError(f"{path}:{line_no}: the label (column {label_column!r}) is empty; give the row "
                                  f"its label or remove it")
-            label = int(raw) if raw.isascii() and raw.isdigit() else raw
+            label = _label(raw)
             ex_id = row[col[id_column]].strip() if id_column is not None else str(line_no)
             examples.append(ClassificationExample(ex_id, text, label))
     if num_empty:

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from data.jsonfile import json_or_lines
 from data.padding import pad_batch
 
 __all__ = [
@@ -109,13 +110,9 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 JSON file") from None
     try:
-        root = json.loads(text)
-    except json.JSONDecodeError as e:
-        try:  # JSON lines: `datasets`' to_json() of squad_kor_v1 / squad
-            root = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 "
-                             "JSON file") from None
+        root = json_or_lines(text)   # JSON lines: `datasets`' to_json() of squad_kor_v1 / squad
+    except ValueError as e:
+        raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 JSON file") from None
     if isinstance(root, dict) and isinstance(root.get("data"), list) and _flat(root["data"]):
         root = root["data"]
     if isinstance(root, list) and _flat(root):

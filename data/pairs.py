@@ -20,7 +20,6 @@ Shape letters: B batch, L padded sequence length.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from data.jsonfile import json_or_lines
 from data.padding import pad_batch
 
 __all__ = ["NLI_LABELS", "PairExample", "load_klue_nli", "load_klue_sts", "SentencePairDataset", "hash_split"]
@@ -67,12 +67,9 @@ def _read_records(path: Path) -> list[dict]:
     if text[:1] not in ("[", "{", ""):
         return _read_tsv_records(path, text)
     try:
-        data = json.loads(text)
-    except ValueError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as e:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected KLUE JSON") from None
+        data = json_or_lines(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected KLUE JSON") from None
     if isinstance(data, dict):
         data = data.get("data", data)
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
@@ -86,7 +83,7 @@ TSV_LINE = "_line"  # a TSV record's line number
 def _read_tsv_records(path: Path, text: str) -> list[dict]:
     """A tab-separated file with a header line -> one record (column -> value) per data row."""
     lines = text.splitlines()
-    header = [h.strip().lstrip("\ufeff") for h in lines[0].split("\t")]
+    header = [h.strip() for h in lines[0].split("\t")]
     if len(header) < 2:
         raise ValueError(f"{path} is neither JSON nor a tab-separated file with a header line (its first line "
                          f"{lines[0][:80]!r} has no tab); expected KLUE JSON, or a TSV such as KorNLI's")

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from data.jsonfile import json_lines_keys, text_key
 from data.metrics import recall_at_k
 from data.mrc import Example, Paragraph, _parse_squad, load_squad
 from data.padding import pad_batch
@@ -227,13 +228,10 @@ def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
             if not line.strip():
                 continue
             if tsv is None:
-                from data.spec import json_lines_keys
-
                 keys = json_lines_keys(line.encode("utf-8") + b"\n")
                 if keys:  # a JSON-lines file: its lines would be encoded as text, braces and keys included
-                    text_key = next((k for k in keys if k in ("text", "passage", "document", "content")), keys[-1])
                     id_key = next((k for k in keys if k in ("id", "doc_id", "pid", "_id")), None)
-                    fields = f"[.{id_key}, .{text_key}] | @tsv" if id_key else f".{text_key}"
+                    fields = f"[.{id_key}, .{text_key(keys)}] | @tsv" if id_key else f".{text_key(keys)}"
                     raise ValueError(f"{path} holds JSON lines (its first line is an object with the key(s) "
                                      f"{keys[:5]}), not text: they would be encoded as they are, braces and keys "
                                      f"included; write 'id<TAB>text' lines (or one passage per line) first, e.g. "

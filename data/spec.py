@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import codecs
 import glob
-import json
 import math
 import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.jsonfile import json_lines_keys, text_key
 
 SHARD_SUFFIX = ".dat"
 SNIFF_BYTES = 1 << 16
@@ -124,28 +125,13 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
     return structured_problem(path, head)
 
 
-def json_lines_keys(head: bytes) -> list[str] | None:
-    """The keys of the first line of a JSON-lines file (an object with a string value; e.g. a `datasets`
-    dump) given the file's first bytes, else None."""
-    first = next((line for line in head.split(b"\n")[:-1] if line.strip()), b"").strip().lstrip(b"\xef\xbb\xbf")
-    if not first.startswith(b"{"):
-        return None
-    try:
-        record = json.loads(first)
-    except ValueError:
-        return None
-    if isinstance(record, dict) and any(isinstance(v, str) for v in record.values()):
-        return list(record)
-    return None
-
-
 def structured_problem(path: Path, head: bytes) -> str | None:
     """A JSON-lines corpus given the file's first bytes, else None: its lines would be trained on as text,
     braces, keys and escapes included."""
     keys = json_lines_keys(head)
     if keys is None:
         return None
-    text = next((k for k in keys if k in ("text", "document", "content", "sentence")), keys[-1])
+    text = text_key(keys)
     return (f"holds JSON lines (its first line is an object with the key(s) {keys[:5]}), not text: its "
             f"lines would be trained on as they are, braces, keys and escapes included; write the text out "
             f"first, one sentence per line and a blank line between documents, e.g. "
