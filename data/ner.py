@@ -65,7 +65,7 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {layout}") from None
     klue = any(line[:1].isspace() and line[1:2] == "\t" or line.startswith("##") and "\t" in line for line in lines)
-    if not klue and any(line.strip() and (len(line.split("\t")) != 2 or len(line.split("\t")[0]) != 1)
+    if not klue and any(line.strip() and (len(parts := line.split("\t")) != 2 or len(parts[0]) != 1)
                         for line in lines):
         return _load_words(path, lines)   # no KLUE marks (space characters, '## guid' lines), words on lines
     sentences: list[NERSentence] = []
@@ -103,7 +103,7 @@ _WORD_TAG = re.compile(r"^([BIES])-(\S+)$")
 _SUFFIX_TAG = re.compile(r"^(\S+)_([BI])$")  # Naver NER: PER_B, PER_I
 
 
-def _iob2(tags: list[str]) -> list[str]:
+def _iob2(tags: list[str]) -> list[str] | None:
     """Word tags in IOB2, IOB1, BIOES or Naver's suffix style -> IOB2 (None where a tag is none of them)."""
     out: list[str] = []
     open_type = None  # the type of the entity the previous word is inside (None after O, S-, E-)

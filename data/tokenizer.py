@@ -463,10 +463,9 @@ class KoTokenizer:
         self.morpheme = morpheme
         self.splitter = MorphemeSplitter(morpheme) if morpheme else None
         vocab = tokenizer.get_vocab()
-        self.roles: dict[str, int] = special_roles(vocab, named or {})
         self.foreign: bool = any(vocab.get(tok) != i for i, tok in enumerate(SPECIAL_TOKENS))
-        if not self.foreign:
-            self.roles = dict(zip(ROLES, range(len(SPECIAL_TOKENS))))
+        self.roles: dict[str, int] = (special_roles(vocab, named or {}) if self.foreign else
+                                      dict(zip(ROLES, range(len(SPECIAL_TOKENS)))))
         # ids beyond get_vocab_size() happen in foreign files (an added token past a gap)
         self.vocab_size: int = max(tokenizer.get_vocab_size(), max(vocab.values(), default=-1) + 1)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.eod_id = (

@@ -181,11 +181,17 @@ ELECTRA_RENAMES = [("electra.", "bert."), ("generator_predictions.dense.", "cls.
                    ("generator_lm_head.bias", "cls.predictions.bias")]
 
 
+def _embedding_size(d: dict, config: ModelConfig) -> int | None:
+    """Our embedding_size for an ALBERT / ELECTRA config.json's (their default 128): None (not factorized)
+    where it is the hidden size."""
+    embedding = d.get("embedding_size", 128)
+    return None if embedding == config.hidden_size else embedding
+
+
 def electra_config_from_hf(d: dict) -> ModelConfig:
     """Our (BERT, possibly factorized) ModelConfig for a transformers ELECTRA config.json."""
     config = bert_config_from_hf(d, family="ELECTRA")
-    embedding = d.get("embedding_size", 128)
-    return dataclasses.replace(config, embedding_size=None if embedding == config.hidden_size else embedding)
+    return dataclasses.replace(config, embedding_size=_embedding_size(d, config))
 
 
 def electra_as_bert(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -212,9 +218,7 @@ def albert_config_from_hf(d: dict) -> ModelConfig:
         problems.append(f"num_hidden_layers {layers} not a multiple of num_hidden_groups {groups}")
     if problems:
         raise ValueError("this ALBERT config has no equivalent here: " + ", ".join(problems))
-    embedding = d.get("embedding_size", 128)
-    return dataclasses.replace(config, layer_group=layers // groups,
-                               embedding_size=None if embedding == config.hidden_size else embedding)
+    return dataclasses.replace(config, layer_group=layers // groups, embedding_size=_embedding_size(d, config))
 
 
 def roberta_prelayernorm_config_from_hf(d: dict) -> ModelConfig:

@@ -121,33 +121,31 @@ def test_label_names_are_numbered_alike_in_every_file(tmp_path, tiny_tokenizer):
     assert number_labels({"t": indices}) is None and [e.label for e in indices] == [1, 0]
 
 
+def _read(path: Path, text: str) -> list[tuple]:
+    """(id, text, label) of each example of `text` written to `path`."""
+    path.write_text(text, encoding="utf-8")
+    return [(e.id, e.text, e.label) for e in load_classification_tsv(path)]
+
+
 def test_header_without_id_and_other_text_names(tmp_path):
     """`text` or `sentence` for the text column, no id column (rows named by line), extra columns ignored."""
     f = tmp_path / "t.tsv"
-    f.write_text("label\tsource\ttext\npositive\tweb\t좋아요\nnegative\tweb\t별로\n", encoding="utf-8")
-    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [("2", "좋아요", "positive"),
-                                                                             ("3", "별로", "negative")]
-    f.write_text("sentence\tlabel\n좋아요\t1\n", encoding="utf-8")
-    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [("2", "좋아요", 1)]
-    f.write_text("id\tbody\tlabel\n1\t좋아요\t1\n", encoding="utf-8")
+    assert _read(f, "label\tsource\ttext\npositive\tweb\t좋아요\nnegative\tweb\t별로\n") == [
+        ("2", "좋아요", "positive"), ("3", "별로", "negative")]
+    assert _read(f, "sentence\tlabel\n좋아요\t1\n") == [("2", "좋아요", 1)]
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['document'\].*may also be named text or sentence"):
-        load_classification_tsv(f)
+        _read(f, "id\tbody\tlabel\n1\t좋아요\t1\n")
 
 
 def test_csv_files(tmp_path):
     """A .csv file (or a header of comma-separated names with the label column) is read with CSV quoting:
     a quoted text may hold commas, quotes and line breaks; errors name the line."""
     f = tmp_path / "reviews.csv"
-    f.write_text('id,document,label\n1,"재밌다, 정말 ""최고""",positive\n2,"줄바꿈\n있는 리뷰",negative\n3,별로,negative\n',
-                 encoding="utf-8")
-    assert [(e.id, e.text, e.label) for e in load_classification_tsv(f)] == [
+    assert _read(f, 'id,document,label\n1,"재밌다, 정말 ""최고""",positive\n2,"줄바꿈\n있는 리뷰",negative\n3,별로,negative\n') == [
         ("1", '재밌다, 정말 "최고"', "positive"), ("2", "줄바꿈\n있는 리뷰", "negative"), ("3", "별로", "negative")]
-    g = tmp_path / "reviews.txt"                      # no .csv suffix: the header tells
-    g.write_text("text,label\n좋아요,1\n", encoding="utf-8")
-    assert [(e.id, e.text, e.label) for e in load_classification_tsv(g)] == [("2", "좋아요", 1)]
-    f.write_text('document,label\n"좋아요",1\n"별로",0\n나빠요\n', encoding="utf-8")
+    assert _read(tmp_path / "reviews.txt", "text,label\n좋아요,1\n") == [("2", "좋아요", 1)]   # no .csv: the header tells
     with pytest.raises(ValueError, match=r"reviews.csv:4: 1 comma-separated field\(s\), expected 2"):
-        load_classification_tsv(f)
+        _read(f, 'document,label\n"좋아요",1\n"별로",0\n나빠요\n')
 
 
 def test_json_files_klue_ynat_layout(tmp_path):

@@ -490,9 +490,16 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 def read_label_names(path: Path) -> list[str] | None:
     """The class names an exported classify model was trained with (its metadata), or None."""
     try:
-        names = read_safetensors(path, metadata_only=True)[1].get("label_names")
-        return json.loads(names) if names else None
-    except (CheckpointError, ValueError):
+        return label_names_in(read_safetensors(path, metadata_only=True)[1])
+    except CheckpointError:
+        return None
+
+
+def label_names_in(metadata: dict[str, str]) -> list[str] | None:
+    """The class names recorded in a model.safetensors' metadata (`export`), or None."""
+    try:
+        return json.loads(metadata["label_names"]) if metadata.get("label_names") else None
+    except ValueError:
         return None
 
 

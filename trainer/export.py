@@ -42,6 +42,7 @@ from torch import Tensor
 
 from models import ModelConfig, build_model
 from models import hf_compat
+from models.config import hub_id_hint
 from models.hf_compat import key_table
 from trainer import checkpoint, safety
 
@@ -124,7 +125,7 @@ def load_source(src: str | Path) -> Source:
                        "label_names": meta.get("label_names")})
     weights = src / checkpoint.WEIGHTS if src.is_dir() else src
     if not weights.is_file():
-        raise FileNotFoundError(f"{src}: no such checkpoint or weights file{_hub_hint(src)}")
+        raise FileNotFoundError(f"{src}: no such checkpoint or weights file{hub_id_hint(src)}")
     config_path = weights.parent / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} missing: an exported model needs its config.json beside "
@@ -133,18 +134,13 @@ def load_source(src: str | Path) -> Source:
         return _load_hf_source(config_path, weights)
     args_path = weights.parent / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
-    step = checkpoint.read_safetensors(weights, metadata_only=True)[1].get("step", "")
+    metadata = checkpoint.read_safetensors(weights, metadata_only=True)[1]
+    step = metadata.get("step", "")
     return Source(checkpoint.load_weights(weights), ModelConfig.from_json(config_path),
                   _tokenizer_dir([weights.parent, args.get("tokenizer")]),
                   {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
                    "train_mode": args.get("train_mode"), "objective": args.get("objective"),
-                   "label_names": checkpoint.read_label_names(weights)})
-
-
-def _hub_hint(src: Path) -> str:
-    from models.config import hub_id_hint
-
-    return hub_id_hint(src)
+                   "label_names": checkpoint.label_names_in(metadata)})
 
 
 def _hf_weights_file(folder: Path) -> Path:

@@ -40,7 +40,7 @@ class ClassifyTask(Task):
         sources = {f"--train_file {args.train_file}": train + ([] if args.eval_file else evals),
                    f"--eval_file {args.eval_file}": evals if args.eval_file else []}
         sources = {name: rows for name, rows in sources.items() if rows}
-        known = self.start.label_names() if self.start is not None else None
+        known = self.start.label_names()
         self.label_names = number_labels(sources, known)
         if self.label_names is not None:
             origin = (f"the order of {self.start.path}" if self.label_names == known else

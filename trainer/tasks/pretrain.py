@@ -20,6 +20,7 @@ EVAL_ORDER_KEY = 104729  # the fixed validation sample order: default_rng([seed,
 # are missing (a corpus of one document per line read as one document)
 LINES_PER_DOCUMENT_WARNING = 10_000
 
+
 class PretrainTask(Task):
     name = "pretrain"
 
