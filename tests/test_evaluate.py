@@ -151,7 +151,8 @@ def test_bad_inputs_stop_before_any_run(env, tmp_path, monkeypatch, capsys, tiny
         ([str(ckpt), "--tasks", "sts", "--set", f"sts.train_file={bad_sts}"], "STS similarities are numbers from 0 to 5"),
         ([str(ckpt), "--tasks", "ner", "--set", f"ner.train_file={not_ner}"], "expected KLUE NER TSV"),
         ([str(ckpt), "--tasks", "sts", "--set", "sts.train_batch_size=7"], None),  # valid on 1 process
-        ([str(ckpt), "--tasks", "sts", "--set", "sts.num_steps=-1"], "its recipe is not valid"),
+        ([str(ckpt), "--tasks", "sts", "--set", "sts.num_steps=-1"],
+         "task sts: its recipe is not valid: --num_steps must be >= 0, got -1; fix it with --set sts.FLAG=VALUE"),
         ([str(tmp_path / "nothing"), "--tasks", "sts"], "no such file or directory"),
         ([str(ckpt), "--tasks", "pos"], "not in suite korean"),
     ]
@@ -163,4 +164,19 @@ def test_bad_inputs_stop_before_any_run(env, tmp_path, monkeypatch, capsys, tiny
             main([*argv, "--output_dir", str(out), *TINY])
         err = capsys.readouterr().err + str(exc.value.code)
         assert exc.value.code and message in err, (argv, err[-1500:])
+        assert "usage: train.py" not in err, err[-1500:]  # one line, not the launcher's usage text
         assert not (out / "runs").exists() and not (out / "results.json").exists()
+
+
+def test_recipe_warmup_follows_a_shortened_num_steps():
+    """--set TASK.num_steps without warmup_steps keeps the recipes' 10% warm-up (a 10-step check run
+    would otherwise stop at 'warmup exceeds the schedule'); a warm-up given wins in any order."""
+    from trainer.evaluate import RECIPES, parse
+
+    a = parse(["ckpt", "--set", "all.num_steps=10", "--set", "sts.num_steps=55", "--set", "ner.warmup_steps=3"])
+    assert a.recipes["nsmc"]["warmup_steps"] == 1 and a.recipes["sts"]["warmup_steps"] == 5
+    assert a.recipes["ner"]["warmup_steps"] == "3" and a.recipes["ner"]["num_steps"] == "10"
+    a = parse(["ckpt", "--set", "all.warmup_steps=0", "--set", "all.num_steps=6"])
+    assert all(r["warmup_steps"] == "0" for r in a.recipes.values())
+    a = parse(["ckpt"])  # untouched recipes keep theirs
+    assert all(a.recipes[t]["warmup_steps"] == RECIPES[t]["warmup_steps"] for t in RECIPES)

@@ -18,11 +18,14 @@ the processes), so 1 and N processes run the same recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -95,9 +98,19 @@ def recipes(tasks: list[str], overrides: list[str], data_dir: str, parser) -> di
             parser.error(f"--set {item!r}: expected TASK.FLAG=VALUE with TASK one of {sorted(RECIPES)} or all")
         parsed.append(m.groups())
     # all.FLAG first, then TASK.FLAG: a task's own setting wins whatever the order on the command line
+    given: dict[str, set[str]] = {t: set() for t in tasks}
     for task, flag, value in sorted(parsed, key=lambda p: p[0] != "all"):
         for t in tasks if task == "all" else [task] if task in tasks else []:
             out[t][flag] = value
+            given[t].add(flag)
+    # the recipes warm up over 10% of their steps: a shorter or longer run keeps that share
+    # unless --set names its warm-up too
+    for t in tasks:
+        if "num_steps" in given[t] and "warmup_steps" not in given[t]:
+            try:
+                out[t]["warmup_steps"] = max(0, int(out[t]["num_steps"]) // 10)
+            except ValueError:
+                pass  # not a number: the launcher's parser names it
     return out
 
 
@@ -273,12 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
                     if done and _diff(done["argv"], argv_job):
                         raise SystemExit(f"{results_path} holds {key} run with other arguments ({_diff(done['argv'], argv_job)}); "
                                          f"use another --output_dir for another recipe or checkpoint")
+                    said = io.StringIO()
                     try:
-                        parse_args(a.stage, argv_job)
+                        with contextlib.redirect_stderr(said):
+                            parse_args(a.stage, argv_job)
                     except SystemExit as e:
-                        if e.code:
-                            raise SystemExit(f"task {task}: its recipe is not valid (see the message above); "
+                        if e.code:  # the launcher's one-line message, without its usage text
+                            why = [line for line in said.getvalue().splitlines() if line.strip()][-1:]
+                            raise SystemExit(f"task {task}: its recipe is not valid: "
+                                             f"{why[0].split(': error: ', 1)[-1] if why else e.code}; "
                                              f"fix it with --set {task}.FLAG=VALUE") from None
+                    sys.stderr.write(said.getvalue())  # the launcher's warnings, if any
                     _check_data(task, argv_job)
                     jobs.append((key, task, seed, run_root, argv_job, done is not None))
         results |= {"suite": a.suite, "tasks": a.tasks, "checkpoints": labels,
