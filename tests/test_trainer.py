@@ -98,10 +98,12 @@ def test_resume_matches_uninterrupted(setup, dropout_run):
 def test_resume_applies_a_changed_learning_rate(setup, dropout_run):
     """The scheduler state must not bring back the old run's peak rate."""
     full, cfg = dropout_run
-    rd, _ = _run(setup, "new_lr", "train.py", 1,
-                 ["--checkpoint", str(full / "step-3"), "--learning_rate", "1e-3", "--num_steps", "4"], model=cfg)
+    rd, proc = _run(setup, "new_lr", "train.py", 1,
+                    ["--checkpoint", str(full / "step-3"), "--learning_rate", "1e-3", "--num_steps", "4"], model=cfg)
     (row,) = read_tsv(rd / "loss.tsv")
     assert row["lr"] == pytest.approx(1e-3 * (100 - 3) / 100)  # linear decay over --scheduler_num_steps 100
+    assert ("[checkpoint] the learning-rate schedule differs from the checkpoint's run (learning_rate 0.005 -> "
+            "0.001): step 4 trains at lr 0.00097 (under the original schedule: 0.00485)") in proc.stdout, proc.stdout
 
 
 def test_resume_auto_continues_the_same_run(setup):
@@ -110,6 +112,27 @@ def test_resume_auto_continues_the_same_run(setup):
     rd, proc = _run(setup, "auto", "train.py", 1, ["--num_steps", "6", "--checkpoint", "auto"])
     assert "at step 4" in proc.stdout
     assert [int(r["step"]) for r in read_tsv(rd / "loss.tsv")] == [1, 2, 3, 4, 5, 6]
+    assert "schedule differs" not in proc.stdout  # --scheduler_num_steps 100 both times: the same schedule
+    # raised past the end of its own schedule (--num_steps as its length): the linear decay is stretched
+    rd, proc = _run(setup, "auto", "train.py", 1, ["--num_steps", "8", "--scheduler_num_steps", "0",
+                                                   "--checkpoint", "auto"])
+    assert ("the learning-rate schedule differs from the checkpoint's run (schedule length 100 -> 8): step 7 trains "
+            "at lr 0.00125 (under the original schedule: 0.0047)") in proc.stdout, proc.stdout
+
+
+def test_auto_batch_size_on_a_resume_keeps_the_checkpoints(setup, runs):
+    """--train_batch_size 0 resuming a 2-process ZeRO-3 run on 2 processes takes its batch (4), so the
+    losses continue the original run's; on 1 process it searches again and says so."""
+    rd, proc = _run(setup, "z3_auto", "train_zero_two.py", 2,
+                    ["--zero3", "--train_batch_size", "0", "--checkpoint", str(runs["zero3"] / "step-4")])
+    assert "[batch size] --train_batch_size 0 on a resume: the checkpoint's 4 per process (2 process(es))" in proc.stdout
+    two, resumed = losses(runs["zero3"])[4:], losses(rd)
+    assert max(abs(x - y) for x, y in zip(two, resumed)) < 1e-5, (two, resumed)
+    _, proc = _run(setup, "z3_auto1", "train_zero_two.py", 1,
+                   ["--zero3", "--train_batch_size", "0", "--max_memory_mb", "64", "--num_steps", "5",
+                    "--checkpoint", str(runs["zero3"] / "step-4")])
+    assert "on a resume at another process count or accumulation (checkpoint: 4 per process x 2" in proc.stdout
+    assert "[batch size] activations" in proc.stdout
 
 
 def test_zero3_checkpoint_resumes_on_one_process(setup, runs):

@@ -16,6 +16,7 @@ import torch
 from trainer import checkpoint, dist, engines, faults, probe, safety, tasks, tracking
 from trainer.args import parse_args, public_args, run_dir
 from trainer.batch_size import find_batch_size
+from trainer.engines.base import schedule_lambda, schedule_steps
 from trainer.metrics import Logger, MetricMeter, memory_mb
 from trainer.sampler import BatchList, EpochSampler, TrainState
 
@@ -107,6 +108,8 @@ def _run(args: Namespace, ctx, rd) -> dict:
     seed_everything(args.seed)  # identical initial weights on every rank
     task = tasks.build(args, ctx, start)
     engine = engines.create(args, ctx)
+    if args.train_batch_size == 0 and full_resume:
+        _keep_resumed_batch(args, resume_meta, ctx)
     if args.train_batch_size == 0:
         limit = 4096
         if task.dataset is not None:
@@ -140,6 +143,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
     if full_resume and task.dataset is not None and ctx.is_main:
         _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state)
+        _note_schedule_change(args, resume_meta, state.step, ctx.log)
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None,
@@ -192,6 +196,45 @@ def _run(args: Namespace, ctx, rd) -> dict:
     finally:
         logger.close()
     return {"state": state, "eval": results}
+
+
+# the flags that shape the learning-rate schedule (trainer.engines.base.schedule_lambda)
+SCHEDULE_FLAGS = ("learning_rate", "warmup_steps", "num_steps", "scheduler_num_steps", "lr_schedule", "decay_steps")
+
+
+def _keep_resumed_batch(args: Namespace, meta: dict, ctx) -> None:
+    """--train_batch_size 0 on a full resume: the batch the checkpoint's run found (saved in its
+    args), where the process count and accumulation are the same, so that the data order continues
+    as in the uninterrupted run (a new search may find another size: free memory differs)."""
+    saved = meta["args"]
+    batch, world = int(saved.get("train_batch_size") or 0), meta.get("world_size")
+    if batch and world == ctx.world_size and saved.get("gradient_accumulation_steps") == args.gradient_accumulation_steps:
+        args.train_batch_size = batch
+        ctx.log(f"[batch size] --train_batch_size 0 on a resume: the checkpoint's {batch} per process "
+                f"({world} process(es)), so that the data order continues; pass a number to change it")
+    else:
+        ctx.log(f"[batch size] --train_batch_size 0 on a resume at another process count or accumulation "
+                f"(checkpoint: {batch} per process x {world} process(es)): searching again; the data order "
+                f"differs from the original run's unless the global batch comes out the same")
+
+
+def _note_schedule_change(args: Namespace, meta: dict, step: int, log) -> None:
+    """A resume whose schedule differs from the checkpoint's run (typically --num_steps raised after
+    the run ended, which lengthens the linear decay) follows the new schedule from the next step:
+    say so, with the learning rate the next step gets under each."""
+    saved = Namespace(**{**vars(args), "lr_schedule": "linear", "decay_steps": 0, "scheduler_num_steps": 0,
+                         **{k: v for k, v in meta["args"].items() if k in SCHEDULE_FLAGS}})
+    shape = {"learning_rate": lambda a: a.learning_rate, "warmup_steps": lambda a: a.warmup_steps,
+             "schedule length": schedule_steps, "lr_schedule": lambda a: a.lr_schedule,
+             "decay_steps": lambda a: a.decay_steps if a.lr_schedule == "wsd" else 0}
+    changed = [f"{name} {f(saved)} -> {f(args)}" for name, f in shape.items() if f(saved) != f(args)]
+    if not changed:
+        return
+    lr_now = args.learning_rate * schedule_lambda(args)(step)
+    lr_then = saved.learning_rate * schedule_lambda(saved)(step)
+    log(f"[checkpoint] the learning-rate schedule differs from the checkpoint's run ({'; '.join(changed)}): "
+        f"step {step + 1} trains at lr {lr_now:.3g} (under the original schedule: {lr_then:.3g}), and the new "
+        f"schedule applies from there")
 
 
 def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState) -> None:
