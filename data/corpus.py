@@ -43,12 +43,15 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -77,29 +80,83 @@ def _damaged(path: Path, what: str) -> ValueError:
                       f"from the corpus on the next run (or with `python -m data.corpus build`)")
 
 
+class _Descriptors:
+    """The open read-only descriptors of this process's FileArrays, at most `limit` at a time: the
+    least recently used is closed first and reopened when read again. A corpus of thousands of
+    shards holds three arrays per shard, and one descriptor kept per array would pass the open-file
+    limit (`ulimit -n`, often 1024) partway through training ("Too many open files"). Keyed per
+    FileArray, not per path: a cache rebuilt in place is a new file, not the old descriptor's."""
+
+    def __init__(self) -> None:
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.limit = self.default_limit()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a child starts with it free whatever the parent's threads did
+
+    @staticmethod
+    def default_limit() -> int:
+        """A quarter of the soft open-file limit (the rest for sockets, DataLoader pipes, logs,
+        torch's shared tensors), between 16 and 1024."""
+        try:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (OSError, ValueError):
+            soft = 1024
+        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+        return max(16, min(1024, soft // 4))
+
+    def pread(self, key: int, path: Path, n: int, offset: int) -> bytes:
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                while len(self._fds) >= self.limit:
+                    os.close(self._fds.popitem(last=False)[1])
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[key] = fd
+            else:
+                self._fds.move_to_end(key)
+            return os.pread(fd, n, offset)
+
+    def close(self, key: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(key, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
+_DESCRIPTORS = _Descriptors()
+_FILE_ARRAY_KEYS = itertools.count()
+
+
 class FileArray:
     """A read-only 1-D (or (N, width) 2-D) array in a raw .bin file, read with os.pread: indexing
     reads just those bytes into private memory and nothing stays mapped. (An np.memmap maps 64 KiB
     around every page it faults in, and those pages count in the process's RSS for as long as the
     map lives, so random samples over a large corpus grow every rank's RSS with the corpus.) The
-    descriptor is opened on first use; forked DataLoader workers may share it (pread has no file
-    position), a pickled copy opens its own."""
+    descriptor is opened on use and kept in the process's bounded pool (`_Descriptors`); forked
+    DataLoader workers may share it (pread has no file position), a pickled copy opens its own."""
 
     def __init__(self, path: str | Path, dtype, width: int = 1, length: int | None = None):
         self.path, self.dtype, self.width = Path(path), np.dtype(dtype), width
         n = self.path.stat().st_size // (self.dtype.itemsize * width) if length is None else length
         self.shape = (n, width) if width > 1 else (n,)
-        self._fd: int | None = None
+        self._key = next(_FILE_ARRAY_KEYS)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         row = self.dtype.itemsize * self.width
         n = max(0, stop - start) * row
-        buf = os.pread(self._fd, n, start * row) if n else b""
+        buf = _DESCRIPTORS.pread(self._key, self.path, n, start * row) if n else b""
         if len(buf) != n:
             raise ValueError(f"{self.path} is shorter than expected ({start * row + len(buf)} of "
                              f"{stop * row} bytes); delete its directory and it will be rebuilt")
@@ -123,15 +180,13 @@ class FileArray:
         a = self._read(0, len(self))
         return a.astype(dtype) if dtype is not None else a
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None}
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _key=next(_FILE_ARRAY_KEYS))  # a copy in another process: its own key
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+        pool = globals().get("_DESCRIPTORS")  # None-safe at interpreter exit
+        if pool is not None and getattr(self, "_key", None) is not None:
+            pool.close(self._key)
 
 
 class CorpusCache:

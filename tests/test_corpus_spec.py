@@ -132,6 +132,44 @@ def test_adding_a_shard_builds_only_it_and_index_is_shared(shards, tiny_tokenize
     assert b[5]["input_ids"].tolist() == a[5]["input_ids"].tolist()
 
 
+def test_many_shards_stay_within_the_open_file_limit(tiny_corpus, tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    """60 shards are 180 cache arrays: a process whose open-file limit (`ulimit -n`) is 64 opens the
+    corpus and reads every sample in random order (one descriptor kept per array failed here with
+    "Too many open files"), the samples those of an unlimited process, at most 16 descriptors held."""
+    import subprocess
+    import sys
+
+    from tests.trainer_util import REPO
+
+    lines = [x for x in tiny_corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    (tmp_path / "many").mkdir()
+    for k in range(60):  # 40 lines each, one document
+        (tmp_path / "many" / f"s{k:02d}.dat").write_text("\n".join(lines[40 * k:40 * k + 40]) + "\n", encoding="utf-8")
+    corpus = open_corpus(str(tmp_path / "many" / "*"), tiny_tokenizer, progress=False)
+    assert len(corpus.caches) == 60
+    ds = PretrainDataset(corpus, tiny_tokenizer, 64, "sop")
+    order = np.random.default_rng(0).permutation(len(ds)).tolist()
+    expect = [ds[i]["input_ids"].tolist() for i in order]
+    script = f"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+import data.corpus as c
+from data.pretrain import PretrainDataset
+from data.tokenizer import KoTokenizer
+tok = KoTokenizer.load({str(tiny_tokenizer_dir)!r})
+ds = PretrainDataset(c.open_corpus({str(tmp_path / "many" / "*")!r}, tok, progress=False), tok, 64, "sop")
+order = json.loads(sys.stdin.read())
+out = [[ds[i]["input_ids"].tolist() for i in order] for _ in range(2)]
+print(json.dumps({{"limit": c._DESCRIPTORS.limit, "held": len(c._DESCRIPTORS), "ids": out}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(order), capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    assert got["limit"] == 16 and 0 < got["held"] <= 16
+    assert got["ids"][0] == expect and got["ids"][1] == expect
+
+
 def test_held_out_documents_are_stable_and_disjoint(shards, tiny_tokenizer):
     root, wiki, _ = shards
     corpus = open_corpus(root / "wiki", tiny_tokenizer, progress=False)
