@@ -96,6 +96,27 @@ def test_cli_and_errors(synthetic_run, tmp_path, capsys):
         main([str(synthetic_run), "--out", str(tmp_path), "--smooth", "1.5"])
 
 
+def test_the_users_png_files_are_never_replaced(synthetic_run, tmp_path, capsys):
+    """--out holding a loss.png of the user's: refused before any file is written (exit 1, nothing
+    changed); a rerun into its own earlier plots replaces them; --overwrite replaces the user's."""
+    out = tmp_path / "figures"
+    out.mkdir()
+    mine = PNG_MAGIC + b"a figure for the paper"
+    (out / "loss.png").write_bytes(mine)
+    with pytest.raises(SystemExit) as exc:
+        main([str(synthetic_run), "--out", str(out)])
+    assert exc.value.code == 1
+    assert ("already holds loss.png, not written by trainer.plot: pick another --out, or pass --overwrite to "
+            "replace them") in capsys.readouterr().err
+    assert sorted(x.name for x in out.iterdir()) == ["loss.png"] and (out / "loss.png").read_bytes() == mine
+    assert main([str(synthetic_run), "--out", str(tmp_path / "o")]) == 0
+    first = {x.name: x.stat().st_mtime_ns for x in (tmp_path / "o").iterdir()}
+    assert main([str(synthetic_run), "--out", str(tmp_path / "o"), "--smooth", "0.5"]) == 0  # its own: replaced
+    assert {x.name for x in (tmp_path / "o").iterdir()} == set(first)  # no temporary files left
+    assert main([str(synthetic_run), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "loss.png").read_bytes() != mine and (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_constant_bookkeeping_series_get_no_panel(real_run, tmp_path, capsys):
     """aux_loss without MoE, loss_scale without fp16, epoch and the optimizer state never change in
     the tiny run: no panel, their values printed; overlaid with a run where aux_loss moves, it is drawn."""

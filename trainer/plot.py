@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 Series = tuple[np.ndarray, np.ndarray]           # (steps, values)
+PNG_MARK = "ko-encoder-pretrain trainer.plot"     # the "Software" text of the PNGs written here
 
 FIXED_FIGURES: dict[str, list[str]] = {
     "loss": ["train/loss", "train/aux_loss"],
@@ -172,10 +173,22 @@ def run_names(runs: list[Path]) -> list[str]:
     return [f"{b.parent.name}/{b.name}" if names.count(b.name) > 1 else b.name for b in base]
 
 
+def replaceable(png: Path) -> bool:
+    """Whether writing `png` loses nothing: it does not exist, or an earlier trainer.plot wrote it
+    (PNG_MARK in its header's text chunks, which come before the image data)."""
+    if not png.exists():
+        return True
+    if not png.is_file():
+        return False
+    with open(png, "rb") as f:
+        return PNG_MARK.encode() in f.read(4096)
+
+
 def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.0,
-              names: list[str] | None = None, dpi: int = 110) -> Plotted:
+              names: list[str] | None = None, dpi: int = 110, overwrite: bool = False) -> Plotted:
     """Write one PNG per figure; returns what was plotted: figure -> tag -> run -> (steps, values),
-    values after smoothing, with the constant series left out in `.constant`."""
+    values after smoothing, with the constant series left out in `.constant`. PNG files of the
+    same names in `out_dir` that trainer.plot did not write are refused unless `overwrite`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +202,10 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.
     constant = constant_series(data)
     layout = figure_layout(set().union(*(d.keys() for d in data.values())) - set(constant))
     out_dir = Path(out_dir)
+    foreign = [n + ".png" for n in layout if not replaceable(out_dir / f"{n}.png")]
+    if foreign and not overwrite:
+        raise FileExistsError(f"--out {out_dir} already holds {', '.join(foreign)}, not written by trainer.plot: "
+                              f"pick another --out, or pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted = Plotted()
@@ -219,8 +236,14 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.
             ax.legend(fontsize=8)
         fig.suptitle(fig_name + (f" (smoothing {smoothing})" if smoothing > 0 else ""))
         fig.tight_layout()
-        fig.savefig(out_dir / f"{fig_name}.png", dpi=dpi)
-        plt.close(fig)
+        path = out_dir / f"{fig_name}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:  # written whole, then renamed: an earlier plot is never left half-replaced
+            fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": PNG_MARK})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            plt.close(fig)
     return plotted
 
 
@@ -231,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth", type=float, default=0.0,
                    help="exponential moving average weight in [0, 1), as TensorBoard's slider (default 0)")
     p.add_argument("--names", nargs="+", default=None, help="legend names, one per run (default: directory names)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace PNG files of the same names in --out that trainer.plot did not write "
+                        "(its own earlier plots are always replaced)")
     a = p.parse_args(argv)
     if not 0.0 <= a.smooth < 1.0:
         p.error(f"--smooth must be in [0, 1), got {a.smooth}")
@@ -243,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.access(existing, os.W_OK | os.X_OK):
         p.error(f"--out {out}: cannot write in {existing} (permissions); pick another --out")
     try:
-        plotted = plot_runs(a.runs, a.out, a.smooth, a.names)
+        plotted = plot_runs(a.runs, a.out, a.smooth, a.names, overwrite=a.overwrite)
     except (ValueError, OSError) as e:  # a missing run, no event files, no readable scalars: one line
         p.exit(1, f"{p.prog}: error: {e}\n")
     for fig, tags in plotted.items():
