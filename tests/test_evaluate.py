@@ -166,6 +166,20 @@ def test_bad_inputs_stop_before_any_run(env, tmp_path, monkeypatch, capsys, tiny
         assert exc.value.code and message in err, (argv, err[-1500:])
         assert "usage: train.py" not in err, err[-1500:]  # one line, not the launcher's usage text
         assert not (out / "runs").exists() and not (out / "results.json").exists()
+    # an --output_dir holding a results.json / results.md of the user's: refused, nothing written
+    for files, message in (({"results.json": '{"accuracy": 0.9}', "results.md": "# mine"},
+                            "results.json there was not written by trainer.evaluate (no 'runs' record) and would "
+                            "be replaced; pick another --output_dir"),
+                           ({"results.md": "# mine"}, "results.md there was not written by trainer.evaluate (no "
+                                                      "results.json beside it)")):
+        out = tmp_path / f"theirs{len(files)}"
+        out.mkdir()
+        for name, text in files.items():
+            (out / name).write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            main([str(ckpt), "--tasks", "sts", "--output_dir", str(out), *TINY])
+        assert message in str(exc.value.code)
+        assert {x.name: x.read_text() for x in out.iterdir()} == files
 
 
 def test_recipe_warmup_follows_a_shortened_num_steps():

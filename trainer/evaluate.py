@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = dist.init("auto")
     try:
         results_path = out / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+        results = _earlier_results(out)
         labels: dict[str, str] = {}
         ckpts: dict[str, dict] = {}
         for spec in a.checkpoints:
@@ -340,6 +340,27 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     finally:
         dist.shutdown()
+
+
+def _earlier_results(out: Path) -> dict:
+    """results.json of an earlier evaluation into `out` (its runs are kept and skipped), or a fresh
+    one; a results.json or results.md there that trainer.evaluate did not write stops the command
+    before anything is written (both would be replaced)."""
+    results_path, table = out / "results.json", out / "results.md"
+    if results_path.exists():
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            results = e
+        if not (isinstance(results, dict) and isinstance(results.get("runs"), dict)):
+            raise SystemExit(f"--output_dir {out}: {results_path.name} there was not written by trainer.evaluate "
+                             f"(no 'runs' record{f': {results}' if isinstance(results, Exception) else ''}) and "
+                             f"would be replaced; pick another --output_dir")
+        return results
+    if table.exists():
+        raise SystemExit(f"--output_dir {out}: {table.name} there was not written by trainer.evaluate (no "
+                         f"results.json beside it) and would be replaced; pick another --output_dir")
+    return {"runs": {}}
 
 
 def _log_to_tracked_runs(results: dict, labels: dict[str, str], artifacts: list[Path], log) -> None:
