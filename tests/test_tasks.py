@@ -269,6 +269,19 @@ def test_encoder_and_search(env, ict_runs, tmp_path):
     out = launch("trainer/search.py", ["--vectors", str(rd), "--query", rows[3][1], "--top_k", "2"])
     first = out.stdout.splitlines()[1].split("\t")
     assert first[0] == "1" and first[2] == rows[3][0]
+    # the same run name for another file: refused before any work, the vectors kept; the same inputs
+    # again (1 process): written anew, equal
+    other = tmp_path / "other.txt"
+    other.write_text("".join(t + "\n" for _, t in rows[:5]), encoding="utf-8")
+    before = {f: (rd / f).read_bytes() for f in ("vectors.npy", "ids.txt", "encoder.json")}
+    base = ["--train_mode", "encoder", "--checkpoint", str(ckpt), "--eval_batch_size", "8", "--max_query_length", "64",
+            "--num_steps", "1"]
+    proc = run_task(env, "enc", [*base, "--encode_file", str(other)], check=False)
+    assert proc.returncode != 0 and (f"{rd} already holds 41 vectors of {encode_file} (checkpoint {ckpt}), made with "
+                                     f"other encode_file than this run's; they would be replaced") in proc.stderr
+    assert {f: (rd / f).read_bytes() for f in before} == before
+    run_task(env, "enc", [*base, "--encode_file", str(encode_file)])
+    np.testing.assert_allclose(np.load(rd / "vectors.npy"), vectors, atol=1e-5)
 
 
 def test_checkpoint_mismatch_errors(env, tmp_path, tiny_corpus):

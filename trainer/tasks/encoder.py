@@ -38,8 +38,42 @@ class EncoderTask(Task):
         self.dataset = None  # nothing to train
         args.train_batch_size = args.train_batch_size or 1  # no batch-size search without training
         self.model = build_model(self.config, "encoder", pooling=args.pooling, normalize=True)
+        from trainer import dist
+
+        problem = dist.broadcast_object(self._replaces_other_vectors() if ctx.is_main else None)
+        if problem:
+            raise SystemExit(problem)
         self.ctx.log(f"[encoder] {len(texts)} texts from {args.encode_file}, {ctx.world_size} process(es), "
                      f"pooling {args.pooling}, max {args.max_seq_length} tokens")
+
+    def _inputs(self) -> dict:
+        """What the vectors are made from, as encoder.json records it."""
+        return {"pooling": self.args.pooling, "max_seq_length": self.args.max_seq_length,
+                "max_query_length": self.args.max_query_length,
+                "encode_file": str(Path(self.args.encode_file).resolve()),
+                "checkpoint": str(Path(self.args.checkpoint).resolve()) if self.args.checkpoint else None,
+                "tokenizer": str(Path(self.tokenizer_dir).resolve()),
+                "model_config": self.config.to_dict()}
+
+    def _replaces_other_vectors(self) -> str | None:
+        """Vectors already in the run directory that another file, checkpoint or setting made (encoding
+        a passage collection can take hours): refused before any work. The same inputs again (an
+        interrupted or repeated encode) write them anew."""
+        rd = run_dir(self.args)
+        if not (rd / "vectors.npy").exists():
+            return None
+        try:
+            earlier = json.loads((rd / "encoder.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = {}
+        now = self._inputs()
+        differ = [k for k in now if not isinstance(earlier, dict) or earlier.get(k) != now[k]]
+        if not differ:
+            return None
+        what = (f"{earlier.get('num_vectors')} vectors of {earlier.get('encode_file')} (checkpoint "
+                f"{earlier.get('checkpoint')})" if isinstance(earlier, dict) and earlier else "vectors.npy")
+        return (f"{rd} already holds {what}, made with other {', '.join(differ)} than this run's; they would be "
+                f"replaced. Pick another --model_name (or --output_dir) for these vectors, or move that folder away")
 
     def evaluate(self, engine) -> dict[str, float]:
         from trainer import dist
@@ -55,12 +89,7 @@ class EncoderTask(Task):
             tmp.replace(rd / "vectors.npy")
             (rd / "ids.txt").write_text("".join(i + "\n" for i in self.ids), encoding="utf-8")
             info = {"num_vectors": len(vectors), "hidden_size": int(vectors.shape[1]), "normalized": True,
-                    "pooling": self.args.pooling, "max_seq_length": self.args.max_seq_length,
-                    "max_query_length": self.args.max_query_length,
-                    "encode_file": str(Path(self.args.encode_file).resolve()),
-                    "checkpoint": str(Path(self.args.checkpoint).resolve()) if self.args.checkpoint else None,
-                    "tokenizer": str(Path(self.tokenizer_dir).resolve()),
-                    "model_config": self.config.to_dict()}
+                    **self._inputs()}
             (rd / "encoder.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
             self.ctx.log(f"[encoder] wrote {rd / 'vectors.npy'} {tuple(vectors.shape)} and {rd / 'ids.txt'}")
         dist.barrier()
