@@ -157,7 +157,7 @@ def test_resume_older_step_moves_newer_checkpoints_aside(prev, tmp_path, monkeyp
     tsv = (run / "loss.tsv").read_bytes()
     other = tmp_path / "other.dat"
     shutil.copy2(prev["corpus"], other)
-    code, out = _main(_with(args, checkpoint=str(run / "step-2"), num_steps="4", corpus_path=str(other)),
+    code, out = _main(_with(args, checkpoint=str(run / "step-2"), num_steps="4", corpus_path=str(other), seed="7"),
                   monkeypatch, capsys)
     assert code == 0, out[-3000:]
     aside = run / "superseded-after-step-2"
@@ -168,6 +168,8 @@ def test_resume_older_step_moves_newer_checkpoints_aside(prev, tmp_path, monkeyp
     assert [int(r["step"]) for r in read_tsv(run / "loss.tsv")] == [1, 2, 3, 4]
     assert f"was trained on other data (--corpus_path {prev['corpus']} -> {other})" in out
     assert "not the continuation of the original run" in out
+    assert (f"[checkpoint] warning: resuming {run / 'step-2'} with other data settings (--seed 42 -> 7): the samples "
+            f"from here differ from those the original run would have drawn") in out
 
 
 REFUSALS = [

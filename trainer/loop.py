@@ -142,7 +142,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
                 raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
     if full_resume and task.dataset is not None and ctx.is_main:
-        _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state)
+        _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state, ctx.world_size)
         _note_schedule_change(args, resume_meta, state.step, ctx.log)
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
@@ -198,6 +198,9 @@ def _run(args: Namespace, ctx, rd) -> dict:
     return {"state": state, "eval": results}
 
 
+# the flags that decide the order and content of the training samples (besides the data itself)
+DATA_ORDER_FLAGS = ("seed", "max_seq_length", "objective", "mlm_probability", "whole_word_mask", "mlm_separator",
+                    "mlm_packing", "max_steps_per_epoch", "max_train_examples", "max_query_length", "doc_stride")
 # the flags that shape the learning-rate schedule (trainer.engines.base.schedule_lambda)
 SCHEDULE_FLAGS = ("learning_rate", "warmup_steps", "num_steps", "scheduler_num_steps", "lr_schedule", "decay_steps")
 
@@ -237,7 +240,7 @@ def _note_schedule_change(args: Namespace, meta: dict, step: int, log) -> None:
         f"schedule applies from there")
 
 
-def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState) -> None:
+def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState, world_size: int) -> None:
     """Resuming on other data is allowed (continued pretraining on a new corpus) but no longer
     reproduces the original run: say so, on stderr."""
     saved, changes = meta["args"], []
@@ -251,6 +254,19 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
         print(f"[checkpoint] warning: {path} was trained on other data ({'; '.join(changes)}). Training goes on "
               f"from its data position (epoch {state.epoch}, sample {state.samples_in_epoch}) in this data, so "
               f"it is not the continuation of the original run; pass the original data to continue that one "
+              f"exactly", file=sys.stderr, flush=True)
+    # flags that decide which samples come next, or what they hold (masks, lengths)
+    order = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in DATA_ORDER_FLAGS
+             if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    world, accum = meta.get("world_size"), saved.get("gradient_accumulation_steps")
+    if world and accum and saved.get("train_batch_size"):
+        before = int(saved["train_batch_size"]) * int(world) * int(accum)
+        now = args.train_batch_size * world_size * args.gradient_accumulation_steps
+        if before != now:
+            order.append(f"global batch {before} -> {now} (--train_batch_size x processes x accumulation)")
+    if order:
+        print(f"[checkpoint] warning: resuming {path} with other data settings ({'; '.join(order)}): the samples "
+              f"from here differ from those the original run would have drawn; pass its values to continue it "
               f"exactly", file=sys.stderr, flush=True)
 
 
