@@ -117,7 +117,7 @@ class _Descriptors:
                 self._fds[key] = fd
             else:
                 self._fds.move_to_end(key)
-            return os.pread(fd, n, offset)
+            return _pread_all(fd, n, offset)
 
     def close(self, key: int) -> None:
         with self._lock:
@@ -130,6 +130,31 @@ class _Descriptors:
 
     def __len__(self) -> int:
         return len(self._fds)
+
+
+PREAD_CHUNK = 1 << 30  # bytes per read call: Linux returns at most 2 GiB - 4 KiB from one read
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes | bytearray:
+    """n bytes of fd from offset (fewer only at the end of the file). One pread returns at most
+    2 GiB - 4 KiB, so a whole-array read of a large shard (the sentence offsets of a 30 GB
+    single-file corpus) loops, into one buffer."""
+    if n <= PREAD_CHUNK:
+        first = os.pread(fd, n, offset)
+        if len(first) == n or not first:
+            return first
+    else:
+        first = b""
+    out = bytearray(n)
+    view = memoryview(out)
+    got = len(first)
+    view[:got] = first
+    while got < n:
+        k = os.preadv(fd, [view[got:got + min(n - got, PREAD_CHUNK)]], offset + got)
+        if k == 0:  # end of file
+            return out[:got]
+        got += k
+    return out
 
 
 _DESCRIPTORS = _Descriptors()

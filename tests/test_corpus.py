@@ -71,6 +71,38 @@ def test_cache_matches_reference_and_documents(corpus_copy, tiny_tokenizer):
     assert np.asarray(cache.tokens).max() < tiny_tokenizer.vocab_size and not set(np.unique(cache.tokens)) & {0, 2, 3, 4, 5}
 
 
+def test_large_reads_loop_over_short_reads(corpus_copy, tiny_tokenizer, monkeypatch):
+    """One pread returns at most 2 GiB - 4 KiB on Linux, so reading a large array whole (the sentence
+    offsets of a 30 GB single-file corpus at index build) took a short read for a damaged cache. With
+    reads cut at 100 bytes and chunks of 64, whole arrays and slices come back complete."""
+    import os
+
+    cache = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    whole = {name: np.fromfile(cache.path / f"{name}.bin", dtype=getattr(cache, name).dtype)
+             for name in ("tokens", "sent_offsets", "doc_offsets")}
+    real_pread, real_preadv = os.pread, os.preadv
+
+    def short_pread(fd, n, offset):
+        return real_pread(fd, min(n, 100), offset)
+
+    def short_preadv(fd, buffers, offset):
+        (view,) = buffers
+        return real_preadv(fd, [view[:100]], offset)
+
+    monkeypatch.setattr(corpus_mod, "PREAD_CHUNK", 64, raising=False)
+    monkeypatch.setattr(os, "pread", short_pread)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    fresh = CorpusCache.open(cache.path)
+    for name, expect in whole.items():
+        assert expect.nbytes > 200  # several cut reads
+        np.testing.assert_array_equal(np.asarray(getattr(fresh, name)), expect)
+        np.testing.assert_array_equal(getattr(fresh, name)[3:300], expect[3:300])
+    so, do = fresh.read_offsets()
+    np.testing.assert_array_equal(so, whole["sent_offsets"])
+    with pytest.raises(IndexError):
+        fresh.tokens[len(whole["tokens"])]
+
+
 def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 8192)  # many chunks, documents cut across chunks
     arrays = []
