@@ -190,6 +190,11 @@ class MorphemeSplitter:
         """Character positions where a morpheme starts."""
         a = self._load()
         if self.kind == "mecab":
+            lattice = _mecab_lattice(text)
+            if lattice is not None and a._tagger.parse(lattice):
+                # MeCab.parse's own iteration, without the Morpheme and Feature objects it builds
+                # from every node's CSV features (half of its time): the same spans
+                return [span[0] for span, _ in lattice]
             return [m.span.start for m in a.parse(text)]
         return [t.start for t in a.tokenize(text)]
 
@@ -223,6 +228,16 @@ class MorphemeSplitter:
                         src.extend((a, a))
                     src.extend(range(a, b))
         return "".join(parts), src
+
+
+def _mecab_lattice(text: str):
+    """python-mecab-ko's lattice for `text` (what MeCab.parse builds), or None where that version
+    of the package does not have the pieces (its MeCab.parse is used then)."""
+    try:
+        from mecab.utils import create_lattice
+    except ImportError:
+        return None
+    return create_lattice(text)
 
 
 def _pretokenize_batch(args: tuple[str, list[str]]) -> list[str]:
