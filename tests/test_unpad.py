@@ -52,6 +52,20 @@ def _padding(lengths: np.ndarray, batches) -> float:
     return padded / sum(int(lengths[b].sum()) for b in batches) - 1
 
 
+def test_epoch_order_is_numpys_permutation_in_half_the_memory():
+    """The epoch's order is held as int32 (4 bytes per sample per process) and is exactly
+    rng.permutation's (int64) order: checkpoints of earlier versions resume on the same samples."""
+    from trainer.sampler import permutation
+
+    for n in (1, 7, 100_003):
+        order = permutation(n, np.random.default_rng([5, 2]))
+        assert order.dtype == np.int32
+        np.testing.assert_array_equal(order, np.random.default_rng([5, 2]).permutation(n))
+    reference = np.random.default_rng([5, 2]).permutation(1000)[:1000 // 24 * 24]
+    batches = list(EpochSampler(1000, 8, 3, 1, seed=5).batches(epoch=2))
+    assert batches == [reference[s + 8:s + 16].tolist() for s in range(0, len(reference), 24)]
+
+
 def test_bucketed_order_deterministic_resumable_and_rank_split():
     lengths = np.random.default_rng(1).integers(3, MAX_LEN + 1, size=1000)
     one = EpochSampler(1000, 8, 1, 0, seed=5, lengths=lengths)

@@ -60,13 +60,23 @@ class EpochSampler:
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
         """This rank's micro-batches of `epoch`, from global sample `start` on."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)[:self.samples_per_epoch]
+        order = permutation(self.num_samples, np.random.default_rng([self.seed, epoch]))[:self.samples_per_epoch]
         if self.lengths is not None:
             order = bucket_by_length(order, self.lengths, self.global_micro,
                                      np.random.default_rng([self.seed, epoch, 1]))
         for s in range(start, self.samples_per_epoch - self.global_micro + 1, self.global_micro):
             lo = s + self.rank * self.micro_batch
             yield order[lo:lo + self.micro_batch].tolist()
+
+
+def permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """rng.permutation(n) (the same order: the shuffle's swaps do not depend on the dtype) as int32
+    where n fits: 4 bytes per sample instead of 8, per process and epoch (100M samples: 400 MB)."""
+    if n >= 2 ** 31:
+        return rng.permutation(n)
+    order = np.arange(n, dtype=np.int32)
+    rng.shuffle(order)
+    return order
 
 
 def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator,
