@@ -48,6 +48,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import resource
 import shutil
 import sys
@@ -556,13 +557,45 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(cache_dir: Path) -> list[Path]:
+_CACHE_ENTRY = re.compile(r"(?P<shard>.+)\.[0-9a-f]{12}\.cache(?P<suffix>\.tmp-.+|\.lock)?")
+
+
+class CacheListing:
+    """The cache entries of each cache directory (`<shard>.<hash>.cache`, with their `.tmp-HOST-PID`
+    and `.lock`), listed once and grouped by shard name. Looking them up shard by shard with a glob
+    lists the whole directory every time: quadratic in the shards of one directory (2,922 shards:
+    `data.corpus info` 15 s, most of it in glob; 10,000 shards: minutes)."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[Path, dict[str, list[str]]] = {}
+
+    def entries(self, directory: Path, shard_name: str) -> list[str]:
+        """Names of `shard_name`'s cache entries in `directory`, sorted, as listed on first use."""
+        by_shard = self._dirs.get(directory)
+        if by_shard is None:
+            by_shard = collections.defaultdict(list)
+            try:
+                names = sorted(os.listdir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                names = []
+            for name in names:
+                m = _CACHE_ENTRY.fullmatch(name)
+                if m:
+                    by_shard[m["shard"]].append(name)
+            self._dirs[directory] = by_shard
+        return by_shard.get(shard_name, [])
+
+
+def remove_stale_tmp(cache_dir: Path, listing: CacheListing | None = None) -> list[Path]:
     """Remove `<cache>.tmp-HOST-PID` directories of this shard (any hash) left by dead processes of
     this host (a killed build). Those of other hosts, or of live processes, are left alone."""
     host = os.uname().nodename
     prefix = cache_dir.name.rsplit(".", 2)[0]  # <shard name>
     removed = []
-    for p in cache_dir.parent.glob(f"{prefix}.*.cache.tmp-*"):
+    for name in (listing or CacheListing()).entries(cache_dir.parent, prefix):
+        if ".cache.tmp-" not in name:
+            continue
+        p = cache_dir.parent / name
         tag = p.name.rsplit(".tmp-", 1)[1]
         h, _, pid = tag.rpartition("-")
         if h == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
@@ -575,11 +608,13 @@ def remove_stale_tmp(cache_dir: Path) -> list[Path]:
 
 
 def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: int, bar=None,
-                  pool: _TokenizerPool | None = None) -> dict:
-    """Build out (the caller holds its lock and checked that it has no manifest)."""
+                  pool: _TokenizerPool | None = None, listing: CacheListing | None = None) -> dict:
+    """Build out (the caller holds its lock and checked that it has no manifest). `listing`: the
+    cache directories as listed when the caller started (leftovers of dead builds, older caches)."""
     inputs = _inputs(corpus, tokenizer)
-    remove_stale_tmp(out)
-    others = [p.name for p in out.parent.glob(f"{corpus.name}.*.cache") if p != out]
+    listing = listing or CacheListing()
+    remove_stale_tmp(out, listing)
+    others = [n for n in listing.entries(out.parent, corpus.name) if n.endswith(".cache") and n != out.name]
     if others:
         logger.info("corpus or tokenizer changed; building %s (older caches left in place: %s)", out.name, others)
     tmp = out.with_name(f"{out.name}.tmp-{os.uname().nodename}-{os.getpid()}")
@@ -672,6 +707,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
     built = 0
     t0 = last_report = time.monotonic()
     pool = _TokenizerPool(tokenizer, workers, total)
+    listing = CacheListing()
     try:
         while True:
             waiting = []
@@ -683,7 +719,7 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
                     if got and not (out / MANIFEST).exists():
                         if bar is not None and i not in mine:
                             bar.total += stats[i].st_size
-                        _build_locked(shards[i], tokenizer, out, workers, bar, pool)
+                        _build_locked(shards[i], tokenizer, out, workers, bar, pool, listing)
                         built += 1
                     elif not got:
                         waiting.append(i)
@@ -791,13 +827,14 @@ def load_or_build(corpus_path: str | Path, tokenizer: KoTokenizer, *, num_worker
     return CorpusCache.open(build_cache(corpus_path, tokenizer, num_workers, progress))
 
 
-def shard_info(shard: Path, tokenizer: KoTokenizer | None = None) -> dict:
+def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: CacheListing | None = None) -> dict:
     """A shard's caches: which are current (match its size and mtime; with a tokenizer: that
     tokenizer's) and which are stale (left by an older shard or another tokenizer)."""
     st = shard.stat()
     row: dict = {"shard": str(shard), "bytes": st.st_size, "current": None, "stale": []}
     want = cache_dir_for(shard, tokenizer) if tokenizer is not None else None
-    for d in sorted(cache_home(shard.parent, shard.name).parent.glob(f"{shard.name}.*.cache")):
+    home = cache_home(shard.parent, shard.name).parent
+    for d in [home / n for n in (listing or CacheListing()).entries(home, shard.name) if n.endswith(".cache")]:
         try:
             m = json.loads((d / MANIFEST).read_text())
             fresh = m["corpus"]["size"] == st.st_size and m["corpus"]["mtime_ns"] == st.st_mtime_ns
@@ -844,8 +881,9 @@ def _cli(argv: list[str] | None = None) -> int:
         total = collections.Counter()
         skipped: collections.Counter = collections.Counter()
         print(f"{'shard':<50} {'part':>4} {'MiB':>9} {'documents':>10} {'sentences':>11} {'tokens':>12}  cache")
+        listing = CacheListing()
         for shard, part in zip(cs.shards, cs.part_of_shard()):
-            row = shard_info(shard, tok)
+            row = shard_info(shard, tok, listing)
             cur = row["current"]
             total["bytes"] += row["bytes"]
             if cur:

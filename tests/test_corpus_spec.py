@@ -170,6 +170,23 @@ print(json.dumps({{"limit": c._DESCRIPTORS.limit, "held": len(c._DESCRIPTORS), "
     assert got["ids"][0] == expect and got["ids"][1] == expect
 
 
+def test_cache_listing_groups_entries_by_exact_shard_name(tmp_path):
+    """One listing of a cache directory, grouped by shard (a glob per shard listed the directory
+    once per shard: quadratic in shards): a shard's caches, locks and build leftovers, not those of
+    a shard whose name extends it, and names with glob characters taken literally."""
+    from data.corpus import CacheListing
+
+    names = ["a.dat.0123456789ab.cache", "a.dat.0123456789ab.cache.lock", "a.dat.0123456789ab.cache.tmp-h-1",
+             "a.dat.x.fedcba987654.cache", "[1].dat.00112233aabb.cache", "a.dat", "notes.txt", "a.dat.cache"]
+    for n in names:
+        (tmp_path / n).mkdir()
+    listing = CacheListing()
+    assert listing.entries(tmp_path, "a.dat") == names[:3]
+    assert listing.entries(tmp_path, "a.dat.x") == ["a.dat.x.fedcba987654.cache"]
+    assert listing.entries(tmp_path, "[1].dat") == ["[1].dat.00112233aabb.cache"]
+    assert listing.entries(tmp_path, "b.dat") == [] and listing.entries(tmp_path / "none", "a.dat") == []
+
+
 def test_held_out_documents_are_stable_and_disjoint(shards, tiny_tokenizer):
     root, wiki, _ = shards
     corpus = open_corpus(root / "wiki", tiny_tokenizer, progress=False)
