@@ -90,12 +90,12 @@ class _Descriptors:
 
     def __init__(self) -> None:
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a FileArray's __del__ may run (gc) while a read holds it
         self.limit = self.default_limit()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        self._lock = threading.Lock()  # a child starts with it free whatever the parent's threads did
+        self._lock = threading.RLock()  # a child starts with it free whatever the parent's threads did
 
     @staticmethod
     def default_limit() -> int:

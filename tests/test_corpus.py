@@ -103,6 +103,34 @@ def test_large_reads_loop_over_short_reads(corpus_copy, tiny_tokenizer, monkeypa
         fresh.tokens[len(whole["tokens"])]
 
 
+def test_a_file_array_collected_during_a_read_does_not_deadlock(corpus_copy, tiny_tokenizer):
+    """A FileArray's __del__ closes its descriptor through the process's pool; garbage collection
+    can run it inside a read, while the pool's lock is held by the same thread: the lock is
+    reentrant (a plain lock hung there)."""
+    import gc
+    import threading
+
+    cache = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    a = FileArray(cache.path / "tokens.bin", cache.tokens.dtype)
+    b = FileArray(cache.path / "tokens.bin", cache.tokens.dtype)
+    cycle = [b]
+    cycle.append(cycle)  # b only reachable from a cycle: freed by the collector, not by refcount
+    assert a[0] == b[0]
+    held = len(corpus_mod._DESCRIPTORS)
+    del b, cycle
+
+    def read_while_collecting():
+        with corpus_mod._DESCRIPTORS._lock:  # as inside a read
+            gc.collect()
+            a[1]
+
+    t = threading.Thread(target=read_while_collecting, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "deadlock: __del__ waited for the lock its own thread held"
+    assert len(corpus_mod._DESCRIPTORS) == held - 1
+
+
 def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 8192)  # many chunks, documents cut across chunks
     arrays = []
