@@ -108,7 +108,6 @@ def test_a_file_array_collected_during_a_read_does_not_deadlock(corpus_copy, tin
     can run it inside a read, while the pool's lock is held by the same thread: the lock is
     reentrant (a plain lock hung there)."""
     import gc
-    import threading
 
     cache = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
     a = FileArray(cache.path / "tokens.bin", cache.tokens.dtype)
