@@ -700,7 +700,8 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
         return outs
     workers = num_workers or _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     mine = [missing[k] for k in _my_share([stats[i].st_size for i in missing], rank, world_size)]
-    order = mine + [i for i in missing if i not in set(mine)]
+    taken = set(mine)
+    order = mine + [i for i in missing if i not in taken]
     total = sum(stats[i].st_size for i in missing)
     bar = _bytes_bar(sum(stats[i].st_size for i in mine), f"caching {len(mine)} shard(s)",
                      progress and bool(mine))
