@@ -66,7 +66,7 @@ class EncoderTask(Task):
             earlier = json.loads((rd / "encoder.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             earlier = {}
-        now = self._inputs()
+        now = json.loads(json.dumps(self._inputs()))  # as encoder.json holds it (tuples as lists)
         differ = [k for k in now if not isinstance(earlier, dict) or earlier.get(k) != now[k]]
         if not differ:
             return None
