@@ -619,8 +619,8 @@ def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: 
         logger.info("corpus or tokenizer changed; building %s (older caches left in place: %s)", out.name, others)
     tmp = out.with_name(f"{out.name}.tmp-{os.uname().nodename}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         manifest = _write_cache(corpus, tokenizer, tmp, inputs, num_workers, bar, pool)
         _test_delay(corpus)
         now = _inputs(corpus, tokenizer)["corpus"]
@@ -631,6 +631,11 @@ def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: 
         if out.exists():  # a directory without manifest: an interrupted rename or a manual copy
             shutil.rmtree(out)
         os.rename(tmp, out)
+    except OSError as e:  # a full disk (numpy's tofile says only "N requested and M written"), no permission
+        shutil.rmtree(tmp, ignore_errors=True)
+        # ~2 bytes per token and 8 per sentence: about half the shard
+        raise CacheWriteError(out.parent, f"the corpus cache of {corpus}", e,
+                              f"it needs about half the shard's size, {corpus.stat().st_size / 2**21:.1f} MiB") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -638,6 +643,22 @@ def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: 
                 manifest["counts"]["tokens"], manifest["counts"]["sentences"],
                 manifest["counts"]["documents"], manifest["build"]["seconds"], manifest["build"]["tokens_per_s"])
     return manifest
+
+
+class CacheWriteError(ValueError):
+    """A cache or sample index could not be written (a full disk, no permission): the message names
+    the directory, the free space there and the fix; what was written is removed."""
+
+    def __init__(self, directory: Path, what: str, error: OSError, need: str = ""):
+        try:
+            room = f"{shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
+        except OSError:
+            room = "free space unknown"
+        size = f"; {need}" if need else ""
+        super().__init__(
+            f"cannot write {what} in {directory} ({error}; {room}{size}): nothing of it was kept. Free space "
+            f"there, or build the caches elsewhere with CORPUS_CACHE_DIR=/a/disk/with/room (every process of the "
+            f"job must see it), then run again")
 
 
 def _test_delay(corpus: Path) -> None:

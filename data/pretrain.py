@@ -37,6 +37,7 @@ set_epoch() changes masking and SOP splits; call it before creating the DataLoad
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.corpus import Corpus, CorpusCache, FileArray, _file_lock, cache_home
+from data.corpus import CacheWriteError, Corpus, CorpusCache, FileArray, _file_lock, cache_home
 from data.tokenizer import KoTokenizer
 
 logger = logging.getLogger(__name__)
@@ -233,8 +234,9 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
             return d, json.loads(meta.read_text())
         tmp = d.with_name(f"{d.name}.tmp-{os.uname().nodename}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        files: dict = {}
         try:
+            tmp.mkdir(parents=True)
             stats: dict[str, int] = {}
             files = {k: open(tmp / f"{k}.bin", "wb") for k in _INDEX_ARRAYS[:-1]}
             unit_base = group_base = 0
@@ -277,10 +279,22 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
             if d.exists():
                 shutil.rmtree(d)
             os.rename(tmp, d)
+        except OSError as e:  # a full disk (numpy's tofile says only "N requested and M written")
+            _discard(tmp, files)
+            raise CacheWriteError(d.parent, f"the sample index of {corpus.path}", e) from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp, files)
             raise
     return d, stats
+
+
+def _discard(tmp: Path, files: dict) -> None:
+    """A failed index build: its open files closed (a removed file still holds its disk space while
+    open) and its directory removed."""
+    for f in files.values():
+        with contextlib.suppress(OSError):
+            f.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open_index(d: Path, objective: str, weighted: bool) -> dict[str, np.ndarray]:

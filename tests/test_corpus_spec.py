@@ -187,6 +187,41 @@ def test_cache_listing_groups_entries_by_exact_shard_name(tmp_path):
     assert listing.entries(tmp_path, "b.dat") == [] and listing.entries(tmp_path / "none", "a.dat") == []
 
 
+def test_full_disk_while_caching_or_indexing_is_one_clear_error(shards, tiny_tokenizer, monkeypatch):
+    """A full disk while a shard's cache or the sample index is written (numpy's tofile says only
+    "N requested and M written") is a ValueError naming what, where, the free space and
+    CORPUS_CACHE_DIR; the partial files are removed and a later run builds them."""
+    import data.pretrain as pretrain_mod
+
+    root, wiki, _ = shards
+    real_write, real_index = corpus_mod._write_cache, pretrain_mod._shard_index
+
+    def full_disk(corpus, tok, tmp, *a, **k):
+        (tmp / "tokens.bin").write_bytes(b"\0" * 100)
+        raise OSError("16180 requested and 2554 written")
+
+    monkeypatch.setattr(corpus_mod, "_write_cache", full_disk)
+    with pytest.raises(ValueError, match=r"cannot write the corpus cache of .*a\.dat in .*wiki \(16180 requested "
+                                         r"and 2554 written; \d+ MiB free there; it needs about half the shard's "
+                                         r"size, [0-9.]+ MiB\)"
+                                         r": nothing of it was kept\. .*CORPUS_CACHE_DIR="):
+        open_corpus(root / "wiki", tiny_tokenizer, progress=False)
+    assert not [p for p in (root / "wiki").iterdir() if ".cache" in p.name and not p.name.endswith(".lock")]
+    monkeypatch.setattr(corpus_mod, "_write_cache", real_write)
+    corpus = open_corpus(root / "wiki", tiny_tokenizer, progress=False)
+
+    def full_disk_index(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pretrain_mod, "_shard_index", full_disk_index)
+    with pytest.raises(ValueError, match=r"cannot write the sample index of .* \(\[Errno 28\] No space left on "
+                                         r"device; \d+ MiB free there\): nothing of it was kept"):
+        PretrainDataset(corpus, tiny_tokenizer, 64, "sop")
+    assert not [p for p in (root / "wiki").iterdir() if ".index" in p.name and not p.name.endswith(".lock")]
+    monkeypatch.setattr(pretrain_mod, "_shard_index", real_index)
+    assert len(PretrainDataset(corpus, tiny_tokenizer, 64, "sop")) > 0
+
+
 def test_held_out_documents_are_stable_and_disjoint(shards, tiny_tokenizer):
     root, wiki, _ = shards
     corpus = open_corpus(root / "wiki", tiny_tokenizer, progress=False)

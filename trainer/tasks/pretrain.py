@@ -59,6 +59,7 @@ class PretrainTask(Task):
                       whole_word_mask=args.whole_word_mask, seed=args.seed,
                       mlm_separator=args.mlm_separator, mlm_packing=args.mlm_packing)
         fraction = args.eval_fraction or 0.0
+        flag = "--corpus_path"
         try:
             self.dataset = PretrainDataset(corpus, self.tokenizer, args.max_seq_length,
                                            split="train" if fraction else "all", eval_fraction=fraction, **common)
