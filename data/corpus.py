@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.spec import CorpusSpec, SpecError, resolve, text_file_problem
+from data.spec import CACHE_ENTRY_SUFFIX, CorpusSpec, SpecError, resolve, text_file_problem
 from data.tokenizer import KoTokenizer, decode_lines, missing_tokenizer_hint
 
 logger = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_CACHE_ENTRY = re.compile(r"(?P<shard>.+)\.[0-9a-f]{12}\.cache(?P<suffix>\.tmp-.+|\.lock)?")
+_CACHE_ENTRY = re.compile(rf"(?P<shard>.+){CACHE_ENTRY_SUFFIX}")
 
 
 class CacheListing:

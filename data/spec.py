@@ -29,8 +29,11 @@ from data.jsonfile import json_lines_keys, text_key
 SHARD_SUFFIX = ".dat"
 SNIFF_BYTES = 1 << 16
 FORMAT_HINT = "UTF-8 text, one sentence per line, a blank line between documents"
-# names we write beside a corpus: <shard>.<hash>.cache[.lock|.tmp-HOST-PID], <shard>.tokenizer, indexes
-_ARTIFACT = re.compile(r"(\.[0-9a-f]{12}\.cache(\.lock|\.tmp-.*)?|\.tokenizer|\.index(\.lock|\.tmp-.*)?)$")
+# the suffix of a shard's cache entries: <shard>.<12-hex hash>.cache, its .lock and its .tmp-HOST-PID
+# build leftovers (data.corpus.CacheListing groups them by shard)
+CACHE_ENTRY_SUFFIX = r"\.[0-9a-f]{12}\.cache(?:\.lock|\.tmp-.*)?"
+# names we write beside a corpus: cache entries, <shard>.tokenizer, indexes
+_ARTIFACT = re.compile(rf"({CACHE_ENTRY_SUFFIX}|\.tokenizer|\.index(\.lock|\.tmp-.*)?)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
