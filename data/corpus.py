@@ -43,7 +43,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -86,7 +85,8 @@ class _Descriptors:
     least recently used is closed first and reopened when read again. A corpus of thousands of
     shards holds three arrays per shard, and one descriptor kept per array would pass the open-file
     limit (`ulimit -n`, often 1024) partway through training ("Too many open files"). Keyed per
-    FileArray, not per path: a cache rebuilt in place is a new file, not the old descriptor's."""
+    FileArray (its id; its __del__ closes the entry before the id can be reused), not per path: a cache
+    rebuilt in place is a new file, not the old descriptor's."""
 
     def __init__(self) -> None:
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -159,7 +159,6 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes | bytearray:
 
 
 _DESCRIPTORS = _Descriptors()
-_FILE_ARRAY_KEYS = itertools.count()
 
 
 class FileArray:
@@ -174,7 +173,6 @@ class FileArray:
         self.path, self.dtype, self.width = Path(path), np.dtype(dtype), width
         n = self.path.stat().st_size // (self.dtype.itemsize * width) if length is None else length
         self.shape = (n, width) if width > 1 else (n,)
-        self._key = next(_FILE_ARRAY_KEYS)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -182,7 +180,7 @@ class FileArray:
     def _read(self, start: int, stop: int) -> np.ndarray:
         row = self.dtype.itemsize * self.width
         n = max(0, stop - start) * row
-        buf = _DESCRIPTORS.pread(self._key, self.path, n, start * row) if n else b""
+        buf = _DESCRIPTORS.pread(id(self), self.path, n, start * row) if n else b""  # keyed by the live object
         if len(buf) != n:
             raise ValueError(f"{self.path} is shorter than expected ({start * row + len(buf)} of "
                              f"{stop * row} bytes); delete its directory and it will be rebuilt")
@@ -206,13 +204,10 @@ class FileArray:
         a = self._read(0, len(self))
         return a.astype(dtype) if dtype is not None else a
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _key=next(_FILE_ARRAY_KEYS))  # a copy in another process: its own key
-
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # before the object (and its id) is freed
         pool = globals().get("_DESCRIPTORS")  # None-safe at interpreter exit
-        if pool is not None and getattr(self, "_key", None) is not None:
-            pool.close(self._key)
+        if pool is not None:
+            pool.close(id(self))
 
 
 class CorpusCache:
