@@ -172,6 +172,61 @@ def test_resume_older_step_moves_newer_checkpoints_aside(prev, tmp_path, monkeyp
             f"from here differ from those the original run would have drawn") in out
 
 
+def _tb_steps(run: Path, tag: str = "train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resume_keeps_the_checkpoint_step_in_tensorboard(prev, tmp_path, monkeypatch, capsys):
+    """Resuming step-4 redoes steps 5..6: TensorBoard shows steps 1..6 once, step 4 included (a
+    purge at the checkpoint's own step hid its scalars and the validation logged with it)."""
+    run, args = _copy(prev, tmp_path)
+    assert _tb_steps(run) == [1, 2, 3, 4, 5, 6]
+    code, out = _main(_with(args, checkpoint=str(run / "step-4")), monkeypatch, capsys)
+    assert code == 0, out[-3000:]
+    assert _tb_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in read_tsv(run / "loss.tsv")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_run_over_a_finished_run_without_checkpoints_is_refused(prev, tmp_path, monkeypatch, capsys):
+    """The user deleted step-N to save space and kept final/: the same command again (or a start from
+    that final/ under the same --model_name) would train afresh and replace the model. Refused,
+    nothing changed; the message names the ways on."""
+    run, args = _copy(prev, tmp_path)
+    for p in run.glob("step-*"):
+        shutil.rmtree(p)
+    before = tree_digest(tmp_path)
+    for extra in ({}, {"checkpoint": str(run / "final")}, {"checkpoint": "auto"}):
+        code, out = _main(_with(args, **extra), monkeypatch, capsys)
+        assert code == 1, out[-3000:]
+        assert (f"{run / 'final'} holds the model of an earlier run (step 6), and this run starts afresh (no step-N "
+                f"checkpoint of {run} is left to resume), so it would replace that model; to train anew pick another "
+                f"--model_name or --output_dir") in out, out[-3000:]
+        assert f"pass --checkpoint {run / 'final'} with another --model_name than run" in out
+        assert tree_digest(tmp_path) == before
+
+
+def test_fresh_run_over_the_logs_of_a_run_that_saved_nothing_moves_them_aside(prev, tmp_path, monkeypatch, capsys):
+    """A run that crashed before its first checkpoint left loss.tsv and TensorBoard logs: the same
+    command starts afresh, and those logs move byte-identical to earlier-run/ instead of being
+    rewritten (loss.tsv) or mixed into the new run's curves (TensorBoard)."""
+    run, args = _copy(prev, tmp_path)
+    for p in [*run.glob("step-*"), run / "final"]:
+        shutil.rmtree(p)
+    logs = {"loss.tsv": (run / "loss.tsv").read_bytes(), "tensorboard": tree_digest(run / "tensorboard")}
+    code, out = _main(_with(args, num_steps="2"), monkeypatch, capsys)
+    assert code == 0, out[-3000:]
+    aside = run / "earlier-run"
+    assert (f"[train] {run} held the logs of an earlier run that left no checkpoint to resume; moved them to "
+            f"{aside}") in out
+    assert {"loss.tsv": (aside / "loss.tsv").read_bytes(), "tensorboard": tree_digest(aside / "tensorboard")} == logs
+    assert [int(r["step"]) for r in read_tsv(run / "loss.tsv")] == [1, 2]
+    assert _tb_steps(run) == [1, 2]
+
+
 REFUSALS = [
     ("num_steps_below_checkpoint", {"checkpoint": "auto", "num_steps": "4"},
      "--checkpoint {run}/step-6 is at step 6, past --num_steps 4: there is nothing to train. --num_steps is "

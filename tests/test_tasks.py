@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import re
+import shutil
 from argparse import Namespace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.launch_util import tree_digest
 from tests.trainer_util import launch, read_tsv, write_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -86,6 +88,15 @@ def test_classify_from_exported_checkpoint(env):
                                       "--max_train_examples", "32", "--max_eval_examples", "50", "--num_steps", "0"])
     assert eval_line(proc.stdout)["accuracy"] == pytest.approx(acc, abs=1e-4)
     assert not (env.out / "cls_eval" / "final").exists() and not list((env.out / "cls_eval").glob("step-*"))
+    # the same evaluation written into the fine-tuning run itself (its step-N deleted, final/ kept): its
+    # loss.tsv and model stay as they were
+    kept_run = env.out / "cls_kept"
+    shutil.copytree(env.out / "cls", kept_run, ignore=shutil.ignore_patterns("step-*"))
+    kept = {"loss.tsv": (kept_run / "loss.tsv").read_bytes(), "final": tree_digest(kept_run / "final")}
+    proc = run_task(env, "cls_kept", ["--train_mode", "classify", "--checkpoint", str(kept_run / "final"),
+                                      "--eval_file", str(NSMC_TEST), "--max_eval_examples", "50", "--num_steps", "0"])
+    assert eval_line(proc.stdout)["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert {"loss.tsv": (kept_run / "loss.tsv").read_bytes(), "final": tree_digest(kept_run / "final")} == kept
 
     # the fine-tuned classifier exports as BertForSequenceClassification: same logits on NSMC reviews
     transformers = pytest.importorskip("transformers")

@@ -413,18 +413,54 @@ def newer_than(run_dir: Path, step: int) -> list[Path]:
 def move_aside(run_dir: Path, paths: list[Path], step: int) -> Path:
     """Resuming an older step: move `paths` (newer_than) into run_dir/superseded-after-step-K[-n]/
     with a copy of loss.tsv (whose later rows the resumed run rewrites); nothing is deleted."""
-    base = run_dir / f"superseded-after-step-{step}"
-    aside, n = base, 1
-    while aside.exists():
-        n += 1
-        aside = base.with_name(f"{base.name}-{n}")
-    aside.mkdir()
+    aside = _new_folder(run_dir / f"superseded-after-step-{step}")
     for p in paths:
         os.replace(p, aside / p.name)
     if (run_dir / "loss.tsv").is_file():
         shutil.copy2(run_dir / "loss.tsv", aside / "loss.tsv")
     safety.fsync_dir(run_dir)
     return aside
+
+
+def _new_folder(base: Path) -> Path:
+    """Create `base`, or base-2, base-3, ... (the first that does not exist)."""
+    aside, n = base, 1
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    aside.mkdir()
+    return aside
+
+
+EARLIER_LOGS = ("loss.tsv", "eval.json", "tensorboard")
+
+
+def move_earlier_logs(run_dir: Path) -> Path | None:
+    """A new run starting in `run_dir` (not resuming a checkpoint of it): the logs an earlier run left
+    there (it never saved a checkpoint, or they were deleted) move into run_dir/earlier-run[-n]/
+    instead of being rewritten (loss.tsv) or mixed with the new run's (TensorBoard)."""
+    found = [run_dir / name for name in EARLIER_LOGS if (run_dir / name).exists()]
+    if not found:
+        return None
+    aside = _new_folder(run_dir / "earlier-run")
+    for p in found:
+        os.replace(p, aside / p.name)
+    safety.fsync_dir(run_dir)
+    return aside
+
+
+def check_no_earlier_final(run_dir: Path, model_name: str) -> None:
+    """A new run (not resuming a checkpoint of `run_dir`) must not replace the model an earlier
+    run exported there: SystemExit naming the ways on."""
+    final = run_dir / FINAL
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    step = exported_step(run_dir)
+    raise SystemExit(f"{final} holds the model of an earlier run{f' (step {step})' if step is not None else ''}, "
+                     f"and this run starts afresh (no step-N checkpoint of {run_dir} is left to resume), so it "
+                     f"would replace that model; to train anew pick another --model_name or --output_dir (or "
+                     f"move {final} away first); to go on from those weights, pass --checkpoint {final} with "
+                     f"another --model_name than {model_name}")
 
 
 def check_final(run_dir: Path) -> None:

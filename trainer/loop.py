@@ -103,6 +103,10 @@ def _run(args: Namespace, ctx, rd) -> dict:
     # resuming an older step of this run: the newer checkpoints and final/ are moved aside, not
     # overwritten (an evaluation-only run, --num_steps 0, writes neither)
     newer = checkpoint.newer_than(rd, resume_meta["step"]) if own and args.num_steps > 0 else []
+    exports = args.num_steps > 0 and (args.train_mode == "pretrain"
+                                      or (args.train_mode != "encoder" and bool(args.train_file)))
+    if exports and not own:  # a new run: an earlier run's model in final/ is not this run's to replace
+        checkpoint.check_no_earlier_final(rd, args.model_name)
     if args.num_steps > 0 and not any(p.name == checkpoint.FINAL for p in newer):
         checkpoint.check_final(rd)
     seed_everything(args.seed)  # identical initial weights on every rank
@@ -164,16 +168,21 @@ def _run(args: Namespace, ctx, rd) -> dict:
         ctx.log(f"[checkpoint] resuming step {resume_meta['step']} of a run that went further: moved "
                 f"{', '.join(p.name for p in newer)} (and a copy of loss.tsv) to {aside}; delete that folder "
                 f"if you do not need them")
+    trains = task.dataset is not None and state.step < args.num_steps
+    if trains and not own and ctx.is_main:  # the logs of an earlier run (one that never saved a checkpoint)
+        earlier = checkpoint.move_earlier_logs(rd)
+        if earlier is not None:
+            ctx.log(f"[train] {rd} held the logs of an earlier run that left no checkpoint to resume; moved them "
+                    f"to {earlier} (delete that folder if you do not need them) and start afresh")
     logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
                     {"args": meta["args"], "model_config": meta["model_config"]},
                     progress=not args.no_progress and task.dataset is not None and state.step < args.num_steps,
                     tensorboard="tensorboard" in args.report_to,
                     tracking=tracking.start(args, rd, resume_meta, ctx.world_size, ctx.log)
-                    if ctx.is_main else None)
+                    if ctx.is_main else None, trains=trains)
     meta["tracking"] = logger.tracking_ids  # checkpoints keep the run ids: a resume continues the same runs
     logger.reserve([f"eval/{k}" for k in task.validation_metrics()] + probe.tags(args))
     try:
-        trains = task.dataset is not None and state.step < args.num_steps
         if trains:
             _train(args, ctx, task, engine, model, state, logger, rd, meta, sampler)
         elif task.dataset is not None and args.num_steps > 0:

@@ -64,7 +64,11 @@ class Logger:
     same parameters, scalars and files to the `--report_to` trackers (`tracking`, trainer/tracking.py)."""
 
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
-                 run_info: dict, progress: bool = True, tensorboard: bool = True, tracking=None):
+                 run_info: dict, progress: bool = True, tensorboard: bool = True, tracking=None,
+                 trains: bool = True):
+        """`start_step`: the resumed checkpoint's step. A run that trains on from it redoes the later
+        steps, so their loss.tsv rows are dropped and TensorBoard hides their events; one that only
+        evaluates (`trains` False) keeps both as they are."""
         self.is_main = is_main
         self.writer = None
         self.bar = None
@@ -79,24 +83,35 @@ class Logger:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+            # TensorBoard hides the events at and after purge_step: the checkpoint's own step stays
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step and trains else None)
             for name, value in run_info.items():
                 self.writer.add_text(name, "```\n" + json.dumps(value, indent=2, default=str) + "\n```", start_step)
         if self.tracking is not None:
             self.tracking.params(run_info, start_step)
-        self._truncate_tsv(start_step)
+        if trains:
+            self._truncate_tsv(start_step)
+        else:
+            self._read_columns()
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
+    def _read_columns(self) -> list[str]:
+        """loss.tsv's lines, its header fixing the columns of the rows to come."""
+        if not self.tsv_path.is_file():
+            return []
+        lines = self.tsv_path.read_text().splitlines()
+        if lines:
+            self.columns = lines[0].split("\t")
+        return lines
+
     def _truncate_tsv(self, start_step: int) -> None:
         """On resume, drop rows after the checkpoint's step (they are about to be redone)."""
-        if not self.tsv_path.is_file():
-            return
-        lines = self.tsv_path.read_text().splitlines()
+        lines = self._read_columns()
         if not lines:
             return
-        self.columns = lines[0].split("\t")
         kept = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) <= start_step]
         self.tsv_path.write_text("\n".join(kept) + "\n")
 
