@@ -535,17 +535,30 @@ class KoTokenizer:
             raise TokenizerError(f"{tj}: {e}") from None
 
     def save(self, out_dir: str | Path) -> None:
+        """Write the tokenizer's files into `out_dir`, each whole (a temporary file renamed), and
+        tokenizer.json last: a save cut short leaves no tokenizer.json there, never a mix of two
+        tokenizers. The tokenizer files of an earlier tokenizer there that this one does not write
+        (a transformers folder's special_tokens_map.json, tokenizer_config.json) are removed: they
+        would name other roles."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(out / "tokenizer.json"))
-        (out / "vocab.txt").write_text("".join(t + "\n" for t in self._id_to_token), encoding="utf-8")
-        (out / PRETOKENIZER_FILE).write_text(json.dumps(
-            {"morpheme": self.morpheme, "continuing_subword_prefix": _CONT,
-             "note": "apply before tokenizer.json: cut each eojeol at morpheme boundaries, prefix later pieces with ##"},
-            indent=1))
+        files = {"vocab.txt": "".join(t + "\n" for t in self._id_to_token),
+                 PRETOKENIZER_FILE: json.dumps(
+                     {"morpheme": self.morpheme, "continuing_subword_prefix": _CONT,
+                      "note": "apply before tokenizer.json: cut each eojeol at morpheme boundaries, prefix later "
+                              "pieces with ##"}, indent=1)}
         if self.foreign:  # its roles, as a transformers folder names them (eod is ours alone)
-            (out / "special_tokens_map.json").write_text(json.dumps(
-                {f"{r}_token": t for r, t in self.named().items() if r != "eod"}, indent=2, ensure_ascii=False) + "\n")
+            files["special_tokens_map.json"] = json.dumps(
+                {f"{r}_token": t for r, t in self.named().items() if r != "eod"}, indent=2, ensure_ascii=False) + "\n"
+        files["tokenizer.json"] = self.tokenizer.to_str(pretty=True)
+        (out / "tokenizer.json").unlink(missing_ok=True)  # from here until the end: no tokenizer in out
+        for name in TOKENIZER_FILES:
+            if name not in files:
+                (out / name).unlink(missing_ok=True)
+        for name, text in files.items():
+            tmp = out / f".{name}.tmp-{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out / name)
 
     # --- encoding ----------------------------------------------------------------------
     def _pre(self, text: str) -> str:
@@ -850,9 +863,11 @@ def _train_cli_problem(args: argparse.Namespace) -> str | None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return f"--out {out}: exists and is not a directory; pick a new directory"
-    if (out / "tokenizer.json").exists() and not args.overwrite:
-        return (f"--out {out}: already holds a tokenizer (tokenizer.json); pick a new directory or add "
-                f"--overwrite to replace it")
+    present = [name for name in TOKENIZER_FILES if (out / name).exists()]
+    if present and not args.overwrite:
+        return (f"--out {out}: already holds {'a tokenizer' if 'tokenizer.json' in present else 'tokenizer files'} "
+                f"({', '.join(present)}) that this would replace; pick a new directory or add --overwrite to "
+                f"replace {'it' if 'tokenizer.json' in present else 'them'}")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         return f"--out {out}: {existing} is a file, not a directory; pick another --out"

@@ -50,6 +50,8 @@ def more(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
         t["content"] = "[MASKED]" if t["content"] == "[MASK]" else t["content"]
     (d / "no_mask").mkdir()
     (d / "no_mask" / "tokenizer.json").write_text(json.dumps(raw))
+    (d / "old_bert").mkdir()  # a model folder from before tokenizer.json: vocab.txt only
+    (d / "old_bert" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n가\n")
     shutil.copytree(tok, d / "damaged_pre")
     (d / "damaged_pre" / "pretokenizer.json").write_text('{"morph')
     shutil.copytree(tok, d / "unknown_morpheme")
@@ -277,7 +279,11 @@ TOKENIZER_CLI = [
     ("out_is_a_file", "train --input {corpus} --vocab_size 2000 --out {corpus}", 2, "exists and is not a directory"),
     ("out_under_a_file", "train --input {corpus} --vocab_size 2000 --out {corpus}/tok", 2, "is a file, not a directory"),
     ("out_holds_a_tokenizer", "train --input {corpus} --vocab_size 2000 --out {m}/no_mask", 2,
-     "already holds a tokenizer (tokenizer.json); pick a new directory or add --overwrite to replace it"),
+     "already holds a tokenizer (tokenizer.json) that this would replace; pick a new directory or add --overwrite "
+     "to replace it"),
+    ("out_holds_a_vocab_txt", "train --input {corpus} --vocab_size 2000 --out {m}/old_bert", 2,
+     "--out {m}/old_bert: already holds tokenizer files (vocab.txt) that this would replace; pick a new directory "
+     "or add --overwrite to replace them"),
     ("encode_missing_tokenizer", "encode --tokenizer {m}/nope 안녕", 1, "no tokenizer.json at {m}/nope; train one with"),
     ("encode_not_a_tokenizer", "encode --tokenizer {m}/not_a_tokenizer 안녕", 1, "is JSON but not a tokenizer"),
     ("encode_without_mask", "encode --tokenizer {m}/no_mask 안녕", 1, "the tokenizer has no mask ([MASK] or <mask>) token"),

@@ -367,3 +367,43 @@ def test_pretrain_from_a_modernbert_folder_with_its_bpe_tokenizer(bpe_dir, tiny_
     assert summary["architectures"] == ["ModernBertForMaskedLM"] and max(summary["verify"].values()) < 1e-5
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "mb_hf", local_files_only=True)
     assert hf_tok("영화")["input_ids"][:1] == [tok.cls_id] and hf_tok.mask_token_id == tok.mask_id
+
+
+def test_train_overwrite_over_a_transformers_folder_leaves_one_tokenizer(google_bert_dir, tiny_corpus, tmp_path,
+                                                                          monkeypatch):
+    """`data.tokenizer train --overwrite` into a transformers model folder: its tokenizer files are
+    replaced by ours as a whole (its special_tokens_map.json and tokenizer_config.json, which name
+    other roles, go), the model's own files stay; a save cut short leaves no tokenizer.json."""
+    import shutil
+
+    import data.tokenizer as tokmod
+
+    folder = tmp_path / "bert"
+    shutil.copytree(google_bert_dir, folder)
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SystemExit):  # without --overwrite: refused, nothing changed
+        tokmod.main(["train", "--input", str(tiny_corpus), "--vocab_size", "1000", "--out", str(folder)])
+    assert KoTokenizer.load(folder).fingerprint == KoTokenizer.load(google_bert_dir).fingerprint
+    tokmod.main(["train", "--input", str(tiny_corpus), "--vocab_size", "1000", "--out", str(folder), "--overwrite"])
+    fresh = tmp_path / "fresh"
+    tokmod.main(["train", "--input", str(tiny_corpus), "--vocab_size", "1000", "--out", str(fresh)])
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pretokenizer.json", "tokenizer.json",
+                                                         "vocab.txt"]
+    assert all((folder / p.name).read_bytes() == p.read_bytes() for p in fresh.iterdir())
+    tok = KoTokenizer.load(folder)
+    assert not tok.foreign and tok.roles == KoTokenizer.load(fresh).roles
+
+    calls = []
+
+    def replace_then_fail(src, dst):  # the disk fills after the first file
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        os.replace(src, dst)
+
+    monkeypatch.setattr(tokmod.os, "replace", replace_then_fail)
+    with pytest.raises(OSError):
+        KoTokenizer.load(google_bert_dir).save(folder)
+    assert not (folder / "tokenizer.json").exists()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        KoTokenizer.load(folder)
