@@ -57,6 +57,7 @@ OBJECTIVES = ("sop", "ict", "mlm")
 MLM_SEPARATORS = ("eod", "sep", "wrap")
 MLM_PACKINGS = ("units", "full")
 ICT_KEEP_QUERY = 0.1
+_WRITE_CHUNK = 1 << 20  # unit offsets shifted to corpus coordinates and written this many at a time
 _MLM_BLOCK_UNITS = 256  # mlm packs inside blocks of this many units, so packing is vectorised
 
 
@@ -150,23 +151,42 @@ def _mlm_groups(cum: np.ndarray, doc_units: np.ndarray, keep_doc: np.ndarray, bu
 def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
                  keep_doc: np.ndarray, mlm_separator: str = "sep",
                  mlm_packing: str = "full") -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The sample index of one shard in its own coordinates (units, token offsets, groups)."""
+    """The sample index of one shard in its own coordinates (units, token offsets, groups).
+
+    Written for memory (a shard of S sentences peaks at about 25-34 bytes per sentence, its offsets
+    included when the caller passes them on): no whole-shard temporaries beyond the units' offsets,
+    their costs and one array of unit numbers; the sentence offsets are dropped once the units exist."""
     piece = max_seq_length - 3
     so = np.asarray(so, dtype=np.int64)
+    S = len(so) - 1
+    # a sentence longer than a row is cut into pieces of `piece` tokens: its k extra pieces are units too
     lengths = np.diff(so)
-    n_pieces = np.maximum(1, -(-lengths // piece))
-    first_unit = np.concatenate([[0], np.cumsum(n_pieces)])
-    within = np.arange(first_unit[-1]) - np.repeat(first_unit[:-1], n_pieces)
-    U = np.concatenate([np.repeat(so[:-1], n_pieces) + within * piece, so[-1:]])
+    long = np.flatnonzero(lengths > piece)
+    k = -(-lengths[long] // piece) - 1
+    del lengths
+    # first_unit[i]: the unit number of sentence i's first piece (i + the extra pieces before it)
+    first_unit = np.repeat(np.concatenate([[0], np.cumsum(k)]),
+                           np.diff(np.concatenate([[0], long + 1, [S + 1]])))
+    first_unit += np.arange(S + 1, dtype=np.int64)
+    U = np.empty(first_unit[-1] + 1, dtype=np.int64)  # the units' token offsets, and the shard's end
+    U[first_unit] = so
+    within = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k) + 1
+    U[np.repeat(first_unit[long], k) + within] = np.repeat(so[long], k) + within * piece
     doc_units = first_unit[np.asarray(do, dtype=np.int64)]
-    is_end = np.zeros(first_unit[-1], dtype=bool)
+    del first_unit, within, so
+    is_end = np.zeros(len(U) - 1, dtype=bool)
     is_end[doc_units[1:] - 1] = True
-    stats = {"sentences": int(len(lengths)), "split_sentences": int((n_pieces > 1).sum()),
-             "extra_pieces": int((n_pieces - 1).sum()), "documents": int(keep_doc.sum())}
+    stats = {"sentences": int(S), "split_sentences": int(len(long)),
+             "extra_pieces": int(k.sum()), "documents": int(keep_doc.sum())}
     out = {"unit_offsets": U, "unit_is_doc_end": is_end}
     if objective == "mlm":
         extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing)
-        cum = np.concatenate([[0], np.cumsum(np.diff(U) + extra + is_end)])
+        cum = np.empty(len(U), dtype=np.int64)  # rendered cost before each unit (in place: one array)
+        cum[0] = 0
+        np.subtract(U[1:], U[:-1], out=cum[1:])
+        cum[1:] += extra
+        cum[1:] += is_end
+        np.cumsum(cum, out=cum)
         out["groups"], out["mlm_skip"], stats["dropped_tail_tokens"] = _mlm_groups(
             cum, doc_units, keep_doc, max_seq_length - prefix - suffix, mlm_packing)
     elif objective == "sop":
@@ -222,7 +242,8 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
     """Build (once: a file lock keeps the other processes of the node, or of every node on a shared
     file system, waiting for it) the memory-mappable sample index; returns its directory and stats.
 
-    The arrays are written shard by shard, so building needs the memory of the largest shard only."""
+    The arrays are written shard by shard, so building needs the memory of the largest shard only
+    (about 30-40 bytes per sentence, `_shard_index`)."""
     first = corpus.caches[0].path
     d = cache_home(first.parent, f"{first.name.rsplit('.', 2)[0]}."
                                   f"{_index_key(corpus, objective, max_seq_length, split, fraction, seed, mlm_layout)}.index")
@@ -242,15 +263,15 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
             unit_base = group_base = 0
             samples_per_shard = []
             for k, cache in enumerate(corpus.caches):
-                so, do = cache.read_offsets()
                 held = held_out_documents(Path(cache.manifest["corpus"]["path"]).name, cache.num_documents, fraction)
                 keep = {"all": np.ones_like(held), "train": ~held, "eval": held}[split]
-                arrays, st = _shard_index(so, do, objective, max_seq_length, keep,
-                                          *mlm_layout)
+                # the offsets only in _shard_index's hands: it frees them once the units are made
+                arrays, st = _shard_index(*cache.read_offsets(), objective, max_seq_length, keep, *mlm_layout)
                 for name, v in st.items():
                     stats[name] = stats.get(name, 0) + v
                 U = arrays["unit_offsets"]
-                (U[:-1] + corpus.token_base[k]).tofile(files["unit_offsets"])
+                for i in range(0, len(U) - 1, _WRITE_CHUNK):  # no whole-shard temporary
+                    (U[i:min(i + _WRITE_CHUNK, len(U) - 1)] + corpus.token_base[k]).tofile(files["unit_offsets"])
                 arrays["unit_is_doc_end"].tofile(files["unit_is_doc_end"])
                 (arrays["groups"] + unit_base).tofile(files["groups"])
                 if objective == "ict":
