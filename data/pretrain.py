@@ -148,45 +148,54 @@ def _mlm_groups(cum: np.ndarray, doc_units: np.ndarray, keep_doc: np.ndarray, bu
     return np.stack([u0, u1], axis=1).astype(np.int64), (v - cum[u0]).astype(np.int64), dropped
 
 
-def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
-                 keep_doc: np.ndarray, mlm_separator: str = "sep",
-                 mlm_packing: str = "full") -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The sample index of one shard in its own coordinates (units, token offsets, groups).
-
-    Written for memory (a shard of S sentences peaks at about 25-34 bytes per sentence, its offsets
-    included when the caller passes them on): no whole-shard temporaries beyond the units' offsets,
-    their costs and one array of unit numbers; the sentence offsets are dropped once the units exist."""
-    piece = max_seq_length - 3
+def _units(so: np.ndarray, do: np.ndarray, piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A shard's units (its sentences, those longer than `piece` tokens cut into pieces): (U + 1,)
+    token offsets (the last: the shard's end), (U,) bool "last unit of its document", (D + 1,)
+    unit offsets of the documents, and the counts. Written for memory: besides the offsets, U and
+    the flags, one (S + 1,) array of unit numbers and one temporary of that size."""
     so = np.asarray(so, dtype=np.int64)
     S = len(so) - 1
-    # a sentence longer than a row is cut into pieces of `piece` tokens: its k extra pieces are units too
     lengths = np.diff(so)
     long = np.flatnonzero(lengths > piece)
-    k = -(-lengths[long] // piece) - 1
+    k = -(-lengths[long] // piece) - 1  # extra pieces of each long sentence
     del lengths
     # first_unit[i]: the unit number of sentence i's first piece (i + the extra pieces before it)
     first_unit = np.repeat(np.concatenate([[0], np.cumsum(k)]),
                            np.diff(np.concatenate([[0], long + 1, [S + 1]])))
     first_unit += np.arange(S + 1, dtype=np.int64)
-    U = np.empty(first_unit[-1] + 1, dtype=np.int64)  # the units' token offsets, and the shard's end
+    U = np.empty(first_unit[-1] + 1, dtype=np.int64)
     U[first_unit] = so
     within = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k) + 1
     U[np.repeat(first_unit[long], k) + within] = np.repeat(so[long], k) + within * piece
     doc_units = first_unit[np.asarray(do, dtype=np.int64)]
-    del first_unit, within, so
     is_end = np.zeros(len(U) - 1, dtype=bool)
     is_end[doc_units[1:] - 1] = True
-    stats = {"sentences": int(S), "split_sentences": int(len(long)),
-             "extra_pieces": int(k.sum()), "documents": int(keep_doc.sum())}
+    return U, is_end, doc_units, {"sentences": int(S), "split_sentences": int(len(long)),
+                                  "extra_pieces": int(k.sum())}
+
+
+def _rendered_cost(U: np.ndarray, is_end: np.ndarray, extra: int) -> np.ndarray:
+    """(U + 1,) cumulative cost of the units in an mlm row: their tokens, `extra` per unit and one
+    per document end (computed in place: one array)."""
+    cum = np.empty(len(U), dtype=np.int64)
+    cum[0] = 0
+    np.subtract(U[1:], U[:-1], out=cum[1:])
+    cum[1:] += extra
+    cum[1:] += is_end
+    return np.cumsum(cum, out=cum)
+
+
+def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length: int,
+                 keep_doc: np.ndarray, mlm_separator: str = "sep",
+                 mlm_packing: str = "full") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The sample index of one shard in its own coordinates (units, token offsets, groups); about
+    25-34 bytes per sentence at its peak."""
+    U, is_end, doc_units, stats = _units(so, do, max_seq_length - 3)
+    stats["documents"] = int(keep_doc.sum())
     out = {"unit_offsets": U, "unit_is_doc_end": is_end}
     if objective == "mlm":
         extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing)
-        cum = np.empty(len(U), dtype=np.int64)  # rendered cost before each unit (in place: one array)
-        cum[0] = 0
-        np.subtract(U[1:], U[:-1], out=cum[1:])
-        cum[1:] += extra
-        cum[1:] += is_end
-        np.cumsum(cum, out=cum)
+        cum = _rendered_cost(U, is_end, extra)
         out["groups"], out["mlm_skip"], stats["dropped_tail_tokens"] = _mlm_groups(
             cum, doc_units, keep_doc, max_seq_length - prefix - suffix, mlm_packing)
     elif objective == "sop":
@@ -263,10 +272,11 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
             unit_base = group_base = 0
             samples_per_shard = []
             for k, cache in enumerate(corpus.caches):
+                so, do = cache.read_offsets()
                 held = held_out_documents(Path(cache.manifest["corpus"]["path"]).name, cache.num_documents, fraction)
                 keep = {"all": np.ones_like(held), "train": ~held, "eval": held}[split]
-                # the offsets only in _shard_index's hands: it frees them once the units are made
-                arrays, st = _shard_index(*cache.read_offsets(), objective, max_seq_length, keep, *mlm_layout)
+                arrays, st = _shard_index(so, do, objective, max_seq_length, keep, *mlm_layout)
+                del so, do
                 for name, v in st.items():
                     stats[name] = stats.get(name, 0) + v
                 U = arrays["unit_offsets"]

@@ -260,12 +260,9 @@ def test_a_corpus_without_blank_lines(tmp_path, tiny_tokenizer_dir):
     assert "has 1 document(s) in 10000 lines: documents are separated by blank lines" in proc.stdout
 
 
-def _reference_shard_index(so, do, objective, max_seq_length, keep_doc, mlm_separator, mlm_packing):
-    """The sample index as first written (whole-shard temporaries, ~66 bytes per sentence at its
-    peak): the lean `_shard_index` must give exactly these arrays."""
-    from data.pretrain import _greedy_pack, _mlm_groups, _mlm_layout
-
-    piece = max_seq_length - 3
+def _reference_units(so, do, piece, extra):
+    """The units and mlm costs as first computed (whole-shard temporaries, ~66 bytes per sentence
+    at the index build's peak): `_units` and `_rendered_cost` must give exactly these."""
     lengths = np.diff(so)
     n_pieces = np.maximum(1, -(-lengths // piece))
     first_unit = np.concatenate([[0], np.cumsum(n_pieces)])
@@ -274,53 +271,29 @@ def _reference_shard_index(so, do, objective, max_seq_length, keep_doc, mlm_sepa
     doc_units = first_unit[do]
     is_end = np.zeros(first_unit[-1], dtype=bool)
     is_end[doc_units[1:] - 1] = True
-    stats = {"sentences": len(lengths), "split_sentences": int((n_pieces > 1).sum()),
-             "extra_pieces": int((n_pieces - 1).sum()), "documents": int(keep_doc.sum())}
-    out = {"unit_offsets": U, "unit_is_doc_end": is_end}
-    if objective == "mlm":
-        extra, prefix, suffix = _mlm_layout(mlm_separator, mlm_packing)
-        cum = np.concatenate([[0], np.cumsum(np.diff(U) + extra + is_end)])
-        out["groups"], out["mlm_skip"], stats["dropped_tail_tokens"] = _mlm_groups(
-            cum, doc_units, keep_doc, max_seq_length - prefix - suffix, mlm_packing)
-    else:
-        groups = _greedy_pack(U, doc_units[:-1][keep_doc], doc_units[1:][keep_doc],
-                              max_seq_length - (3 if objective == "sop" else 2))
-        if objective == "sop":
-            short = U[groups[:, 1]] - U[groups[:, 0]] < 2
-            stats["dropped_short"] = int(short.sum())
-            out["groups"] = groups[~short]
-        else:
-            size = groups[:, 1] - groups[:, 0]
-            stats["units_without_context"] = int((size == 1).sum())
-            groups = groups[size >= 2]
-            size = groups[:, 1] - groups[:, 0]
-            out["ict_group"] = np.repeat(np.arange(len(groups)), size)
-            out["ict_unit"] = np.arange(len(out["ict_group"])) - np.repeat(np.cumsum(size) - size, size) \
-                + groups[out["ict_group"], 0]
-            out["groups"] = groups
-    return out, stats
+    cum = np.concatenate([[0], np.cumsum(np.diff(U) + extra + is_end)])
+    return (U, is_end, doc_units, {"sentences": len(lengths), "split_sentences": int((n_pieces > 1).sum()),
+                                   "extra_pieces": int((n_pieces - 1).sum())}), cum
 
 
-@pytest.mark.parametrize("objective,separator,packing", [("mlm", "sep", "full"), ("mlm", "eod", "units"),
-                                                         ("mlm", "wrap", "full"), ("sop", "sep", "full"),
-                                                         ("ict", "sep", "full")])
-def test_lean_shard_index_equals_the_reference(objective, separator, packing):
-    """Random shards (sentences of 0 to 3 rows' length, documents of 1 to 30 sentences, a held-out
-    split, one-sentence shards): the same arrays, dtypes and stats as the whole-array reference."""
-    from data.pretrain import _shard_index
+def test_lean_units_equal_the_reference():
+    """Random shards (sentences of 0 to 3 rows' length, documents of 1 to 30 sentences, a
+    one-sentence shard): the same unit offsets, flags, document units, counts and mlm costs, with
+    the same dtypes, as the whole-array reference."""
+    from data.pretrain import _rendered_cost, _units
 
     rng = np.random.default_rng(7)
-    for trial in range(12):
+    for trial in range(20):
         S = int(rng.integers(1, 4000)) if trial else 1
-        L = int(rng.choice([16, 64, 128]))
-        lengths = np.where(rng.random(S) < 0.05, rng.integers(L, 3 * L, S), rng.integers(0, L // 2, S))
+        piece = int(rng.choice([16, 64, 128])) - 3
+        lengths = np.where(rng.random(S) < 0.05, rng.integers(piece, 3 * piece, S), rng.integers(0, piece // 2, S))
         so = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         cuts = np.unique(rng.integers(1, S, max(0, S // int(rng.integers(1, 30))))) if S > 1 else []
         do = np.concatenate([[0], cuts, [S]]).astype(np.int64)
-        keep = rng.random(len(do) - 1) > 0.3
-        got, got_stats = _shard_index(so, do, objective, L, keep, separator, packing)
-        want, want_stats = _reference_shard_index(so, do, objective, L, keep, separator, packing)
-        assert got_stats == want_stats
-        assert sorted(got) == sorted(want)
-        for name in want:
-            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), (trial, name)
+        got = _units(so, do, piece)
+        want, want_cum = _reference_units(so, do, piece, extra=trial % 3)
+        assert got[3] == want[3]
+        for g, w in zip(got[:3], want[:3]):
+            assert g.dtype == w.dtype and np.array_equal(g, w), trial
+        cum = _rendered_cost(got[0], got[1], trial % 3)
+        assert cum.dtype == want_cum.dtype and np.array_equal(cum, want_cum), trial
