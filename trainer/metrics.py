@@ -9,6 +9,7 @@ W&B: trainer/tracking.py) through `Logger._scalars`, the one place scalars are w
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["perf/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def _row_step(line: str) -> float:
+    """The step of a loss.tsv row; inf for a row that is not one (blank, or cut short or zero-filled
+    by a crash or power loss), which a resume drops."""
+    try:
+        return int(line.split("\t", 1)[0])
+    except ValueError:
+        return float("inf")
 
 
 class Logger:
@@ -112,8 +122,13 @@ class Logger:
         lines = self._read_columns()
         if not lines:
             return
-        kept = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) <= start_step]
-        self.tsv_path.write_text("\n".join(kept) + "\n")
+        kept = [lines[0]] + [ln for ln in lines[1:] if _row_step(ln) <= start_step]
+        if len(kept) == len(lines):
+            return
+        # a new file renamed over the old: a process killed here leaves the whole log, never half of it
+        tmp = self.tsv_path.with_name(f".{self.tsv_path.name}.tmp-{os.getpid()}")
+        tmp.write_text("\n".join(kept) + "\n")
+        os.replace(tmp, self.tsv_path)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.is_main:
