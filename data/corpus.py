@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,7 +115,13 @@ class _Descriptors:
             if fd is None:
                 while len(self._fds) >= self.limit:
                     os.close(self._fds.popitem(last=False)[1])
-                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        errno.ENOENT, f"{path.parent} was removed (or moved) while this process reads it: a "
+                        f"corpus cache or sample index in use. Nothing else is lost; run again (it is rebuilt) "
+                        f"and resume with --checkpoint auto", str(path)) from None
                 self._fds[key] = fd
             else:
                 self._fds.move_to_end(key)

@@ -131,6 +131,22 @@ def test_a_file_array_collected_during_a_read_does_not_deadlock(corpus_copy, tin
     assert b_key not in open_keys and id(a) in open_keys  # b's descriptor closed by its __del__, a's kept
 
 
+def test_a_cache_removed_under_a_reader_is_named(corpus_copy, tiny_tokenizer, monkeypatch):
+    """Descriptors closed by the pool are reopened on the next read; if the cache was deleted in
+    between (a user cleaning caches, a tmp reaper), the error names the folder and what to do."""
+    cache = load_or_build(corpus_copy, tiny_tokenizer, progress=False)
+    shutil.copytree(cache.path, corpus_copy.parent / "copy.cache")
+    a = FileArray(corpus_copy.parent / "copy.cache" / "tokens.bin", cache.tokens.dtype)
+    first = a[0]
+    corpus_mod._DESCRIPTORS.close(id(a))  # as the pool does to its least recently used descriptor
+    shutil.rmtree(corpus_copy.parent / "copy.cache")
+    with pytest.raises(FileNotFoundError, match=r"copy.cache was removed \(or moved\) while this process reads it: "
+                                                r"a corpus cache or sample index in use\. Nothing else is lost; run "
+                                                r"again \(it is rebuilt\) and resume with --checkpoint auto"):
+        a[0]
+    assert first == cache.tokens[0]
+
+
 def test_multiprocess_build_equals_single_process(corpus_copy, tiny_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 8192)  # many chunks, documents cut across chunks
     arrays = []
