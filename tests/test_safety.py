@@ -93,6 +93,9 @@ EXPORT_REFUSALS = [
     ("holds_the_source", "{tmp}/models/final", "{tmp}/models", ["--overwrite"], "{tmp}/models holds the source {tmp}/models/final"),
     ("foreign_folder", "{src}", "{tmp}/user", [], "{tmp}/user already exists and holds 1 file(s) not written by us (notes.txt); pick a new or empty folder, or pass --overwrite"),
     ("a_file", "{src}", "{tmp}/user/notes.txt", ["--overwrite"], "{tmp}/user/notes.txt exists and is a file, not a folder"),
+    ("over_the_runs_final", "{run}/step-6", "{run}/final", [], "{run}/final is the model exported by the training run "
+     "{run}; it is never replaced by an export, not even with --overwrite: pick another output folder, e.g. {run}/hf"),
+    ("over_a_checkpoint", "{src}", "{run}/step-4", ["--overwrite"], "{run}/step-4 is a checkpoint of the training run {run}"),
     ("earlier_export_with_user_file", "{src}", "{tmp}/hf_extra", [], "{tmp}/hf_extra is an earlier export but also holds files it did not write (mine.txt)"),
 ]
 

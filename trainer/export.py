@@ -574,6 +574,10 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
     `out` may be new, empty or an earlier export (safety.staged_dir); anything else needs
     `overwrite`, and a run directory is never replaced."""
     out = Path(out)
+    part = safety.run_part(out)
+    if part is not None:  # e.g. re-exporting step-6 over the run's final/ (an export of ours: no --overwrite needed)
+        raise safety.UnsafeWrite(f"{out} is {part}; it is never replaced by an export, not even with --overwrite: "
+                                 f"pick another output folder, e.g. {out.parent / 'hf'}")
     safety.check_replaceable(out, overwrite=overwrite, source=Path(src))  # before reading the source
     source = load_source(src)
     if tokenizer is not None:

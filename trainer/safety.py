@@ -65,6 +65,23 @@ def find_run_dir(path: Path) -> tuple[Path, list[str]] | None:
     return None
 
 
+_RUN_PARTS = ((re.compile(r"^final$"), "the model exported by"), (re.compile(r"^\.?step-\d+(\.tmp|\.old)?$"), "a checkpoint of"),
+              (re.compile(r"^tensorboard$"), "the TensorBoard logs of"),
+              (re.compile(r"^(superseded-after-step-\d+|earlier-run)(-\d+)?$"), "what was moved aside in"))
+
+
+def run_part(path: Path) -> str | None:
+    """What `path` is to the training run directory holding it ("a checkpoint of RUN", ...), or None:
+    a folder an export or a copy must never replace, whatever flags were given."""
+    path = Path(path)
+    if not run_dir_signs(path.parent):
+        return None
+    for pattern, what in _RUN_PARTS:
+        if pattern.match(path.name):
+            return f"{what} the training run {path.parent}"
+    return None
+
+
 def _files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() or p.is_symlink())
 
