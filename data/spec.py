@@ -142,11 +142,42 @@ def structured_problem(path: Path, head: bytes) -> str | None:
             f"a blank line)")
 
 
+def _names_a_path(text: str) -> bool:
+    """`text` (or `text` without a trailing `:NUMBER` weight) is an existing file or directory."""
+    text = text.strip()
+    head, sep, tail = text.rpartition(":")
+    return Path(text).exists() or bool(sep and head and _is_number(tail) and Path(head).exists())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _comma_parts(spec: str) -> list[str]:
+    """`spec` cut at its commas, except where a piece that names no path, joined with the next ones
+    (up to 8 commas), names an existing one (`news,2020.dat`, `a/b,c/`)."""
+    pieces = spec.split(",")
+    out, i = [], 0
+    while i < len(pieces):
+        j = i + 1
+        if not _GLOB_CHARS.search(pieces[i]) and not _names_a_path(pieces[i]):
+            j = next((j for j in range(min(len(pieces), i + 9), i + 1, -1)
+                      if _names_a_path(",".join(pieces[i:j]))), i + 1)
+        out.append(",".join(pieces[i:j]))
+        i = j
+    return out
+
+
 def split_parts(spec: str) -> list[tuple[str, float | None]]:
     """`a.dat,b/:0.3` -> [("a.dat", None), ("b/", 0.3)]. A trailing `:NUMBER` is a weight unless the
-    whole part names an existing path."""
+    whole part names an existing path; a comma separates parts unless it is inside an existing
+    path's name."""
     out = []
-    for raw in spec.split(","):
+    for raw in _comma_parts(spec):
         part = raw.strip()
         if not part:
             raise SpecError(f"corpus spec {spec!r} has an empty part (two commas, or a comma at an end); "

@@ -62,6 +62,12 @@ def test_spec_forms(shards, tiny_tokenizer):
     assert resolve([str(wiki[0]), str(news[0])]).shards == (wiki[0], news[0])       # a list = several specs
     build_cache(wiki[0], tiny_tokenizer, progress=False)  # our caches and locks beside the shards are never shards
     assert resolve(str(root / "wiki" / "*")).shards == (wiki[0], wiki[1], wiki[2])
+    # commas inside existing names (a file, a directory) do not separate parts; with weights too
+    comma = _split_docs(wiki[0], root / "dump,2020", ["news,kr.dat"])[0]
+    assert resolve(str(comma)).shards == (comma,)
+    spec = resolve(f"{comma}:0.2,{root / 'dump,2020'}/../news:0.8")
+    assert [(p.text, p.weight) for p in spec.parts] == [(str(comma), 0.2), (f"{root / 'dump,2020'}/../news", 0.8)]
+    assert resolve(f"{root / 'dump,2020'},{wiki[1]}").shards == (comma, wiki[1])
 
 
 @pytest.mark.parametrize("case, expect", [
