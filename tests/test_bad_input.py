@@ -50,6 +50,8 @@ def bad(tmp_path_factory, tiny_corpus, tiny_tokenizer_dir):
     (d / "own_tok.dat").write_bytes(tiny_corpus.read_bytes())
     (d / "own_tok.dat.tokenizer").mkdir()  # where the tokenizer would be trained: the user's folder
     (d / "own_tok.dat.tokenizer" / "notes.txt").write_text("mine")
+    (d / "auto_tok.dat").write_bytes(tiny_corpus.read_bytes())  # with a tokenizer trained there earlier
+    shutil.copytree(tiny_tokenizer_dir, d / "auto_tok.dat.tokenizer")
     # damaged copies of prev's checkpoint (prev itself must stay intact)
     step = out / "prev" / "step-4"
     shutil.copytree(step, d / "ckpt_meta" / "step-4")
@@ -142,6 +144,14 @@ CASES = [
     ("checkpoint_half_written", {"checkpoint": "{d}/ckpt_tmp/.step-6.tmp"}, ".step-6.tmp is an incomplete checkpoint left by a crash during a save"),
     ("tokenizer_auto_train_into_a_user_folder", {"corpus_path": "{d}/own_tok.dat", "tokenizer": None},
      "cannot train the tokenizer into {d}/own_tok.dat.tokenizer: {d}/own_tok.dat.tokenizer"),
+    ("tokenizer_auto_trained_for_another_vocab", {"corpus_path": "{d}/auto_tok.dat", "tokenizer": None,
+                                                  "model": "{d}/vocab.json"},
+     "{d}/auto_tok.dat.tokenizer (trained automatically beside the corpus by an earlier run) has vocab 2000, "
+     "morpheme none; this run asks for vocab 1000 (--model {d}/vocab.json), --morpheme none. Pass a tokenizer "
+     "made for it with --tokenizer DIR"),
+    ("tokenizer_auto_trained_without_morphemes", {"corpus_path": "{d}/auto_tok.dat", "tokenizer": None,
+                                                  "morpheme": "mecab"},
+     "has vocab 2000, morpheme none; this run asks for vocab 2000 (--model "),
     ("checkpoint_other_config", {"checkpoint": "{prev}/step-4", "model": "{d}/wider.json"},
      "was trained with another model config (hidden_size: checkpoint 32 vs --model 64)"),
     ("checkpoint_fresh_start_over_a_run", {"model_name": "prev"}, "{prev} already holds checkpoints (step-4 is the latest)"),

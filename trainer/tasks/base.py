@@ -171,6 +171,23 @@ class Task:
         with _file_lock(lock):
             train_holding_the_lock()
 
+    def _check_auto_tokenizer(self, path: Path) -> None:
+        """The tokenizer a launcher trained beside the corpus is reused only for what it was trained
+        for: the model's vocab_size and --morpheme (a run asking for another would silently get it)."""
+        from data.tokenizer import KoTokenizer
+
+        tok = KoTokenizer.load(path)
+        want = (self.config.vocab_size, None if self.args.morpheme == "none" else self.args.morpheme)
+        have = (tok.vocab_size, tok.morpheme)
+        if tok.foreign or have == want:
+            return
+        raise SystemExit(
+            f"{path} (trained automatically beside the corpus by an earlier run) has vocab {have[0]}, morpheme "
+            f"{have[1] or 'none'}; this run asks for vocab {want[0]} (--model {self.args.model}), --morpheme "
+            f"{want[1] or 'none'}. Pass a tokenizer made for it with --tokenizer DIR (python -m data.tokenizer "
+            f"train --input CORPUS --vocab_size {want[0]}{f' --morpheme {want[1]}' if want[1] else ''} --out DIR), "
+            f"or move {path} away to have one trained there")
+
     def load_tokenizer(self, train_inputs: list[str] | None = None):
         """--tokenizer, else the checkpoint's tokenizer, else <corpus>.tokenizer beside the corpus,
         trained there (by the first process to get its lock) if missing."""
@@ -189,6 +206,7 @@ class Task:
             path = first.with_name(first.name + ".tokenizer")
             if not (path / "tokenizer.json").is_file():
                 self._train_tokenizer_once(train_inputs, path)
+            self._check_auto_tokenizer(path)
         elif path is None:
             raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
                              f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")
