@@ -152,6 +152,8 @@ CASES = [
     ("tokenizer_auto_trained_without_morphemes", {"corpus_path": "{d}/auto_tok.dat", "tokenizer": None,
                                                   "morpheme": "mecab"},
      "has vocab 2000, morpheme none; this run asks for vocab 2000 (--model "),
+    ("tokenizer_given_with_another_morpheme", {"morpheme": "mecab"},
+     "--morpheme mecab chooses how a tokenizer trained here cuts words, but this run uses "),
     ("checkpoint_other_config", {"checkpoint": "{prev}/step-4", "model": "{d}/wider.json"},
      "was trained with another model config (hidden_size: checkpoint 32 vs --model 64)"),
     ("checkpoint_fresh_start_over_a_run", {"model_name": "prev"}, "{prev} already holds checkpoints (step-4 is the latest)"),

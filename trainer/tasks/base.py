@@ -211,6 +211,12 @@ class Task:
             raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
                              f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")
         tok = _load_tokenizer(path)
+        if args.morpheme != "none" and tok.morpheme != args.morpheme:  # given, or the checkpoint's
+            raise SystemExit(f"--morpheme {args.morpheme} chooses how a tokenizer trained here cuts words, but this "
+                             f"run uses {path} (morpheme {tok.morpheme or 'none'}, recorded in its "
+                             f"pretokenizer.json, which decides how text is cut); drop --morpheme, or pass a "
+                             f"tokenizer trained with it (python -m data.tokenizer train ... --morpheme "
+                             f"{args.morpheme})")
         try:
             check_vocab_size(tok, self.config.vocab_size)
         except ValueError as e:
