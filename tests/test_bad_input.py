@@ -102,6 +102,14 @@ def _run_main(argv: list[str], monkeypatch, capsys, stage: int = 0) -> tuple[int
 CASES = [
     # flags, parsed by argparse
     ("flag_not_an_int", {"num_steps": "ten"}, "argument --num_steps: invalid int value: 'ten'"),
+    ("flag_eval_file_in_pretraining", {"eval_file": "{d}/own_tok.dat"},
+     "--eval_file {d}/own_tok.dat does nothing with --train_mode pretrain --objective sop: it is for the fine-tuning "
+     "tasks (--train_mode mrc, ict, classify, ner, nli, sts); held-out text during pretraining is --eval_corpus SPEC"),
+    ("flag_doc_stride_in_pretraining", {"doc_stride": "64"},
+     "--doc_stride 64 does nothing with --train_mode pretrain --objective sop: it is for --train_mode mrc and ner"),
+    ("flag_objective_in_classify", {"train_mode": "classify", "train_file": "{d}/own_tok.dat", "corpus_path": None,
+                                    "objective": "mlm"},
+     "--objective mlm does nothing with --train_mode classify: it is for --train_mode pretrain; drop it"),
     ("flag_bad_choice", {"train_mode": "finetune"}, "argument --train_mode: invalid choice: 'finetune'"),
     ("flag_missing_model_name", {"model_name": None}, "the following arguments are required: --model_name"),
     ("flag_unknown", {"learning-rate": "1e-4"}, "unrecognized arguments: --learning-rate"),

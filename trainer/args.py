@@ -18,6 +18,31 @@ LAUNCHERS = {0: "train.py", 1: "train_zero_one.py", 2: "train_zero_two.py"}
 TRAIN_MODES = ("pretrain", "mrc", "ict", "encoder", "classify", "ner", "nli", "sts")
 ENGINES = ("torch", "deepspeed", "fairscale")
 SEED_MAX = 2**32 - 1
+_FINE_TUNING = ("mrc", "ict", "classify", "ner", "nli", "sts")
+# Flags that shape some tasks only: (the train modes they act in, or a test of the arguments; where, for the
+# message). Given elsewhere they would do nothing, e.g. --eval_file in pretraining (held-out text there is
+# --eval_corpus), so a value other than the default is refused there.
+MODE_FLAGS: dict[str, tuple] = {
+    **{f: (("pretrain",), "--train_mode pretrain")
+       for f in ("objective", "mlm_probability", "whole_word_mask", "corpus_path", "eval_corpus", "eval_samples")},
+    **{f: (_FINE_TUNING, "the fine-tuning tasks (--train_mode " + ", ".join(_FINE_TUNING) + ")")
+       for f in ("train_file", "eval_file", "max_train_examples", "max_eval_examples")},
+    "doc_stride": (("mrc", "ner"), "--train_mode mrc and ner (windows over long inputs)"),
+    "max_query_length": (("mrc", "ict", "encoder"), "--train_mode mrc, ict and encoder (the question side)"),
+    "temperature": (lambda a: a.train_mode == "ict" or (a.train_mode == "pretrain" and a.objective == "ict"),
+                    "--train_mode ict and --objective ict pretraining (the contrastive loss)"),
+    "encode_file": (("encoder",), "--train_mode encoder"),
+}
+_INSTEAD = {("pretrain", "eval_file"): "; held-out text during pretraining is --eval_corpus SPEC (or --eval_fraction)",
+            ("pretrain", "train_file"): "; pretraining text is --corpus_path SPEC"}
+
+
+def flag_applies(flag: str, args) -> bool:
+    """Whether `flag` acts in the run `args` describes (MODE_FLAGS; every other flag does)."""
+    if flag not in MODE_FLAGS:
+        return True
+    modes = MODE_FLAGS[flag][0]
+    return modes(args) if callable(modes) else args.train_mode in modes
 
 
 def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
@@ -281,6 +306,11 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         _check_pretrain_data(args, parser)
     elif args.train_mode in ("mrc", "ict", "classify", "ner", "nli", "sts") and not args.train_file and args.num_steps > 0:
         _fail(parser, f"--train_mode {args.train_mode} needs --train_file")
+    for flag in MODE_FLAGS:
+        if getattr(args, flag) != parser.get_default(flag) and not flag_applies(flag, args):
+            mode = args.train_mode + (f" --objective {args.objective}" if args.train_mode == "pretrain" else "")
+            _fail(parser, f"--{flag} {getattr(args, flag)} does nothing with --train_mode {mode}: it is for "
+                          f"{MODE_FLAGS[flag][1]}{_INSTEAD.get((args.train_mode, flag), '')}; drop it")
     if args.crf and args.train_mode != "ner":
         _fail(parser, f"--crf is a layer of the ner task; drop it for --train_mode {args.train_mode}")
     if args.train_mode == "encoder" and not args.encode_file:

@@ -12,7 +12,7 @@ Writes output_dir/results.json (every run's metrics and the arguments it ran wit
 output_dir/results.md (one column per checkpoint, mean ± std over seeds), and resumes: a run
 recorded in results.json is not redone; an interrupted run starts again.
 Recipes: `RECIPES` below (docs/tasks.md has the table); `--set TASK.FLAG=VALUE` (or
-`all.FLAG=VALUE`, which a task's own setting beats) overrides any launcher flag; `train_batch_size` is the global batch (split over
+`all.FLAG=VALUE`, which a task's own setting beats, for the tasks the flag acts in) overrides any launcher flag; `train_batch_size` is the global batch (split over
 the processes), so 1 and N processes run the same recipe.
 """
 from __future__ import annotations
@@ -99,8 +99,12 @@ def recipes(tasks: list[str], overrides: list[str], data_dir: str, parser) -> di
         parsed.append(m.groups())
     # all.FLAG first, then TASK.FLAG: a task's own setting wins whatever the order on the command line
     given: dict[str, set[str]] = {t: set() for t in tasks}
+    from trainer.args import flag_applies
+
     for task, flag, value in sorted(parsed, key=lambda p: p[0] != "all"):
         for t in tasks if task == "all" else [task] if task in tasks else []:
+            if task == "all" and not flag_applies(flag, argparse.Namespace(**out[t])):
+                continue  # all.doc_stride=...: only the tasks that have windows take it
             out[t][flag] = value
             given[t].add(flag)
     # the recipes warm up over 10% of their steps: a shorter or longer run keeps that share
