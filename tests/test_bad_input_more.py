@@ -220,6 +220,8 @@ def test_more_bad_input(more, monkeypatch, capsys, case, flags, message):
     fmt = {"m": more["m"]}
     flags = {k: ([x.format(**fmt) for x in v] if isinstance(v, list) else v.format(**fmt) if v else v)
              for k, v in flags.items()}
+    if flags.get("train_mode", "pretrain") != "pretrain":  # the base is a pretraining run's
+        flags = {"corpus_path": None} | flags
     before, inputs = tree_digest(more["prev"]), tree_digest(more["m"])
     code, err = _run_main(_argv(more["base"], flags), monkeypatch, capsys)
     assert code != 0 and code is not None

@@ -146,7 +146,9 @@ def test_probe_refusals(base, tmp_path, capsys, monkeypatch):
     assert "train_batch_size 32 (the global batch) is not divisible by the 3 processes" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit):
-        _parse(base + ok + ["--train_mode", "classify", "--train_file", str(SHARED / "nsmc" / "sentiment_test.tsv")])
+        i = base.index("--corpus_path")  # pretraining's text: a classify run has none
+        _parse(base[:i] + base[i + 2:] + ok + ["--train_mode", "classify", "--train_file",
+                                                str(SHARED / "nsmc" / "sentiment_test.tsv")])
     assert "--probe_steps probes a pretraining run" in capsys.readouterr().err
     (tmp_path / "out" / "bad" / "probe").mkdir(parents=True)
     (tmp_path / "out" / "bad" / "probe" / "notes.txt").write_text("mine")

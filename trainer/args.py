@@ -98,7 +98,9 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
                    help="tokenizer directory (tokenizer.json); default <corpus>.tokenizer beside the corpus, "
                         "trained there with the model's vocab_size if missing")
     g.add_argument("--morpheme", choices=("none", "mecab", "kiwi"), default="none",
-                   help="morpheme-aware pre-tokenization when a tokenizer is trained automatically")
+                   help="morpheme-aware pre-tokenization when a tokenizer is trained automatically; with "
+                        "--tokenizer or a checkpoint's tokenizer, their pretokenizer.json decides, and a different "
+                        "--morpheme is refused")
     g.add_argument("--max_seq_length", type=int, default=128,
                    help="maximum tokens per input; must not exceed the model's max_position_embedding")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per rank (0 = in the main process)")
