@@ -32,6 +32,10 @@ MODE_FLAGS: dict[str, tuple] = {
     "temperature": (lambda a: a.train_mode == "ict" or (a.train_mode == "pretrain" and a.objective == "ict"),
                     "--train_mode ict and --objective ict pretraining (the contrastive loss)"),
     "encode_file": (("encoder",), "--train_mode encoder"),
+    "pooling": (lambda a: a.train_mode in ("ict", "encoder") or (a.train_mode == "pretrain" and a.objective == "ict"),
+                "--train_mode ict and encoder and --objective ict pretraining (one vector per input)"),
+    "unpad": (("classify", "ner", "nli", "sts", "mrc", "encoder"),
+              "the tasks of variable-length inputs (classify, ner, nli, sts; mrc and encoder evaluation)"),
 }
 _INSTEAD = {("pretrain", "eval_file"): "; held-out text during pretraining is --eval_corpus SPEC (or --eval_fraction)",
             ("pretrain", "train_file"): "; pretraining text is --corpus_path SPEC"}
