@@ -9,9 +9,7 @@ to show the user sees the message and no traceback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -84,7 +82,6 @@ def _with(base: list[str], **flags: str | None) -> list[str]:
 
 def _run_main(argv: list[str], monkeypatch, capsys, stage: int = 0) -> tuple[int | str, str]:
     """trainer.loop.main in this process: (exit code or message, stderr + message)."""
-    from trainer import dist
     from trainer.loop import main
 
     for name in DIST_ENV:  # setenv first: monkeypatch then also removes what dist.init sets
