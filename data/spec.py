@@ -142,19 +142,23 @@ def structured_problem(path: Path, head: bytes) -> str | None:
             f"a blank line)")
 
 
+def _weight_of(part: str) -> tuple[str, float] | None:
+    """(the path, the weight) of a part ending in `:NUMBER`, unless the whole part names an existing
+    path; None when there is no such weight."""
+    head, sep, tail = part.rpartition(":")
+    if not (sep and head) or Path(part).exists():
+        return None
+    try:
+        return head, float(tail)
+    except ValueError:
+        return None
+
+
 def _names_a_path(text: str) -> bool:
     """`text` (or `text` without a trailing `:NUMBER` weight) is an existing file or directory."""
     text = text.strip()
-    head, sep, tail = text.rpartition(":")
-    return Path(text).exists() or bool(sep and head and _is_number(tail) and Path(head).exists())
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    weighted = _weight_of(text)
+    return Path(text).exists() or (weighted is not None and Path(weighted[0]).exists())
 
 
 def _comma_parts(spec: str) -> list[str]:
@@ -183,17 +187,12 @@ def split_parts(spec: str) -> list[tuple[str, float | None]]:
             raise SpecError(f"corpus spec {spec!r} has an empty part (two commas, or a comma at an end); "
                             f"separate files, directories or globs by single commas")
         weight = None
-        head, sep, tail = part.rpartition(":")
-        if sep and head and not Path(part).exists():
-            try:
-                weight = float(tail)
-            except ValueError:
-                weight = None
-            else:
-                part = head
-                if not (math.isfinite(weight) and weight > 0):
-                    raise SpecError(f"corpus spec part {raw.strip()!r}: the weight must be a number > 0, got {tail}; "
-                                    f"write e.g. {head}:0.5")
+        weighted = _weight_of(part)
+        if weighted is not None:
+            part, weight = weighted
+            if not (math.isfinite(weight) and weight > 0):
+                raise SpecError(f"corpus spec part {raw.strip()!r}: the weight must be a number > 0, got "
+                                f"{raw.strip().rpartition(':')[2]}; write e.g. {part}:0.5")
         out.append((part, weight))
     return out
 

@@ -310,7 +310,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
             _fail(parser, "--train_mode pretrain needs --corpus_path (a .dat text file: one sentence per line, "
                           "a blank line between documents)")
         _check_pretrain_data(args, parser)
-    elif args.train_mode in ("mrc", "ict", "classify", "ner", "nli", "sts") and not args.train_file and args.num_steps > 0:
+    elif args.train_mode in _FINE_TUNING and not args.train_file and args.num_steps > 0:
         _fail(parser, f"--train_mode {args.train_mode} needs --train_file")
     for flag in MODE_FLAGS:
         if getattr(args, flag) != parser.get_default(flag) and not flag_applies(flag, args):

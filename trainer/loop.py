@@ -176,7 +176,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
                     f"to {earlier} (delete that folder if you do not need them) and start afresh")
     logger = Logger(rd, ctx.is_main, args.num_steps, state.step,
                     {"args": meta["args"], "model_config": meta["model_config"]},
-                    progress=not args.no_progress and task.dataset is not None and state.step < args.num_steps,
+                    progress=not args.no_progress and trains,
                     tensorboard="tensorboard" in args.report_to,
                     tracking=tracking.start(args, rd, resume_meta, ctx.world_size, ctx.log)
                     if ctx.is_main else None, trains=trains)

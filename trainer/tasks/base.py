@@ -171,12 +171,10 @@ class Task:
         with _file_lock(lock):
             train_holding_the_lock()
 
-    def _check_auto_tokenizer(self, path: Path) -> None:
-        """The tokenizer a launcher trained beside the corpus is reused only for what it was trained
-        for: the model's vocab_size and --morpheme (a run asking for another would silently get it)."""
-        from data.tokenizer import KoTokenizer
-
-        tok = KoTokenizer.load(path)
+    def _check_auto_tokenizer(self, tok, path: Path) -> None:
+        """The tokenizer a launcher trained beside the corpus (`tok`, loaded from `path`) is reused only
+        for what it was trained for: the model's vocab_size and --morpheme (a run asking for another
+        would silently get it)."""
         want = (self.config.vocab_size, None if self.args.morpheme == "none" else self.args.morpheme)
         have = (tok.vocab_size, tok.morpheme)
         if tok.foreign or have == want:
@@ -206,11 +204,13 @@ class Task:
             path = first.with_name(first.name + ".tokenizer")
             if not (path / "tokenizer.json").is_file():
                 self._train_tokenizer_once(train_inputs, path)
-            self._check_auto_tokenizer(path)
+            tok = _load_tokenizer(path)
+            self._check_auto_tokenizer(tok, path)
         elif path is None:
             raise SystemExit(f"--train_mode {args.train_mode} needs a tokenizer: pass --checkpoint (a pretrained "
                              f"model; its tokenizer is used) or --tokenizer DIR (a tokenizer.json directory)")
-        tok = _load_tokenizer(path)
+        else:
+            tok = _load_tokenizer(path)
         if args.morpheme != "none" and tok.morpheme != args.morpheme:  # given, or the checkpoint's
             raise SystemExit(f"--morpheme {args.morpheme} chooses how a tokenizer trained here cuts words, but this "
                              f"run uses {path} (morpheme {tok.morpheme or 'none'}, recorded in its "
