@@ -137,6 +137,33 @@ def test_fairscale_zero3_on_cpu_names_the_alternatives(setup):
     assert "needs CUDA" in err and "--engine deepspeed" in err and "--engine torch" in err, err[-2000:]
 
 
+def test_fairscale_zero3_first_backward_and_step_name_the_alternatives():
+    """fairscale FSDP (CUDA only) failed on an H100 with torch 2.11 in its first backward, then, with
+    the sub-loss outputs detached, in its first optimizer step (gradients left in fp16): each first
+    call turns a failure into one line naming --engine torch / deepspeed; later calls are not wrapped."""
+    import torch
+
+    from trainer.engines.fairscale import FairscaleEngine, _grad_only_through_loss
+
+    engine = FairscaleEngine.__new__(FairscaleEngine)
+    engine.stage, engine._checked = 3, set()
+
+    def fails():
+        raise RuntimeError("expected dtype float for `end` but got dtype c10::Half")
+    with pytest.raises(SystemExit) as e:
+        engine._first("optimizer step", fails)
+    assert "first optimizer step" in str(e.value) and "c10::Half" in str(e.value)
+    assert "--engine torch" in str(e.value) and "--engine deepspeed" in str(e.value)
+    assert engine._first("backward", lambda: 7) == 7 and engine._checked == {"backward"}
+    with pytest.raises(RuntimeError):      # checked once: a later failure is the library's own
+        engine._first("backward", fails)
+    # inside FSDP only "loss" keeps its graph (FSDP hooks every output that requires grad)
+    x = torch.ones(2, requires_grad=True)
+    out = _grad_only_through_loss(None, (), {"loss": (x * 2).sum(), "mlm_loss": (x * 3).sum(), "n": 4})
+    assert out["loss"].requires_grad and not out["mlm_loss"].requires_grad and out["n"] == 4
+    assert out["mlm_loss"].item() == 6.0
+
+
 def test_deepspeed_config_conflict_fails_before_training(setup):
     user = setup["root"] / "user.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
@@ -207,3 +234,14 @@ def test_deepspeed_accumulation_follows_torch(setup):
 def test_deepspeed_bf16_trains(setup):
     rd, _ = _run(setup, "ds_bf16", "deepspeed", 2, ["--bf16", "--num_steps", "3"])
     assert all(math.isfinite(x) for x in losses(rd))
+
+
+def test_fsdp2_fp16_follows_ddp_fp16(setup):
+    """--fp16 with FSDP2 (ShardedGradScaler): torch's fused AdamW cannot take that scaler's found_inf
+    (shape [1]; it failed on the first step on CPU and CUDA), so the engine steps with the foreach
+    AdamW there; same losses as DDP's fp16 run."""
+    extra = ["--fp16", "--num_steps", "3"]
+    ddp, _ = _run(setup, "ddp_fp16", "torch", 0, extra)
+    fsdp, _ = _run(setup, "fsdp2_fp16", "torch", 2, extra)
+    a, b = losses(ddp), losses(fsdp)
+    assert len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)

@@ -79,7 +79,12 @@ def test_every_launcher_and_engine_trains(setup, script, extra, engine, precisio
         run_sh("deepspeed.sh", argv, GPU_ENV | {"LAUNCHER": script, "RUNNER": "deepspeed",
                                                 "MASTER_PORT": str(free_port())}, timeout=600)
     else:
-        run_sh("torchrun.sh", argv + ["--engine", engine], GPU_ENV | {"LAUNCHER": script}, timeout=600)
+        proc = run_sh("torchrun.sh", argv + ["--engine", engine], GPU_ENV | {"LAUNCHER": script}, timeout=600,
+                      check=engine != "fairscale" or "--zero3" not in extra)
+        if proc.returncode != 0:  # fairscale FSDP (unmaintained) on a torch release it no longer follows
+            message = next((line for line in proc.stderr.splitlines() if "fairscale FSDP failed" in line), None)
+            assert message and "--engine torch" in message and "--engine deepspeed" in message, proc.stderr[-4000:]
+            pytest.xfail(message)
     _check(setup, name)
 
 

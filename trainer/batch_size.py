@@ -82,8 +82,8 @@ def find_batch_size(args: Namespace, model: nn.Module, make_batch: Callable[[int
            f"budget {budget / 2**20:.0f} MB ({'--max_memory_mb' if args.max_memory_mb else 'default'}); "
            f"with 20% headroom -> batch {fits}" + (f", capped at {limit} (data size / processes)" if fits > limit else ""))
     if batch < 1:
-        raise SystemExit(how + f"\nnot even one sample fits: raise --max_memory_mb, lower --max_seq_length, "
-                               f"or use train_zero_two.py --zero3 to shard more")
+        raise SystemExit(how + "\nnot even one sample fits: raise --max_memory_mb, lower --max_seq_length, "
+                               "or use train_zero_two.py --zero3 to shard more")
     if device.type == "cuda":
         batch = _try_on_gpu(model, make_batch, batch, autocast, log)
         how += f"; confirmed on the GPU at batch {batch}"

@@ -174,6 +174,14 @@ class Engine(ABC):
             if sharded_grads:
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
                 self.scaler = ShardedGradScaler(device=self.ctx.device.type)
+                if type(optimizer) is torch.optim.AdamW:
+                    # the fused AdamW takes the scaler's found_inf into its kernel and wants a 0-d
+                    # tensor; ShardedGradScaler's is shape [1] (measured on CUDA, torch 2.11: "output
+                    # with shape [] doesn't match the broadcast shape [1]"). The foreach AdamW lets
+                    # the scaler skip the step itself.
+                    for group in optimizer.param_groups:
+                        group["fused"] = False
+                    optimizer._step_supports_amp_scaling = False
             else:
                 self.scaler = torch.amp.GradScaler(self.ctx.device.type)
 

@@ -10,8 +10,11 @@ Mapping onto the Engine interface (the loop owns accumulation and the 1/accum sc
 `step()` calls `engine.step()` once, on the boundary. DeepSpeed clips, scales the fp16 loss,
 skips overflowing steps and advances our LambdaLR (the torch engine's schedule) itself.
 
-Optimizer: torch.optim.AdamW on the CPU (no compiled op), DeepSpeed's FusedAdam on the GPU,
-DeepSpeedCPUAdam with `--cpu_offload`; the weight-decay groups of `param_groups`.
+Optimizer: torch.optim.AdamW (fused kernel on CPU and GPU: nothing compiled at run time),
+DeepSpeedCPUAdam with `--cpu_offload`; the weight-decay groups of `param_groups`. DeepSpeed's
+FusedAdam is not used: it compiles with nvcc on first use, which needs a CUDA toolkit matching
+torch's and failed on an H100 whose TORCH_CUDA_ARCH_LIST holds "9.0a" (DeepSpeed 0.19.8 parses
+the arch list as integers: `ValueError: invalid literal for int() with base 10: '0a'`).
 Checkpoints: DeepSpeed's own (`save_checkpoint(dir, tag="ds")`), resumed with
 `load_checkpoint`. Its ZeRO partitions fit one process count: on another count (or from
 ZeRO-1 to 2) step-N/ds/ is converted once by DeepSpeed's `ds_to_universal` into
@@ -194,13 +197,9 @@ class DeepSpeedEngine(Engine):
     # -- setup -------------------------------------------------------------------------
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         args = self.args
-        adam = adamw_kwargs(args)  # the DeepSpeed optimizers take no `fused`
         if args.cpu_offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
-        if self.ctx.device.type == "cuda":
-            from deepspeed.ops.adam import FusedAdam
-            return FusedAdam(groups, adam_w_mode=True, **adam)
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **adamw_kwargs(args))  # takes no `fused`
         return torch.optim.AdamW(groups, **adamw_kwargs(args, self.ctx.device))
 
     def wrap(self, model: nn.Module) -> nn.Module:

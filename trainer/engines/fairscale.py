@@ -5,8 +5,9 @@ sharded, parameters partitioned whole, greedily by size). Stage 2: `ShardedDataP
 OSS (gradients reduced to the rank that owns the parameter, freed on the others). Stage 3:
 fairscale `FullyShardedDataParallel`, one unit per `model.encoder.blocks()` layer with
 `--auto_wrap`; it needs CUDA (measured on CPU: `KeyError: 'all_gather'` from its CUDA
-streams in `_rebuild_full_params`), so without CUDA, or when its first step fails on this
-torch release, the run stops with an error naming `--engine torch` / `--engine deepspeed`.
+streams in `_rebuild_full_params`), so without CUDA, or when its first forward, backward or
+optimizer step fails on this torch release, the run stops with an error naming `--engine torch` /
+`--engine deepspeed`.
 
 Measured on torch 2.13: ShardedDDP's default gradient buckets break with
 `zero_grad(set_to_none=True)` (the new gradient tensors no longer alias the buckets, so the
@@ -66,6 +67,17 @@ class _FirstStepGuard(nn.Module):
         return out
 
 
+def _grad_only_through_loss(module: nn.Module, args, out):
+    """Forward hook inside fairscale FSDP: every output but "loss" detached. FSDP hooks each output
+    that requires grad to gather the full parameters before backward, and frees each parameter's
+    full copy once its gradient is ready; a sub-loss output (e.g. "mlm_loss") whose hook fires after
+    the head's gradients then finds them freed (`assert self.has_full_params`, measured on an H100,
+    torch 2.11). The loop backpropagates "loss" only; the others are read as numbers."""
+    if isinstance(out, dict) and "loss" in out:
+        return {k: v.detach() if k != "loss" and isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out
+
+
 class FairscaleEngine(TorchEngine):
     name = "fairscale"
 
@@ -84,6 +96,7 @@ class FairscaleEngine(TorchEngine):
     def __init__(self, args: Namespace, ctx, stage: int):
         super().__init__(args, ctx, stage)
         _import_fairscale()
+        self._checked: set[str] = set()
         if stage == 3 and ctx.device.type != "cuda":
             raise SystemExit(
                 "--engine fairscale ZeRO-3 (train_zero_two.py --zero3) needs CUDA: fairscale's "
@@ -123,7 +136,8 @@ class FairscaleEngine(TorchEngine):
         mixed = self.args.fp16 or self.args.bf16
         # unflattened: each shard keeps its parameter's original shape (_orig_size) for the decay groups
         fsdp = functools.partial(FSDP, mixed_precision=bool(mixed), flatten_parameters=False,
-                                 reshard_after_forward=True)
+                                 reshard_after_forward=True,
+                                 compute_dtype=torch.bfloat16 if self.args.bf16 else None)  # None: fp16
         if self.args.auto_wrap:
             blocks = list(model.encoder.blocks())
             wrapped = {id(b): fsdp(b) for b in blocks}
@@ -132,6 +146,7 @@ class FairscaleEngine(TorchEngine):
                 for name, child in list(parent.named_children()):
                     if id(child) in wrapped and parent is not wrapped[id(child)]:
                         setattr(parent, name, wrapped[id(child)])
+        model.register_forward_hook(_grad_only_through_loss)
         return _FirstStepGuard(fsdp(model))
 
     # -- one step ----------------------------------------------------------------------
@@ -148,7 +163,25 @@ class FairscaleEngine(TorchEngine):
         inner = self.model.inner if self.stage == 3 else self.model
         return inner.no_sync()
 
+    def _first(self, what: str, fn):
+        """fn(); in ZeRO-3 a failure of fairscale FSDP's first `what` names the alternatives."""
+        if self.stage != 3 or what in self._checked:
+            return fn()
+        try:
+            result = fn()
+        except Exception as e:
+            raise SystemExit(f"--engine fairscale ZeRO-3: fairscale FSDP failed in its first {what} on torch "
+                             f"{torch.__version__} ({type(e).__name__}: {e}); {ALTERNATIVES}") from e
+        self._checked.add(what)
+        return result
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._first("backward", lambda: TorchEngine.backward(self, loss))
+
     def step(self) -> StepResult:
+        return self._first("optimizer step", self._step)
+
+    def _step(self) -> StepResult:
         if self.stage == 0:
             return super().step()
         if self.scaler:
