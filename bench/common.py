@@ -52,6 +52,20 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, calls_p
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def issue_seconds(fn: Callable[[], object], device: str = "cpu", reps: int = 3) -> float:
+    """Median seconds for the host to return from one call of fn without waiting for the device
+    (it waits before and after). On a GPU, a value close to the call's full time means the host
+    issuing kernels, not the GPU, sets the pace; on the CPU both time the same work."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        sync(device)
+    return statistics.median(times)
+
+
 def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]

@@ -10,7 +10,9 @@ peak (spec sheet) and a measured bf16 matmul.
 Without a CUDA device (and without --device cpu) it exits with status 2 and says so.
 The models, batch and train step come from bench/model_throughput.py; one step = forward,
 backward and an AdamW update. MFU = model FLOPs per token (models.estimate_flops_per_token;
-our MLM head runs on the masked tokens only, HF's on all tokens) x tokens/s / peak.
+our MLM head runs on the masked tokens only, HF's on all tokens) x tokens/s / peak. "host ms" is
+the time the host takes to issue one step without waiting for the GPU: close to "step ms", the
+step is launch-bound (a larger batch or --compile helps more than faster kernels).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.common import format_table, interleaved_medians, measure_matmul_peak
+from bench.common import format_table, interleaved_medians, issue_seconds, measure_matmul_peak
 
 # bf16 dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, FLOP/s; first match wins.
 BF16_PEAK: list[tuple[str, float]] = [
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure_matmul_peak(n, reps=10, dtype=torch.bfloat16, device=str(device))
     secs = interleaved_medians(steps, args.reps, args.steps_per_rep, device=str(device))
     measured = max(measured, measure_matmul_peak(n, reps=10, dtype=torch.bfloat16, device=str(device)))
+    issue = {name: issue_seconds(fn, str(device)) for name, fn in steps.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     spec = spec_peak(name) if device.type == "cuda" else None
     tokens = args.batch_size * args.seq_len
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         flops = estimate_flops_per_token(cfg, args.seq_len, 1.0 if hf else args.mask_prob)
         row = {"model": mname, "params (M)": f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}",
                "tokens/s": f"{tps:,.0f}",
+               "step ms": f"{secs[mname] * 1e3:.1f}", "host ms": f"{issue[mname] * 1e3:.1f}",
                "vs HF": (f"{secs[baseline] / secs[mname]:.2f}x ({baseline.removeprefix('HF ')})"
                          if baseline in secs else ""),
                "GFLOP/token": f"{flops / 1e9:.3f}", "TFLOP/s": f"{flops * tps / 1e12:.1f}",
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}"
           f"{', CUDA ' + torch.version.cuda if torch.version.cuda else ''}; median of {args.reps} "
           f"interleaved reps x {args.steps_per_rep} steps; HF FLOPs count its head over all tokens")
-    cols = ["model", "params (M)", "tokens/s", "vs HF", "GFLOP/token", "TFLOP/s", "MFU (spec)",
+    cols = ["model", "params (M)", "tokens/s", "step ms", "host ms", "vs HF", "GFLOP/token", "TFLOP/s", "MFU (spec)",
             "MFU (measured)"] + (["max mem (GB)"] if device.type == "cuda" else [])
     print(format_table(rows, cols))
     if os.environ.get("LD_PRELOAD"):
