@@ -157,6 +157,14 @@ def test_fairscale_zero3_first_backward_and_step_name_the_alternatives():
     assert engine._first("backward", lambda: 7) == 7 and engine._checked == {"backward"}
     with pytest.raises(RuntimeError):      # checked once: a later failure is the library's own
         engine._first("backward", fails)
+    # the first forward goes through the same guard (the module around fairscale FSDP)
+    from trainer.engines.fairscale import _FirstStepGuard
+
+    guard = _FirstStepGuard(torch.nn.Identity(), engine._first)
+    with pytest.raises(SystemExit) as e:
+        guard("not a tensor", extra=1)  # Identity takes no keyword: TypeError
+    assert "first forward" in str(e.value) and "--engine torch" in str(e.value)
+    assert torch.equal(guard(torch.ones(2)), torch.ones(2)) and "forward" in engine._checked
     # inside FSDP only "loss" keeps its graph (FSDP hooks every output that requires grad)
     x = torch.ones(2, requires_grad=True)
     out = _grad_only_through_loss(None, (), {"loss": (x * 2).sum(), "mlm_loss": (x * 3).sum(), "n": 4})

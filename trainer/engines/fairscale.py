@@ -48,31 +48,25 @@ def _import_fairscale():
 
 
 class _FirstStepGuard(nn.Module):
-    """Turns a failure of fairscale FSDP's first forward into an error naming the alternatives."""
+    """Runs fairscale FSDP's forward through the engine's `_first`, so a failure of the first
+    forward names the alternatives as one of the first backward or optimizer step does."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, first):
         super().__init__()
         self.inner = inner
-        self.checked = False
+        self.first = first
 
     def forward(self, *args, **kwargs):
-        if self.checked:
-            return self.inner(*args, **kwargs)
-        try:
-            out = self.inner(*args, **kwargs)
-        except Exception as e:
-            raise SystemExit(f"--engine fairscale ZeRO-3: fairscale FSDP failed in its first forward on torch "
-                             f"{torch.__version__} ({type(e).__name__}: {e}); {ALTERNATIVES}") from e
-        self.checked = True
-        return out
+        return self.first("forward", lambda: self.inner(*args, **kwargs))
 
 
 def _grad_only_through_loss(module: nn.Module, args, out):
     """Forward hook inside fairscale FSDP: every output but "loss" detached. FSDP hooks each output
     that requires grad to gather the full parameters before backward, and frees each parameter's
-    full copy once its gradient is ready; a sub-loss output (e.g. "mlm_loss") whose hook fires after
-    the head's gradients then finds them freed (`assert self.has_full_params`, measured on an H100,
-    torch 2.11). The loop backpropagates "loss" only; the others are read as numbers."""
+    full copy once its gradient is ready; the hook of another output fired after the MLM head's
+    parameters had been freed (`assert self.has_full_params`, traced on an H100, torch 2.11; with
+    this hook the backward went through). The loop backpropagates "loss" only; the others are read
+    as numbers."""
     if isinstance(out, dict) and "loss" in out:
         return {k: v.detach() if k != "loss" and isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
@@ -147,7 +141,7 @@ class FairscaleEngine(TorchEngine):
                     if id(child) in wrapped and parent is not wrapped[id(child)]:
                         setattr(parent, name, wrapped[id(child)])
         model.register_forward_hook(_grad_only_through_loss)
-        return _FirstStepGuard(fsdp(model))
+        return _FirstStepGuard(fsdp(model), self._first)
 
     # -- one step ----------------------------------------------------------------------
     def autocast(self):
