@@ -17,6 +17,7 @@ step is launch-bound (a larger batch or --compile helps more than faster kernels
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,8 @@ def spec_peak(device_name: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.model_throughput import (ABLATIONS, HF_BERT, HF_MODERNBERT, MODERNBERT_OF, hf_model,
+                                        hf_modernbert_model, make_batch, train_step_fn, variants)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default="bert-base", help="model config name or JSON path")
@@ -63,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="ModernBERT config run against HF ModernBertForMaskedLM (default: modernbert-base for "
                         "bert-base, modernbert-small for small, none otherwise; 'none' leaves it out)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--dropout_prob", type=float, default=None,
+                   help="dropout of every model, ours and HF's (default: the config's; ModernBERT trains with 0)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test")
     p.add_argument("--quick", action="store_true", help="batch 16, seq <= 128, 3 reps of 2 steps")
+    for flag, (_, _, _, help_text) in ABLATIONS.items():
+        p.add_argument(f"--{flag}", action="store_true", help=help_text)
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.reps, args.steps_per_rep = 16, 3, 2
@@ -75,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
               "(use --device cpu only to smoke-test the code path)", file=sys.stderr)
         return 2
 
-    from bench.model_throughput import (HF_BERT, HF_MODERNBERT, MODERNBERT_OF, hf_model, hf_modernbert_model,
-                                        make_batch, train_step_fn, variants)
     from models import build_model, estimate_flops_per_token, load_config
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = load_config(args.config)
+    if args.dropout_prob is not None:
+        base = dataclasses.replace(base, dropout_prob=args.dropout_prob)
     if args.seq_len > base.max_position_embedding:
         p.error(f"--seq_len {args.seq_len} exceeds the config's max_position_embedding "
                 f"({base.max_position_embedding})")
@@ -92,16 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in variants(base).items():
         if not args.only or any(o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
+            for flag, (suffix, make, _, _) in ABLATIONS.items():
+                if getattr(args, flag) and name == "transformer":
+                    models[f"{name}, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
+                                                   False, HF_BERT)
     modern_name = args.modernbert or MODERNBERT_OF.get(Path(args.config).stem.removesuffix("_config"), "none")
     if modern_name != "none":
-        import dataclasses
-
         modern = dataclasses.replace(load_config(modern_name), vocab_size=base.vocab_size)
+        if args.dropout_prob is not None:
+            modern = dataclasses.replace(modern, dropout_prob=args.dropout_prob)
         if modern.model_type != "modernbert":
             p.error(f"--modernbert {modern_name}: model_type {modern.model_type!r}, not modernbert")
         if not args.no_hf:
             models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
+        for flag, (suffix, make, _, _) in ABLATIONS.items():
+            if getattr(args, flag):
+                models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
+                                                      False, HF_MODERNBERT)
     batch, labels = make_batch(base, args.batch_size, args.seq_len, args.mask_prob)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = labels.to(device)

@@ -15,6 +15,8 @@ Our BERT-family variants run against HF `BertForMaskedLM`, our ModernBERT agains
                                                          # + torch's CPU dropout and SDPA dropout (ablation)
     python bench/model_throughput.py --config bert-base --only transformer --autograd_split
                                                          # + q, k, v split / RoPE through autograd (ablation)
+    python bench/model_throughput.py --config bert-base --only transformer --device_reads
+                                                         # + masked rows / padding read from the device (ablation)
     python bench/model_throughput.py --quick             # smoke run
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ import models.dropout
 import models.encoder
 from models import ModelConfig, build_model, estimate_flops_per_token, load_config
 from models.qkv import plain_split_heads
+from models.tasks import pretrain_hints
 from trainer.engines.base import compile_layers
 
 TARGET_RATIO = 1.5             # our BERT vs HF BERT (at BERT-base size)
@@ -112,6 +115,17 @@ def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return forward_patched(model, models.dropout, "_levels", lambda x, p: 0)
 
 
+def device_reads(model: torch.nn.Module) -> torch.nn.Module:
+    """The model called without models.tasks.pretrain_hints: it reads whether the batch has padding
+    and where the masked rows are from the device (a GPU sync each; on the CPU nearly free)."""
+    forward = model.forward
+
+    def forward_without_hints(*args, **kwargs):
+        return forward(*args, **{k: v for k, v in kwargs.items() if k != "padded" and not k.startswith("rows_")})
+    model.forward = forward_without_hints
+    return model
+
+
 def autograd_split(model: torch.nn.Module) -> torch.nn.Module:
     """The model with q, k, v taken from the fused projection (and RoPE applied) by plain ops, whose
     gradients autograd stacks and copies back: the ablation of models.qkv.split_heads."""
@@ -134,6 +148,9 @@ ABLATIONS = {
                        "q, k, v gradients (RoPE's too) written into the projection's layout",
                        "add our transformer and ModernBERT with q, k, v split and RoPE'd by plain ops through "
                        "autograd (what models.qkv.split_heads saves)"),
+    "device_reads": ("device reads", device_reads, "the masked rows and padding known on the host",
+                     "add our transformer and ModernBERT reading the masked rows and the padding from the device "
+                     "in the forward (what the collate's models.tasks.pretrain_hints save: a sync each on a GPU)"),
 }
 
 
@@ -152,10 +169,14 @@ def train_step_fn(model: torch.nn.Module, batch: dict, labels: torch.Tensor, hf:
     # default of HF's Trainer ("adamw_torch_fused" since torch 2.8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
-    key = "labels" if hf else "mlm_labels"
+    # ours: the batch as the training collate makes it, with the host's hints (no device reads)
+    inputs = batch | {"labels": labels} if hf else batch | {"mlm_labels": labels}
+    if not hf:
+        inputs |= pretrain_hints({k: v.cpu() for k, v in inputs.items()}, "mlm")
+        inputs = {k: v.to(labels.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def step():
-        out = model(**batch, **{key: labels})
+        out = model(**inputs)
         loss = out.loss if hf else out["loss"]
         loss.backward()
         opt.step()

@@ -27,27 +27,39 @@ class QueryRows(NamedTuple):
     """The positions whose final hidden state is used (MLM's masked tokens, [CLS] for SOP). The
     last layer then computes keys and values at every position but its queries, attention output
     and feed-forward only at these R rows, so its output there is the full layer's (as NVIDIA's
-    MLPerf BERT does): at BERT-base size 8.4 H^2 of its 12 H^2 per unused token are skipped."""
+    MLPerf BERT does): at BERT-base size 8.4 H^2 of its 12 H^2 per unused token are skipped.
+    Built from the labels on the host where the batch is made (models.tasks.pretrain_hints), the
+    forward reads nothing back from the device; `from_mask` on a GPU tensor waits for it."""
     index: Tensor      # (R,) flat positions b * L + l, ascending
     slots: Tensor      # (R,) b * M + j: each row's place in a (B, M) layout of queries
     positions: Tensor  # (B, M) the sequence position of each query slot (0 where unused)
+    starts: Tensor     # (B,) the first of each sequence's rows among the R
+    labelled: Tensor | None = None  # (R',) the rows among the R that carry an MLM label (None: all)
 
     @staticmethod
     def from_mask(need: Tensor) -> "QueryRows":
-        """need (B, L) bool: the positions to compute; every row of the batch must have one."""
+        """need (B, L) bool: the positions to compute (a sequence may have none)."""
         B, L = need.shape
         index = need.reshape(-1).nonzero().squeeze(1)
         counts = need.sum(1)
         M = max(int(counts.max()), 1)
         batch = index // L
-        start = counts.cumsum(0) - counts
-        slots = batch * M + torch.arange(index.numel(), device=need.device) - start[batch]
+        starts = counts.cumsum(0) - counts
+        slots = batch * M + torch.arange(index.numel(), device=need.device) - starts[batch]
         positions = index.new_zeros(B * M).index_copy_(0, slots, index % L).view(B, M)
-        return QueryRows(index, slots, positions)
+        return QueryRows(index, slots, positions, starts)
 
     def take(self, x: Tensor) -> Tensor:
         """x (B, L, ...) -> its selected rows (R, ...)."""
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+
+def has_padding(attention_mask: Tensor | None, padded: bool | None = None) -> bool:
+    """Whether attention_mask hides a position; `padded` (known where the batch was made) saves
+    reading the mask back from the device."""
+    if attention_mask is None:
+        return False
+    return bool(padded) if padded is not None else not bool(attention_mask.all())
 
 
 def attend_rows(q: Tensor, k: Tensor, v: Tensor, rows: QueryRows, attn_mask: Tensor | None,
@@ -204,12 +216,14 @@ class Encoder(nn.Module):
         return isinstance(last.mixer, SelfAttention) and isinstance(last.ffn, FeedForward)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, rows: QueryRows | None = None) -> EncoderOutput:
-        """rows: compute the last layer's output only there (QueryRows; supports_query_rows)."""
+                token_type_ids: Tensor | None = None, rows: QueryRows | None = None,
+                padded: bool | None = None) -> EncoderOutput:
+        """rows: compute the last layer's output only there (QueryRows; supports_query_rows).
+        padded: whether attention_mask has a 0 (None: read from it, a device sync)."""
         x = self.embeddings(input_ids, token_type_ids)
         token_mask = None
         attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if has_padding(attention_mask, padded):
             token_mask = attention_mask.bool()                    # (B, L)
             attn_mask = token_mask[:, None, None, :]              # (B, 1, 1, L), True = attend
         aux_total = x.new_zeros((), dtype=torch.float32)

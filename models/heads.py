@@ -31,15 +31,21 @@ class MLMHead(nn.Module):
         """hidden (..., H), word_embeddings (V, D) -> logits (..., V)."""
         return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
 
-    def loss(self, hidden: Tensor, labels: Tensor, word_embeddings: Tensor) -> dict[str, Tensor]:
-        """hidden (B, L, H), labels (B, L) with IGNORE_INDEX where nothing is predicted."""
-        labels = labels.reshape(-1)
-        sel = (labels != IGNORE_INDEX).nonzero().squeeze(1)        # (M,)
-        if sel.numel() == 0:
+    def loss(self, hidden: Tensor, labels: Tensor, word_embeddings: Tensor,
+             all_labelled: bool = False) -> dict[str, Tensor]:
+        """hidden (B, L, H), labels (B, L) with IGNORE_INDEX where nothing is predicted.
+        all_labelled: hidden (M, H) and labels (M,) are the predicted rows already (no selection,
+        which would wait for the device)."""
+        if all_labelled:
+            h, target = hidden, labels
+        else:
+            labels = labels.reshape(-1)
+            sel = (labels != IGNORE_INDEX).nonzero().squeeze(1)    # (M,)
+            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel)
+            target = labels.index_select(0, sel)
+        if target.shape[0] == 0:
             zero = hidden.sum() * 0.0
             return {"mlm_loss": zero, "mlm_acc": zero.detach()}
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel)
-        target = labels.index_select(0, sel)
         logits = self(h, word_embeddings).float()                   # (M, V)
         loss = F.cross_entropy(logits, target)
         acc = (logits.detach().argmax(-1) == target).float().mean()

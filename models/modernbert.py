@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .dropout import Dropout
 from .tied import TiedEmbedding
 from .activations import activation
-from .encoder import EncoderOutput, QueryRows, attention
+from .encoder import EncoderOutput, QueryRows, attention, has_padding
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
@@ -141,14 +141,14 @@ class ModernBertEncoder(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return list(self.layers)
 
-    def attention_masks(self, attention_mask: Tensor | None, seq_len: int,
-                        device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    def attention_masks(self, attention_mask: Tensor | None, seq_len: int, device: torch.device,
+                        padded: bool | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(global, local) masks for SDPA, True = attend; None = attend everywhere.
         global (B, 1, 1, L): real keys. local (B or 1, 1, L, L): real keys within the window;
         a padding query sees its whole window, so no row is empty (an empty row gives NaN,
         which would reach real tokens through the values of later layers)."""
         key_ok = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if has_padding(attention_mask, padded):
             key_ok = attention_mask.bool()                        # (B, L)
         global_mask = key_ok[:, None, None, :] if key_ok is not None else None
         if seq_len - 1 <= self.config.local_attention // 2:       # the window covers the sequence
@@ -159,11 +159,13 @@ class ModernBertEncoder(nn.Module):
         return global_mask, window & (key_ok[:, None, None, :] | ~key_ok[:, None, :, None])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, rows: QueryRows | None = None) -> EncoderOutput:
-        """rows: compute the last layer's output only there (QueryRows)."""
+                token_type_ids: Tensor | None = None, rows: QueryRows | None = None,
+                padded: bool | None = None) -> EncoderOutput:
+        """rows: compute the last layer's output only there (QueryRows). padded: whether
+        attention_mask has a 0 (None: read from it, a device sync)."""
         x = self.embeddings(input_ids)
         L, device = input_ids.shape[1], input_ids.device
-        global_mask, local_mask = self.attention_masks(attention_mask, L, device)
+        global_mask, local_mask = self.attention_masks(attention_mask, L, device, padded)
         c = self.config
         rope_global = rotary_cos_sin(L, c.head_dim, c.global_rope_theta, device)
         rope_local = rotary_cos_sin(L, c.head_dim, c.local_rope_theta, device)

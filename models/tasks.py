@@ -30,6 +30,32 @@ def local_only(t: Tensor) -> tuple[Tensor, int]:
     return t, 0
 
 
+def mlm_query_rows(mlm_labels: Tensor, cls: bool) -> QueryRows:
+    """The rows the pretraining heads read: the labelled positions, and position 0 of every
+    sequence when cls (SOP's [CLS]; `labelled` then names the rows that carry a label)."""
+    need = mlm_labels != IGNORE_INDEX
+    if cls:
+        need[:, 0] = True
+    rows = QueryRows.from_mask(need)
+    if cls:
+        rows = rows._replace(labelled=(rows.take(mlm_labels) != IGNORE_INDEX).nonzero().squeeze(1))
+    return rows
+
+
+def pretrain_hints(batch: dict[str, Tensor], objective: str) -> dict:
+    """What PretrainModel's forward would otherwise read back from the device mid-step (each a GPU
+    sync, which drains the queue of kernels): whether any sequence has padding, and the rows the
+    heads read (QueryRows: the last layer computes only those where the encoder supports_query_rows,
+    the MLM head selects them otherwise). For the collate, on the host's copy of the batch; the
+    forward then never waits for the GPU. ICT batches get none."""
+    if objective == "ict" or batch.get("mlm_labels") is None:
+        return {}
+    mask = batch.get("attention_mask")
+    rows = mlm_query_rows(batch["mlm_labels"], objective == "sop")
+    return {"padded": mask is not None and not bool(mask.all())} | {
+        f"rows_{k}": v for k, v in rows._asdict().items() if v is not None}
+
+
 class TaskModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -81,31 +107,40 @@ class PretrainModel(TaskModel):
                  passage_input_ids: Tensor | None = None,
                  passage_attention_mask: Tensor | None = None,
                  passage_token_type_ids: Tensor | None = None,
-                 passage_mlm_labels: Tensor | None = None, tied: TiedGrad | None = None) -> dict[str, Tensor]:
+                 passage_mlm_labels: Tensor | None = None, tied: TiedGrad | None = None,
+                 padded: bool | None = None, rows_index: Tensor | None = None, rows_slots: Tensor | None = None,
+                 rows_positions: Tensor | None = None, rows_starts: Tensor | None = None,
+                 rows_labelled: Tensor | None = None) -> dict[str, Tensor]:
+        """padded and rows_*: pretrain_hints of the batch, computed on the host (without them the
+        forward reads the same from the device: a GPU sync each)."""
         if self.objective == "ict":
             return self._forward_ict(query_input_ids, query_attention_mask, query_token_type_ids,
                                      query_mlm_labels, passage_input_ids, passage_attention_mask,
                                      passage_token_type_ids, passage_mlm_labels, tied)
+        # the heads read only the masked rows and [CLS]: the last layer computes just those
+        sparse = getattr(self.encoder, "supports_query_rows", False)
         rows = None
-        if mlm_labels is not None and getattr(self.encoder, "supports_query_rows", False):
-            # the heads read only the masked rows and [CLS]: the last layer computes just those
-            need = mlm_labels != IGNORE_INDEX
-            if self.sop_head is not None:
-                need[:, 0] = True
-            rows = QueryRows.from_mask(need)
-            hidden, aux = self.encoder(input_ids, attention_mask, token_type_ids, rows)   # (R, H)
-        else:
-            hidden, aux = self.encode(input_ids, attention_mask, token_type_ids)          # (B, L, H)
+        if mlm_labels is not None and rows_index is not None:
+            rows = QueryRows(rows_index, rows_slots, rows_positions, rows_starts, rows_labelled)
+        elif mlm_labels is not None and sparse:
+            rows = mlm_query_rows(mlm_labels, self.sop_head is not None)
+        sparse = sparse and rows is not None
+        hidden, aux = self.encoder(input_ids, attention_mask, token_type_ids, rows if sparse else None,
+                                   padded=padded)                 # (R, H) if sparse, else (B, L, H)
         out: dict[str, Tensor] = {"aux_loss": aux}
         losses = [aux]
         if mlm_labels is not None:
-            labels = rows.take(mlm_labels) if rows is not None else mlm_labels
-            out.update(self.mlm_head.loss(hidden, labels, self._decoder_weight(tied)))
+            if rows is None:
+                out.update(self.mlm_head.loss(hidden, mlm_labels, self._decoder_weight(tied)))
+            else:
+                h, labels = hidden if sparse else rows.take(hidden), rows.take(mlm_labels)
+                if rows.labelled is not None:
+                    h, labels = h.index_select(0, rows.labelled), labels.index_select(0, rows.labelled)
+                out.update(self.mlm_head.loss(h, labels, self._decoder_weight(tied), all_labelled=True))
             losses.append(out["mlm_loss"])
         if self.sop_head is not None:
-            if rows is not None:       # the [CLS] rows, in batch order, as (B, 1, H)
-                first = (rows.index % input_ids.shape[1] == 0).nonzero().squeeze(1)
-                hidden = hidden.index_select(0, first).unsqueeze(1)
+            if sparse:                 # the [CLS] rows (each sequence's first), in batch order, as (B, 1, H)
+                hidden = hidden.index_select(0, rows.starts).unsqueeze(1)
             logits = self.sop_head(hidden).float()
             out["sop_logits"] = logits
             if sop_labels is not None:

@@ -34,10 +34,10 @@ def rows(table: str) -> set[str]:
 def test_model_throughput_with_every_ablation():
     out = bench("model_throughput.py", "--config", str(TINY), "--modernbert", str(TINY_MODERNBERT), "--seq_len", "32",
                 "--quick", "--only", "transformer", "--full_last_layer", "--separate_embedding_grad",
-                "--torch_dropout", "--autograd_split")
+                "--torch_dropout", "--autograd_split", "--device_reads")
     m = str(TINY_MODERNBERT)
     assert {"HF BertForMaskedLM", "transformer", "transformer, torch dropout", "HF ModernBertForMaskedLM", m,
-            f"{m}, autograd split", f"{m}, full last layer"} <= rows(out), out
+            f"{m}, autograd split", f"{m}, full last layer", "transformer, device reads"} <= rows(out), out
     assert "transformer / HF BertForMaskedLM = " in out and f"{m} / HF ModernBertForMaskedLM = " in out
 
 
@@ -49,8 +49,10 @@ def test_model_throughput_refuses_a_sequence_longer_than_the_positions():
 
 def test_gpu_mfu_cpu_smoke():
     out = bench("gpu_mfu.py", "--device", "cpu", "--config", str(TINY), "--modernbert", str(TINY_MODERNBERT),
-                "--seq_len", "32", "--quick", "--only", "transformer")
-    assert {"HF BertForMaskedLM", "transformer", "HF ModernBertForMaskedLM", str(TINY_MODERNBERT)} <= rows(out), out
+                "--seq_len", "32", "--quick", "--only", "transformer", "--device_reads", "--dropout_prob", "0")
+    m = str(TINY_MODERNBERT)
+    assert {"HF BertForMaskedLM", "transformer", "transformer, device reads", "HF ModernBertForMaskedLM", m,
+            f"{m}, device reads"} <= rows(out), out
 
 
 @needs_shared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from models import ModelConfig, build_model
 from models.encoder import QueryRows
 from models.heads import IGNORE_INDEX
+from models.tasks import pretrain_hints
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -96,6 +98,7 @@ def test_query_rows_layout():
     assert rows.index.tolist() == [0, 2, 3, 9]
     assert rows.positions.tolist() == [[0, 2, 3], [0, 0, 0], [1, 0, 0]]
     assert rows.slots.tolist() == [0, 1, 2, 6]
+    assert rows.starts.tolist() == [0, 3, 3]
     x = torch.arange(12).view(3, 4)
     assert rows.take(x).tolist() == [0, 2, 3, 9]
 
@@ -125,3 +128,112 @@ def test_dropout_still_applies_at_the_query_rows(batch):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch)["loss"], dense_reference(model, batch, None)["loss"])
+
+
+# --- pretrain_hints: the same rows and padding read on the host, where the batch is made ---------
+HINT_CASES = {**CASES, "mix_lm (no query rows)": config("tiny_mix_lm"), "switch (no query rows)": config("tiny_switch")}
+aten = torch.ops.aten
+DEVICE_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+
+
+class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops whose result the host must read back (int(t), bool(t), t.item(): each a GPU
+    sync), or whose output shape depends on values (nonzero, masked_select: a sync too), and the
+    reads that skip the dispatcher on a CPU tensor (tolist, numpy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+        self.patches = [mock.patch.object(torch.Tensor, name, self._recorded(name, getattr(torch.Tensor, name)))
+                        for name in ("tolist", "numpy")]
+
+    def _recorded(self, name, method):
+        def read(t, *args, **kwargs):
+            self.seen.append(name)
+            return method(t, *args, **kwargs)
+        return read
+
+    def __enter__(self):
+        for patch in self.patches:
+            patch.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for patch in self.patches:
+            patch.stop()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in DEVICE_READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def step(model, batch, extra, hints):
+    """Loss, metrics and gradients of one forward and backward, and the device reads it made."""
+    model.zero_grad()
+    with DeviceReads() as spy:
+        out = model(**batch, **extra, **hints)
+        out["loss"].backward()
+    keys = [k for k in ("loss", "mlm_loss", "mlm_acc", "sop_logits", "sop_loss") if k in out]
+    return ({k: out[k].detach() for k in keys},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, spy.seen)
+
+
+@pytest.mark.parametrize("padding", [True, False], ids=["padded", "full rows"])
+@pytest.mark.parametrize("objective", ["sop", "mlm"])
+@pytest.mark.parametrize("case", list(HINT_CASES))
+def test_host_hints_give_the_same_step_without_reading_the_device(case, objective, padding, batch):
+    """With pretrain_hints (what the collate adds) the forward and backward read nothing back from
+    the device (but a Switch layer's expert group sizes), and give bit-identical losses, metrics and
+    gradients to the path that reads them."""
+    if not padding:
+        batch = batch | {"attention_mask": torch.ones_like(batch["attention_mask"])}
+    torch.manual_seed(0)
+    model = build_model(HINT_CASES[case], "pretrain", objective=objective)
+    model.train()
+    extra = {"sop_labels": torch.tensor([0, 1, 1, 0])} if objective == "sop" else {}
+    hints = pretrain_hints(batch, objective)
+    assert hints["padded"] is padding
+    out, grads, reads = step(model, batch, extra, hints)
+    ref, ref_grads, ref_reads = step(model, batch, extra, {})
+    cfg = HINT_CASES[case]
+    switch_layers = sum(cfg.is_moe_layer(i // cfg.layer_group) for i in range(cfg.num_hidden_layers))
+    assert reads == ["tolist"] * switch_layers, reads
+    assert len(ref_reads) > len(reads), ref_reads    # the spy sees the reads of the path without hints
+    assert out.keys() == ref.keys() and grads.keys() == ref_grads.keys()
+    for k in out:
+        assert torch.equal(out[k], ref[k]), k
+    for n in grads:
+        assert torch.equal(grads[n], ref_grads[n]), n
+
+
+def test_hints_of_a_batch_without_masked_tokens(batch):
+    """A batch with nothing to predict: MLM loss 0 on both paths, still no device read."""
+    batch = batch | {"mlm_labels": torch.full_like(batch["mlm_labels"], IGNORE_INDEX)}
+    model = build_model(CASES["transformer (post-LN)"], "pretrain", objective="mlm")
+    hints = pretrain_hints(batch, "mlm")
+    assert hints["rows_index"].numel() == 0
+    with DeviceReads() as spy:
+        out = model(**batch, **hints)
+    assert spy.seen == [] and out["mlm_loss"].item() == 0.0 == model(**batch)["mlm_loss"].item()
+
+
+def test_the_pretraining_collate_adds_the_hints(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    """The batches the training loop and validation get carry the hints, which match their labels."""
+    from trainer.args import parse_args
+    from trainer.dist import DistContext
+    from trainer.tasks import build
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(json.loads((CONFIGS / "tiny_transformer.json").read_text()) | {"vocab_size": 2000}))
+    args = parse_args(0, ["--model_name", "hints", "--model", str(cfg), "--output_dir", str(tmp_path / "out"),
+                          "--corpus_path", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer_dir),
+                          "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps", "1", "--no_progress"])
+    task = build(args, DistContext(0, 1, 0, torch.device("cpu"), "gloo"))
+    ds = task.dataset
+    batch = task.collate([ds[i] for i in range(4)])
+    rows = QueryRows.from_mask((batch["mlm_labels"] != IGNORE_INDEX) | (torch.arange(64) == 0))
+    assert batch["padded"] == (not bool(batch["attention_mask"].all()))
+    assert torch.equal(batch["rows_index"], rows.index) and torch.equal(batch["rows_starts"], rows.starts)
+    assert torch.equal(task.make_batch(2)["rows_index"], task.make_batch(2)["rows_index"])

@@ -416,7 +416,7 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
         while state.step < args.num_steps:
             finite = torch.ones((), dtype=torch.bool, device=ctx.device)  # read once per step, no sync per micro-batch
             for micro in range(accum):
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+                batch = task.to_device(next(batches))
                 with engine.accumulate(sync=micro == accum - 1):
                     with engine.autocast():
                         out = model(**batch)

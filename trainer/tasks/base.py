@@ -64,7 +64,10 @@ class Task:
         return rows
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        """The batch's tensors on this process's device (a collate's plain values, such as
+        models.tasks.pretrain_hints' no_padding, as they are)."""
+        return {k: v.to(self.ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def attach(self, engine) -> None:
         if hasattr(engine.module, "gather_fn"):

@@ -85,6 +85,15 @@ class PretrainTask(Task):
         self.model = build_model(self.config, "pretrain", objective=args.objective, temperature=args.temperature,
                                  pooling=args.pooling)
 
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """The dataset's batch with models.tasks.pretrain_hints (on the host: the forward then reads
+        nothing back from the GPU)."""
+        return self.with_hints(self.dataset.collate(samples))
+
+    def with_hints(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from models.tasks import pretrain_hints
+        return batch | pretrain_hints(batch, self.args.objective)
+
     # -- validation --------------------------------------------------------------------
     def validation_metrics(self) -> list[str]:
         if self.eval_dataset is None:
@@ -118,7 +127,7 @@ class PretrainTask(Task):
                 for k in range(math.ceil(num_batches / world)):
                     b = rank + k * world
                     rows = idx[b * bs:(b + 1) * bs] if b < num_batches else idx[:1]
-                    batch = self.to_device(ds.collate([ds[i] for i in rows]))
+                    batch = self.to_device(self.with_hints(ds.collate([ds[i] for i in rows])))
                     with engine.autocast():
                         out = engine.model(**batch)
                     if b >= num_batches:
@@ -165,4 +174,4 @@ class PretrainTask(Task):
             batch = rows()
             if self.args.objective == "sop":
                 batch["sop_labels"] = torch.randint(0, 2, (batch_size,), generator=g)
-        return self.to_device(batch)
+        return self.to_device(self.with_hints(batch))
