@@ -542,3 +542,53 @@ def test_compiled_layers_with_dropout_give_the_eager_losses():
 
     eager, compiled = run(False), run(True)
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-5, (eager, compiled)
+
+
+def test_compiled_layers_keep_every_variant_a_run_meets(monkeypatch):
+    """--compile's layers share one code object, whose variants (padding or none, local or global
+    attention, the last layer's query rows, training or validation, static then dynamic lengths)
+    outnumber dynamo's default recompile limit of 8 within tens of steps of a ModernBERT run, after
+    which dynamo would run the layer eagerly. compile_layers keeps them all: a second pass over the
+    same batches compiles nothing new and nothing fell back. (Dynamo's eager backend: what is
+    counted is dynamo's graph cache, not inductor's code.)"""
+    import itertools
+
+    from torch._dynamo.utils import counters
+
+    from models.tasks import pretrain_hints
+    from trainer.engines.base import compile_layers
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)    # torch's default, restored after
+    cfg = tiny_config(num_hidden_layers=6, global_attn_every_n_layers=3, local_attention=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, "pretrain", objective="sop")
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(L: int, padded: bool) -> dict:
+        ids = torch.randint(6, cfg.vocab_size, (4, L), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, L // 2:] = 0 if padded else 1
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.2, ids, torch.full_like(ids, -100))
+        b = {"input_ids": ids, "attention_mask": mask, "mlm_labels": labels, "sop_labels": torch.tensor([0, 1, 0, 1])}
+        return b | pretrain_hints(b, "sop")
+
+    batches = {(L, padded): batch(L, padded) for L, padded in itertools.product((48, 64), (True, False))}
+    graphs = []
+    try:
+        for _ in range(2):
+            for (key, b), train in itertools.product(batches.items(), (True, False)):
+                model.train(train)
+                with torch.set_grad_enabled(train):
+                    out = model(**b)
+                    if train:
+                        out["loss"].backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
+    fell_back = [k for k in counters["unimplemented"] if "recompile limit" in k.lower()]
+    assert not fell_back and graphs[0] > 8 and graphs[1] == graphs[0], (graphs, fell_back)

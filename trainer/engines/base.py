@@ -59,8 +59,18 @@ def adamw_kwargs(args: Namespace, device: torch.device | None = None) -> dict:
     return kwargs
 
 
+# Compiled variants of the encoder layers' one code object that dynamo keeps (its default, 8, is
+# reached within tens of steps): padded batch or not, local or global attention (ModernBERT), the
+# last layer at its query rows, training or validation, each first static then dynamic in the
+# sequence length: 32 for a ModernBERT. Past the limit dynamo runs the layer eagerly from then on.
+RECOMPILE_LIMIT = 64
+
+
 def compile_layers(model: nn.Module, device: torch.device) -> None:
     """torch.compile each encoder layer of `model` in place (what --compile does, `compile_blocks`)."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     if device.type == "cpu":
         # dropout through aten's generator, not inductor's generated one: on the CPU that is faster
         # (small config 1.07x eager instead of 0.98-1.02x) and draws the eager masks (same losses)
