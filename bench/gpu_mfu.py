@@ -50,7 +50,7 @@ def spec_peak(device_name: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.model_throughput import (ABLATIONS, HF_BERT, HF_MODERNBERT, MODERNBERT_OF, hf_model,
+    from bench.model_throughput import (ABLATIONS, HF_BERT, HF_MODERNBERT, MODERNBERT_OF, ablation_rows, hf_model,
                                         hf_modernbert_model, make_batch, train_step_fn, variants)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in variants(base).items():
         if not args.only or any(o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
-            for flag, (suffix, make, _, _) in ABLATIONS.items():
-                if getattr(args, flag) and name == "transformer":
-                    models[f"{name}, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
-                                                   False, HF_BERT)
+            if name == "transformer":
+                models |= ablation_rows(args, name, cfg, HF_BERT)
     modern_name = args.modernbert or MODERNBERT_OF.get(Path(args.config).stem.removesuffix("_config"), "none")
     if modern_name != "none":
         modern = dataclasses.replace(load_config(modern_name), vocab_size=base.vocab_size)
@@ -113,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_hf:
             models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
-        for flag, (suffix, make, _, _) in ABLATIONS.items():
-            if getattr(args, flag):
-                models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
-                                                      False, HF_MODERNBERT)
+        models |= ablation_rows(args, modern_name, modern, HF_MODERNBERT)
     batch, labels = make_batch(base, args.batch_size, args.seq_len, args.mask_prob)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = labels.to(device)

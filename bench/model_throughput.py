@@ -154,6 +154,12 @@ ABLATIONS = {
 }
 
 
+def ablation_rows(args, name: str, cfg: ModelConfig, baseline: str) -> dict:
+    """Our model `name` once per ablation flag set in args: table rows (model, config, is HF, baseline)."""
+    return {f"{name}, {suffix}": (make(build_model(cfg, "pretrain", objective="mlm")), cfg, False, baseline)
+            for flag, (suffix, make, _, _) in ABLATIONS.items() if getattr(args, flag)}
+
+
 def make_batch(cfg: ModelConfig, batch: int, seq: int, mask_prob: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(6, cfg.vocab_size, (batch, seq), generator=g)
@@ -222,10 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         # an --only entry naming a variant exactly selects it alone, any other one by substring
         if not args.only or any(o == name if o in family else o in name for o in args.only):
             models[name] = (build_model(cfg, "pretrain", objective="mlm"), cfg, False, HF_BERT)
-            for flag, (suffix, make, _, _) in ABLATIONS.items():
-                if getattr(args, flag) and name == "transformer":
-                    models[f"transformer, {suffix}"] = (make(build_model(cfg, "pretrain", objective="mlm")), cfg,
-                                                        False, HF_BERT)
+            if name == "transformer":
+                models |= ablation_rows(args, name, cfg, HF_BERT)
             if args.compile and name == "transformer":
                 models["transformer --compile"] = (compiled(build_model(cfg, "pretrain", objective="mlm")), cfg,
                                                    False, HF_BERT)
@@ -237,10 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             modern = dataclasses.replace(modern, vocab_size=base.vocab_size)
         models[HF_MODERNBERT] = (hf_modernbert_model(modern), modern, True, HF_MODERNBERT)
         models[modern_name] = (build_model(modern, "pretrain", objective="mlm"), modern, False, HF_MODERNBERT)
-        for flag, (suffix, make, _, _) in ABLATIONS.items():
-            if getattr(args, flag):
-                models[f"{modern_name}, {suffix}"] = (make(build_model(modern, "pretrain", objective="mlm")), modern,
-                                                      False, HF_MODERNBERT)
+        models |= ablation_rows(args, modern_name, modern, HF_MODERNBERT)
         if args.compile:
             models[f"{modern_name} --compile"] = (compiled(build_model(modern, "pretrain", objective="mlm")), modern,
                                                   False, HF_MODERNBERT)
