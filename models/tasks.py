@@ -46,14 +46,23 @@ def pretrain_hints(batch: dict[str, Tensor], objective: str) -> dict:
     """What PretrainModel's forward would otherwise read back from the device mid-step (each a GPU
     sync, which drains the queue of kernels): whether any sequence has padding, and the rows the
     heads read (QueryRows: the last layer computes only those where the encoder supports_query_rows,
-    the MLM head selects them otherwise). For the collate, on the host's copy of the batch; the
-    forward then never waits for the GPU. ICT batches get none."""
-    if objective == "ict" or batch.get("mlm_labels") is None:
+    the MLM head selects them otherwise); for ICT whether each side has padding and the labelled
+    positions of both sides (queries' then passages', flat). For the collate, on the host's copy of
+    the batch; the forward then never waits for the GPU."""
+    def padded(prefix: str) -> bool:
+        mask = batch.get(prefix + "attention_mask")
+        return mask is not None and not bool(mask.all())
+
+    if objective == "ict":
+        hints = {f"{side}_padded": padded(side + "_") for side in ("query", "passage")}
+        if batch.get("query_mlm_labels") is not None and batch.get("passage_mlm_labels") is not None:
+            labels = torch.cat([batch["query_mlm_labels"].reshape(-1), batch["passage_mlm_labels"].reshape(-1)])
+            hints["mlm_index"] = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        return hints
+    if batch.get("mlm_labels") is None:
         return {}
-    mask = batch.get("attention_mask")
     rows = mlm_query_rows(batch["mlm_labels"], objective == "sop")
-    return {"padded": mask is not None and not bool(mask.all())} | {
-        f"rows_{k}": v for k, v in rows._asdict().items() if v is not None}
+    return {"padded": padded("")} | {f"rows_{k}": v for k, v in rows._asdict().items() if v is not None}
 
 
 class TaskModel(nn.Module):
@@ -68,8 +77,9 @@ class TaskModel(nn.Module):
                 module.apply(lambda m: init_weights(m, self.config.initializer_range))
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-               token_type_ids: Tensor | None = None) -> EncoderOutput:
-        return self.encoder(input_ids, attention_mask, token_type_ids)
+               token_type_ids: Tensor | None = None, padded: bool | None = None) -> EncoderOutput:
+        """padded: whether attention_mask has a 0 (None: read from it)."""
+        return self.encoder(input_ids, attention_mask, token_type_ids, padded=padded)
 
     @property
     def word_embeddings(self) -> Tensor:
@@ -110,13 +120,15 @@ class PretrainModel(TaskModel):
                  passage_mlm_labels: Tensor | None = None, tied: TiedGrad | None = None,
                  padded: bool | None = None, rows_index: Tensor | None = None, rows_slots: Tensor | None = None,
                  rows_positions: Tensor | None = None, rows_starts: Tensor | None = None,
-                 rows_labelled: Tensor | None = None) -> dict[str, Tensor]:
-        """padded and rows_*: pretrain_hints of the batch, computed on the host (without them the
-        forward reads the same from the device: a GPU sync each)."""
+                 rows_labelled: Tensor | None = None, query_padded: bool | None = None,
+                 passage_padded: bool | None = None, mlm_index: Tensor | None = None) -> dict[str, Tensor]:
+        """padded, rows_*, query_padded, passage_padded and mlm_index: pretrain_hints of the batch,
+        computed on the host (without them the forward reads the same from the device: a GPU sync each)."""
         if self.objective == "ict":
             return self._forward_ict(query_input_ids, query_attention_mask, query_token_type_ids,
                                      query_mlm_labels, passage_input_ids, passage_attention_mask,
-                                     passage_token_type_ids, passage_mlm_labels, tied)
+                                     passage_token_type_ids, passage_mlm_labels, tied, query_padded,
+                                     passage_padded, mlm_index)
         # the heads read only the masked rows and [CLS]: the last layer computes just those
         sparse = getattr(self.encoder, "supports_query_rows", False)
         rows = None
@@ -155,8 +167,10 @@ class PretrainModel(TaskModel):
         return self.word_embeddings if tied is None else tied.decoder_weight(self.word_embeddings)
 
     def _forward_ict(self, q_ids, q_mask, q_types, q_labels, p_ids, p_mask, p_types,
-                     p_labels, tied: TiedGrad | None = None) -> dict[str, Tensor]:
-        q_hidden, p_hidden, aux = encode_pair(self, q_ids, q_mask, q_types, p_ids, p_mask, p_types)
+                     p_labels, tied: TiedGrad | None = None, q_padded: bool | None = None,
+                     p_padded: bool | None = None, mlm_index: Tensor | None = None) -> dict[str, Tensor]:
+        q_hidden, p_hidden, aux = encode_pair(self, q_ids, q_mask, q_types, p_ids, p_mask, p_types,
+                                              q_padded, p_padded)
         out: dict[str, Tensor] = {"aux_loss": aux}
         q_vec, p_vec = pool(q_hidden, q_mask, self.pooling), pool(p_hidden, p_mask, self.pooling)
         out["query_vectors"], out["passage_vectors"] = q_vec, p_vec
@@ -168,22 +182,29 @@ class PretrainModel(TaskModel):
             H = q_hidden.shape[-1]
             hidden = torch.cat([q_hidden.reshape(-1, H), p_hidden.reshape(-1, H)])
             labels = torch.cat([q_labels.reshape(-1), p_labels.reshape(-1)])
-            out.update(self.mlm_head.loss(hidden, labels, self._decoder_weight(tied)))
+            if mlm_index is None:
+                out.update(self.mlm_head.loss(hidden, labels, self._decoder_weight(tied)))
+            else:
+                out.update(self.mlm_head.loss(hidden.index_select(0, mlm_index), labels.index_select(0, mlm_index),
+                                              self._decoder_weight(tied), all_labelled=True))
             losses.append(out["mlm_loss"])
         out["loss"] = sum(losses)
         return out
 
 
-def encode_pair(model: TaskModel, q_ids, q_mask, q_types, p_ids, p_mask, p_types):
-    """Queries and passages through the encoder: one call when their shapes allow."""
+def encode_pair(model: TaskModel, q_ids, q_mask, q_types, p_ids, p_mask, p_types,
+                q_padded: bool | None = None, p_padded: bool | None = None):
+    """Queries and passages through the encoder: one call when their shapes allow. q_padded,
+    p_padded: whether each side's mask has a 0 (None: read from it)."""
     if q_ids.shape[1] == p_ids.shape[1] and (q_mask is None) == (p_mask is None) \
             and (q_types is None) == (p_types is None):
         B = q_ids.shape[0]
         cat = lambda a, b: None if a is None else torch.cat([a, b])
-        hidden, aux = model.encode(cat(q_ids, p_ids), cat(q_mask, p_mask), cat(q_types, p_types))
+        padded = None if q_padded is None or p_padded is None else q_padded or p_padded
+        hidden, aux = model.encode(cat(q_ids, p_ids), cat(q_mask, p_mask), cat(q_types, p_types), padded)
         return hidden[:B], hidden[B:], aux
-    q_hidden, q_aux = model.encode(q_ids, q_mask, q_types)
-    p_hidden, p_aux = model.encode(p_ids, p_mask, p_types)
+    q_hidden, q_aux = model.encode(q_ids, q_mask, q_types, q_padded)
+    p_hidden, p_aux = model.encode(p_ids, p_mask, p_types, p_padded)
     return q_hidden, p_hidden, q_aux + p_aux
 
 

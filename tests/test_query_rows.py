@@ -219,7 +219,8 @@ def test_hints_of_a_batch_without_masked_tokens(batch):
     assert spy.seen == [] and out["mlm_loss"].item() == 0.0 == model(**batch)["mlm_loss"].item()
 
 
-def test_the_pretraining_collate_adds_the_hints(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+@pytest.mark.parametrize("objective", ["sop", "ict"])
+def test_the_pretraining_collate_adds_the_hints(objective, tmp_path, tiny_corpus, tiny_tokenizer_dir):
     """The batches the training loop and validation get carry the hints, which match their labels."""
     from trainer.args import parse_args
     from trainer.dist import DistContext
@@ -229,11 +230,44 @@ def test_the_pretraining_collate_adds_the_hints(tmp_path, tiny_corpus, tiny_toke
     cfg.write_text(json.dumps(json.loads((CONFIGS / "tiny_transformer.json").read_text()) | {"vocab_size": 2000}))
     args = parse_args(0, ["--model_name", "hints", "--model", str(cfg), "--output_dir", str(tmp_path / "out"),
                           "--corpus_path", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer_dir),
-                          "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps", "1", "--no_progress"])
+                          "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps", "1", "--no_progress",
+                          "--objective", objective])
     task = build(args, DistContext(0, 1, 0, torch.device("cpu"), "gloo"))
     ds = task.dataset
     batch = task.collate([ds[i] for i in range(4)])
-    rows = QueryRows.from_mask((batch["mlm_labels"] != IGNORE_INDEX) | (torch.arange(64) == 0))
+    if objective == "ict":
+        labels = torch.cat([batch["query_mlm_labels"].reshape(-1), batch["passage_mlm_labels"].reshape(-1)])
+        assert torch.equal(batch["mlm_index"], (labels != IGNORE_INDEX).nonzero().squeeze(1))
+        assert batch["query_padded"] == (not bool(batch["query_attention_mask"].all()))
+        assert "mlm_index" in task.make_batch(2)
+        return
+    labels = batch["mlm_labels"]
+    rows = QueryRows.from_mask((labels != IGNORE_INDEX) | (torch.arange(labels.shape[1]) == 0))
     assert batch["padded"] == (not bool(batch["attention_mask"].all()))
     assert torch.equal(batch["rows_index"], rows.index) and torch.equal(batch["rows_starts"], rows.starts)
     assert torch.equal(task.make_batch(2)["rows_index"], task.make_batch(2)["rows_index"])
+
+
+@pytest.mark.parametrize("same_length", [True, False], ids=["one encoder call", "two calls"])
+@pytest.mark.parametrize("case", ["transformer (post-LN)", "modernbert (local last layer)", "mix_lm (no query rows)"])
+def test_ict_hints_give_the_same_step_without_reading_the_device(case, same_length, batch):
+    """ICT pretraining (queries and passages, MLM on both sides): with the hints of each side's
+    padding and of the labelled positions, no device reads and bit-identical results."""
+    torch.manual_seed(0)
+    model = build_model(HINT_CASES[case], "pretrain", objective="ict")
+    model.train()
+    q_len = 64 if same_length else 40
+    side = lambda prefix, rows, L: {prefix + k: batch[k][rows, :L] for k in ("input_ids", "attention_mask",
+                                                                             "token_type_ids", "mlm_labels")}
+    short = int(batch["attention_mask"].sum(1).argmin())     # a row with padding on both sides
+    ict = side("query_", [short, 1], q_len) | side("passage_", [0, short], 64)
+    hints = pretrain_hints(ict, "ict")
+    assert hints["query_padded"] and hints["passage_padded"] and hints["mlm_index"].numel() > 0
+    out, grads, reads = step(model, ict, {}, hints)
+    ref, ref_grads, ref_reads = step(model, ict, {}, {})
+    assert reads == [] and ref_reads, (reads, ref_reads)
+    assert out.keys() == ref.keys() == {"loss", "mlm_loss", "mlm_acc"} and grads.keys() == ref_grads.keys()
+    for k in out:
+        assert torch.equal(out[k], ref[k]), k
+    for n in grads:
+        assert torch.equal(grads[n], ref_grads[n]), n
