@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modernbert", default=None,
                    help="ModernBERT config run against HF ModernBertForMaskedLM (default: modernbert-base for "
                         "bert-base, modernbert-small for small, none otherwise; 'none' leaves it out)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--compile", nargs="?", const="whole", choices=["whole", "layers"], default=None,
+                   help="torch.compile every model first: whole (the default: torch.compile(model), HF's too) or "
+                        "layers (ours each encoder layer in place, as the trainer's --compile; HF's whole)")
     p.add_argument("--dropout_prob", type=float, default=None,
                    help="dropout of every model, ours and HF's (default: the config's; ModernBERT trains with 0)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from models import build_model, estimate_flops_per_token, load_config
+    from trainer.engines.base import compile_layers
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = {}
     for name, (model, _, hf, _) in models.items():
         model.to(device)
-        fwd = torch.compile(model) if args.compile else model
+        if args.compile == "layers" and not hf:
+            compile_layers(model, device)
+            fwd = model
+        else:
+            fwd = torch.compile(model) if args.compile else model
         step = train_step_fn(fwd, batch, labels, hf)
 
         def bf16_step(step=step):
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {args.config}: hidden {base.hidden_size}, layers {base.num_hidden_layers}, heads "
           f"{base.num_heads}, ff {base.ff_dim}, vocab {base.vocab_size}; batch {args.batch_size} x seq "
           f"{args.seq_len}, {args.mask_prob:.0%} masked; bf16 autocast, AdamW"
-          f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}"
+          f"{', torch.compile (' + args.compile + ')' if args.compile else ''}; torch {torch.__version__}"
           f"{', CUDA ' + torch.version.cuda if torch.version.cuda else ''}; median of {args.reps} "
           f"interleaved reps x {args.steps_per_rep} steps; HF FLOPs count its head over all tokens")
     cols = ["model", "params (M)", "tokens/s", "step ms", "host ms", "vs HF", "GFLOP/token", "TFLOP/s", "MFU (spec)",

@@ -55,6 +55,13 @@ def test_gpu_mfu_cpu_smoke():
             f"{m}, device reads"} <= rows(out), out
 
 
+def test_gpu_mfu_cpu_smoke_compiled_layers():
+    """--compile layers: our layers compiled in place as the trainer's --compile does."""
+    out = bench("gpu_mfu.py", "--device", "cpu", "--config", str(TINY), "--modernbert", "none", "--no_hf",
+                "--seq_len", "32", "--quick", "--only", "transformer", "--compile", "layers")
+    assert "transformer" in rows(out) and "torch.compile (layers)" in out, out
+
+
 @needs_shared
 def test_finetune_throughput_quick():
     out = bench("finetune_throughput.py", "--quick")

@@ -65,7 +65,7 @@ class Task:
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch's tensors on this process's device (a collate's plain values, such as
-        models.tasks.pretrain_hints' no_padding, as they are)."""
+        models.tasks.pretrain_hints' padded, as they are)."""
         return {k: v.to(self.ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()}
 
