@@ -2,7 +2,8 @@
 engine x ZeRO stage trains a few steps in fp16 and in bf16, through the shell launchers (torchrun
 and DeepSpeed's own); ModernBERT and `--compile` too. Each run must exit 0, log finite losses, write
 final/, and start from the loss of the same run in float32 on the CPU (mixed precision changes the
-first loss by rounding only: dropout is 0 and the data order is the seed's).
+first loss by rounding only: dropout is 0 and the data order is the seed's). A pretraining forward
+and backward with the collate's hints must make no CUDA sync.
 
     python -m pytest -m gpu tests/test_gpu.py        # on a GPU machine
 
@@ -124,3 +125,42 @@ def test_gpu_mfu_bench_runs():
     assert proc.returncode == 0, proc.stderr[-4000:]
     for row in ("HF BertForMaskedLM", "transformer", "HF ModernBertForMaskedLM", "modernbert-base"):
         assert any(line.startswith(row + " ") for line in proc.stdout.splitlines()), (row, proc.stdout)
+
+
+@pytest.mark.parametrize("objective", ["sop", "mlm", "ict"])
+@pytest.mark.parametrize("model", ["transformer", "modernbert"])
+def test_pretraining_step_never_waits_for_the_gpu(model, objective):
+    """With the collate's hints (models.tasks.pretrain_hints) the forward and backward of a bf16
+    pretraining step, dropout on, make no CUDA sync: torch.cuda.set_sync_debug_mode("error") raises
+    on the first one (the CPU-side record of the same is tests/test_query_rows.py)."""
+    import dataclasses
+
+    from models import build_model, load_config
+    from models.tasks import pretrain_hints
+
+    cfg = dataclasses.replace(load_config(str(REPO / "tests" / "configs" / f"tiny_{model}.json")), dropout_prob=0.1)
+    torch.manual_seed(0)
+    net = build_model(cfg, "pretrain", objective=objective).cuda().train()
+
+    def side(prefix: str = "") -> dict:
+        ids = torch.randint(6, cfg.vocab_size, (4, 64))
+        mask = torch.ones_like(ids)
+        mask[1, 40:] = 0
+        labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+        labels[:, 0] = -100
+        return {prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "mlm_labels": labels}
+
+    batch = side("query_") | side("passage_") if objective == "ict" else side()
+    if objective == "sop":
+        batch["sop_labels"] = torch.tensor([0, 1, 1, 0])
+    batch |= pretrain_hints(batch, objective)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(**batch)
+        out["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(out["loss"].item())
