@@ -115,7 +115,8 @@ class PretrainTask(Task):
         num_batches = math.ceil(len(idx) / bs)
         rank, world = self.ctx.rank, self.ctx.world_size
         pair_key = {"sop": "sop_acc", "ict": "ict_acc"}.get(self.args.objective)
-        sums = torch.zeros(5, dtype=torch.float64)  # mlm loss sum, mlm correct, masked tokens, pair correct, rows
+        # mlm loss sum, mlm correct, masked tokens, pair correct, rows: summed on the device, read once
+        sums = torch.zeros(5, dtype=torch.float64, device=self.ctx.device)
         module = engine.module
         gather = getattr(module, "gather_fn", None)
         if gather is not None:
@@ -127,23 +128,23 @@ class PretrainTask(Task):
                 for k in range(math.ceil(num_batches / world)):
                     b = rank + k * world
                     rows = idx[b * bs:(b + 1) * bs] if b < num_batches else idx[:1]
-                    batch = self.to_device(self.with_hints(ds.collate([ds[i] for i in rows])))
+                    host = self.with_hints(ds.collate([ds[i] for i in rows]))
                     with engine.autocast():
-                        out = engine.model(**batch)
+                        out = engine.model(**self.to_device(host))
                     if b >= num_batches:
                         continue
-                    masked = sum(int((v != -100).sum()) for key, v in batch.items() if key.endswith("mlm_labels"))
-                    sums[0] += float(out["mlm_loss"]) * masked
-                    sums[1] += float(out["mlm_acc"]) * masked
+                    masked = sum(int((v != -100).sum()) for key, v in host.items() if key.endswith("mlm_labels"))
+                    sums[0] += out["mlm_loss"].double() * masked
+                    sums[1] += out["mlm_acc"].double() * masked
                     sums[2] += masked
                     if pair_key:
-                        sums[3] += float(out[pair_key]) * len(rows)
+                        sums[3] += out[pair_key].double() * len(rows)
                     sums[4] += len(rows)
         finally:
             engine.train(True)
             if gather is not None:
                 module.gather_fn = gather
-        sums = dist.all_reduce(sums.to(self.ctx.device), "sum").cpu()
+        sums = dist.all_reduce(sums, "sum").cpu()
         loss = float(sums[0] / max(sums[2], 1))
         result = {"mlm_loss": loss, "mlm_acc": float(sums[1] / max(sums[2], 1)),
                   "perplexity": math.exp(min(loss, 700.0))}
