@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f", measured {measured / 1e12:.1f} TFLOP/s ({n}^3 bf16 matmul)")
     print(f"config {args.config}: hidden {base.hidden_size}, layers {base.num_hidden_layers}, heads "
           f"{base.num_heads}, ff {base.ff_dim}, vocab {base.vocab_size}; batch {args.batch_size} x seq "
-          f"{args.seq_len}, {args.mask_prob:.0%} masked; bf16 autocast, AdamW"
+          f"{args.seq_len}, {args.mask_prob:.0%} masked, dropout {base.dropout_prob:g}; bf16 autocast, AdamW"
           f"{', torch.compile (' + args.compile + ')' if args.compile else ''}; torch {torch.__version__}"
           f"{', CUDA ' + torch.version.cuda if torch.version.cuda else ''}; median of {args.reps} "
           f"interleaved reps x {args.steps_per_rep} steps; HF FLOPs count its head over all tokens")
