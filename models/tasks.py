@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .encoder import EncoderOutput, QueryRows, TransformerEncoder, init_weights
+from .encoder import EncoderOutput, QueryRows, TransformerEncoder, has_padding, init_weights
 from .heads import (IGNORE_INDEX, CharTagHead, MLMHead, SequenceClassifierHead, SpanHead, contrastive_loss,
                     pool)
 from .mix_lm import MixLMEncoder
@@ -49,12 +49,8 @@ def pretrain_hints(batch: dict[str, Tensor], objective: str) -> dict:
     the MLM head selects them otherwise); for ICT whether each side has padding and the labelled
     positions of both sides (queries' then passages', flat). For the collate, on the host's copy of
     the batch; the forward then never waits for the GPU."""
-    def padded(prefix: str) -> bool:
-        mask = batch.get(prefix + "attention_mask")
-        return mask is not None and not bool(mask.all())
-
     if objective == "ict":
-        hints = {f"{side}_padded": padded(side + "_") for side in ("query", "passage")}
+        hints = {f"{side}_padded": has_padding(batch.get(side + "_attention_mask")) for side in ("query", "passage")}
         if batch.get("query_mlm_labels") is not None and batch.get("passage_mlm_labels") is not None:
             labels = torch.cat([batch["query_mlm_labels"].reshape(-1), batch["passage_mlm_labels"].reshape(-1)])
             hints["mlm_index"] = (labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -62,7 +58,7 @@ def pretrain_hints(batch: dict[str, Tensor], objective: str) -> dict:
     if batch.get("mlm_labels") is None:
         return {}
     rows = mlm_query_rows(batch["mlm_labels"], objective == "sop")
-    return {"padded": padded("")} | {f"rows_{k}": v for k, v in rows._asdict().items() if v is not None}
+    return {"padded": has_padding(batch.get("attention_mask"))} | {f"rows_{k}": v for k, v in rows._asdict().items() if v is not None}
 
 
 class TaskModel(nn.Module):
@@ -130,13 +126,13 @@ class PretrainModel(TaskModel):
                                      passage_token_type_ids, passage_mlm_labels, tied, query_padded,
                                      passage_padded, mlm_index)
         # the heads read only the masked rows and [CLS]: the last layer computes just those
-        sparse = getattr(self.encoder, "supports_query_rows", False)
+        supported = getattr(self.encoder, "supports_query_rows", False)
         rows = None
         if mlm_labels is not None and rows_index is not None:
             rows = QueryRows(rows_index, rows_slots, rows_positions, rows_starts, rows_labelled)
-        elif mlm_labels is not None and sparse:
+        elif mlm_labels is not None and supported:
             rows = mlm_query_rows(mlm_labels, self.sop_head is not None)
-        sparse = sparse and rows is not None
+        sparse = supported and rows is not None      # the encoder returns (R, H) at the rows
         hidden, aux = self.encoder(input_ids, attention_mask, token_type_ids, rows if sparse else None,
                                    padded=padded)                 # (R, H) if sparse, else (B, L, H)
         out: dict[str, Tensor] = {"aux_loss": aux}
