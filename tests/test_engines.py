@@ -116,6 +116,25 @@ def test_deepspeed_resumes_on_another_process_count(setup, runs, stage):
     assert said == [f"[deepspeed] using {ckpt / 'ds_universal'}, converted before"]
 
 
+def test_torch_stages_resume_each_others_optimizer_state(setup, runs):
+    """DDP's step-3 (name-keyed optimizer state in DCP) resumed by ZeRO-1 on 2 processes, which
+    saves step-4 (its consolidated, index-keyed state), resumed by FSDP2 ZeRO-3 on 1 process
+    (accumulation 2: the same global batches): every step is the uninterrupted DDP run's, so the
+    AdamW moments came along both ways (a fresh optimizer gives other losses from the first step)."""
+    extra = ["--checkpoint", str(runs["torch", 0] / f"step-{SAVE}"), "--save_steps", str(SAVE + 1)]
+    zero1, proc = _run(setup, "torch0_to_zero1", "torch", 1, extra)
+    assert f"at step {SAVE}" in proc.stdout and "start fresh" not in proc.stdout
+    assert (zero1 / f"step-{SAVE + 1}" / "optimizer_zero1.pt").is_file()
+    extra = ["--checkpoint", str(zero1 / f"step-{SAVE + 1}"), "--gradient_accumulation_steps", "2"]
+    zero3, proc = _run(setup, "zero1_to_zero3", "torch", 3, extra, nproc=1)
+    assert f"at step {SAVE + 1}" in proc.stdout
+    full = read_tsv(runs["torch", 0] / "loss.tsv")
+    resumed = read_tsv(zero1 / "loss.tsv")[:1] + read_tsv(zero3 / "loss.tsv")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full[SAVE:]]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full[SAVE:]], abs=1e-5), key
+
+
 @pytest.mark.parametrize("saved,stage,size", [(2, 3, 2), (3, 1, 1), (0, 2, 1), (2, 0, 2)])
 def test_deepspeed_refuses_what_universal_checkpoints_cannot_convert(tmp_path, saved, stage, size):
     from types import SimpleNamespace

@@ -121,7 +121,7 @@ class TorchEngine(Engine):
         if self.stage == 1:
             self.optimizer.consolidate_state_dict(to=0)
             if self.ctx.is_main:
-                torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer_zero1.pt")
+                torch.save(self.optimizer.state_dict(), ckpt_dir / ZERO1_OPTIM)
         else:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.save(state, checkpoint_id=str(ckpt_dir / "dcp"))
@@ -129,20 +129,37 @@ class TorchEngine(Engine):
             torch.save(self._small_state(), ckpt_dir / "engine_state.pt")
 
     def load(self, ckpt_dir: Path) -> None:
+        """Model and optimizer of any stage's checkpoint: DCP's name-keyed optimizer state (stages 0,
+        2, 3) or ZeRO-1's consolidated one, keyed by the parameter's index in the AdamW groups,
+        are converted into each other, so a run moves between the launchers without resetting
+        its AdamW moments."""
+        zero1 = ckpt_dir / ZERO1_OPTIM
         state = {"model": get_model_state_dict(self.model)}
-        has_dcp_optim = not (ckpt_dir / "optimizer_zero1.pt").exists()
-        if self.stage != 1 and has_dcp_optim:
+        if zero1.exists():
+            pass
+        elif self.stage == 1:  # index-keyed from a name-keyed template over the full parameters
+            full = torch.optim.AdamW(param_groups(self._inner, self.args.weight_decay),
+                                     **adamw_kwargs(self.args, self.ctx.device))
+            state["optim"] = get_optimizer_state_dict(self._inner, full)  # allocates the full moments
+        else:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
         set_model_state_dict(self.model, state["model"])
-        if "optim" in state:
+        if zero1.exists():
+            consolidated = torch.load(zero1, map_location="cpu", weights_only=False)
+            if self.stage == 1:
+                self.optimizer.load_state_dict(consolidated)
+            else:
+                names = _group_order(get_optimizer_state_dict(self.model, self.optimizer))
+                set_optimizer_state_dict(self.model, self.optimizer, _rekey(consolidated, names),
+                                         options=StateDictOptions(full_state_dict=True))
+        elif self.stage == 1:
+            names = _group_order(state["optim"])
+            self.optimizer.load_state_dict(_rekey(state["optim"], {n: i for i, n in enumerate(names)}))
+        else:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        elif self.stage == 1 and not has_dcp_optim:
-            self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer_zero1.pt", map_location="cpu",
-                                                      weights_only=False))
-        elif self.ctx.is_main:
-            print(f"[checkpoint] {ckpt_dir} holds optimizer state in another stage's layout; "
-                  f"model, schedule and data position resume, AdamW moments start fresh", flush=True)
+        if self.stage == 1:
+            _steps_on_param_device(self.optimizer.optim)
         small = torch.load(ckpt_dir / "engine_state.pt", map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(small["scheduler"])
         reset_peak_lr(self.scheduler, self.args.learning_rate)
@@ -159,3 +176,28 @@ class TorchEngine(Engine):
     def optimizer_state_bytes(self) -> int:
         opt = self.optimizer.optim if self.stage == 1 else self.optimizer
         return tensor_state_bytes(opt.state)
+
+
+ZERO1_OPTIM = "optimizer_zero1.pt"  # ZeRO-1's optimizer state, consolidated on rank 0
+
+
+def _group_order(optim_state: dict) -> list[str]:
+    """The parameter names of a name-keyed optimizer state dict, in the order of its groups: the
+    order of ZeRO-1's indices (both optimizers are built from the same `param_groups`)."""
+    return [name for group in optim_state["param_groups"] for name in group["params"]]
+
+
+def _rekey(optim_state: dict, keys) -> dict:
+    """An optimizer state dict with every parameter key k replaced by keys[k] (index <-> name)."""
+    return {"state": {keys[k]: v for k, v in optim_state["state"].items()},
+            "param_groups": [dict(g, params=[keys[k] for k in g["params"]]) for g in optim_state["param_groups"]]}
+
+
+def _steps_on_param_device(optimizer: torch.optim.Optimizer) -> None:
+    """ZeroRedundancyOptimizer.load_state_dict leaves every 0-dim state tensor on the CPU; a fused or
+    capturable AdamW keeps its `step` on the parameter's device (where torch's own load puts it)."""
+    for group in optimizer.param_groups:
+        if group.get("fused") or group.get("capturable"):
+            for p in group["params"]:
+                if "step" in optimizer.state.get(p, {}):
+                    optimizer.state[p]["step"] = optimizer.state[p]["step"].to(p.device, torch.float32)
