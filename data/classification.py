@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from data.jsonfile import json_or_lines
+from data.jsonfile import encoding_fix, json_or_lines
 from data.padding import pad_batch, padded_length  # re-exported: their home is data/padding.py
 
 __all__ = [
@@ -77,8 +77,7 @@ def load_classification_tsv(path: str | Path, text_column: str = "document",
             return _read_json(path, text_column, label_column, id_column, limit)
         return _read_tsv(path, text_column, label_column, id_column, limit)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); a binary file or another encoding? "
-                         f"convert it with e.g. `iconv -f cp949 -t utf-8`") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {encoding_fix(path)}") from None
     except csv.Error as e:  # e.g. a line over the csv module's field size limit (a JSON file)
         raise ValueError(f"{path} is not a tab-separated file ({e}); expected the header line "
                          f"'{id_column}\\t{text_column}\\t{label_column}' and one row per line") from None
@@ -156,7 +155,7 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
                                                   [c.strip().strip('"') for c in first.split(",")])
         kind = "comma" if comma else "tab"
         reader = csv.reader(f) if comma else csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
+        header = next((r for r in reader if any(c.strip() for c in r)), None)   # blank lines before it skipped
         if header is None:
             raise ValueError(f"{path} is empty; expected a header line "
                              f"'{id_column}\\t{text_column}\\t{label_column}' and data rows")
@@ -190,6 +189,14 @@ def _read_tsv(path: Path, text_column: str, label_column: str, id_column: str | 
             if len(row) < width:
                 raise ValueError(f"{path}:{line_no}: {len(row)} {kind}-separated field(s), expected "
                                  f"{len(header)} ({_shorten(header)}); fix the row or remove it")
+            if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
+                # a tab (comma) inside a text shifts the columns after it: the label would be a piece of text
+                sep = "tab" if kind == "tab" else "comma"
+                raise ValueError(f"{path}:{line_no}: {len(row)} {kind}-separated field(s), more than the header's "
+                                 f"{len(header)} ({_shorten(header)}): a {sep} inside the text? "
+                                 + ("(quoted fields, as pandas' to_csv writes them, are not read in a TSV: save the "
+                                    "file as .csv) " if kind == "tab" else "(quote that field) ")
+                                 + "fix the row or remove it")
             text = row[col[text_column]].strip()
             if not text:
                 num_empty += 1
@@ -251,12 +258,16 @@ def label_counts(examples: Sequence[ClassificationExample]) -> dict[int, int]:
 
 def resolve_num_labels(sources: dict[str, Sequence[ClassificationExample]], num_labels: int = 0) -> int:
     """The number of classes for the rows of every source (name -> examples, e.g. the training and
-    evaluation files). Given (`num_labels` > 0), every label must be below it; else the labels must
-    be 0..C-1 without gaps: one stray label (a typo such as 7) would silently make an 8-class head."""
+    evaluation files, training first). Given (`num_labels` > 0), every label must be below it; else the labels must
+    be 0..C-1 without gaps: one stray label (a typo such as 7) would silently make an 8-class head.
+    Sources whose labels share none (0/1 in one file, names in the other; a file sorted by label and cut)
+    are refused: the accuracy would measure nothing; labels of a later source absent from the first are
+    logged (the model is not trained on them)."""
     counts = label_counts([e for rows in sources.values() for e in rows])
     shown = "label counts {" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "}"
     if not counts:
         raise ValueError("no labelled rows")
+    _check_shared_labels(sources)
     if num_labels:
         above = [k for k in counts if k >= num_labels]
         if above:
@@ -274,6 +285,28 @@ def resolve_num_labels(sources: dict[str, Sequence[ClassificationExample]], num_
                          f"{absent}; that would train a {n}-class head. {_where(sources, rarest)}: fix "
                          f"stray labels, or pass --num_labels {n} if the classes really are 0..{n - 1}")
     return n
+
+
+def _check_shared_labels(sources: dict[str, Sequence[ClassificationExample]]) -> None:
+    """ValueError where the labels of one source share none with the others'; a warning for labels of a
+    later source that the first (the training rows) lacks."""
+    filled = {name: label_counts(rows) for name, rows in sources.items() if rows}
+    if len(filled) < 2:
+        return
+    for name, counts in filled.items():
+        others = {k for other, c in filled.items() if other != name for k in c}
+        if not others & set(counts):
+            listed = "; ".join(f"{n}: {dict(c)}" for n, c in filled.items())
+            raise ValueError(f"the labels of {name} share none with the other file's (label counts {listed}): "
+                             f"the model would be scored on classes it never trained on. Do the files write the "
+                             f"labels alike (indices in one, names in the other)? Is one cut from a file sorted by "
+                             f"label (--max_train_examples / --max_eval_examples)? Use the same labels in both files")
+    first_name, first = next(iter(filled.items()))
+    for name, counts in list(filled.items())[1:]:
+        unseen = {k: v for k, v in counts.items() if k not in first}
+        if unseen:
+            logger.warning("label(s) %s of %s (rows %s) are in no row of %s: the model is not trained on them",
+                           sorted(unseen), name, unseen, first_name)
 
 
 def _where(sources: dict[str, Sequence[ClassificationExample]], label: int) -> str:

@@ -1,8 +1,10 @@
 """JSON task and corpus files: one JSON document, or JSON lines (one value per line, what `datasets`'
-`to_json` writes); and how a JSON-lines dump is recognised where plain text is expected."""
+`to_json` writes); how a JSON-lines dump is recognised where plain text is expected; and the fix named
+for a task file that is not UTF-8."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 # the keys a JSON-lines dump keeps its text under, the likeliest first (the hint's `jq` command names one)
 TEXT_KEYS = ("text", "document", "passage", "content", "sentence")
@@ -39,3 +41,18 @@ def text_key(keys: list[str]) -> str:
     """The key of `keys` (a JSON-lines record's) most likely to hold the text: the first of TEXT_KEYS
     present, else the last key."""
     return next((k for k in TEXT_KEYS if k in keys), keys[-1])
+
+
+def encoding_fix(path: str | Path) -> str:
+    """The command that converts a task file that is not UTF-8: UTF-16 where it starts with a UTF-16 byte
+    order mark (Excel's "Unicode text"), else cp949 (the usual Korean legacy encoding) as an example."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except OSError:
+        utf16 = False
+    target = f"{path.stem}.utf8{path.suffix}"
+    if utf16:
+        return f"it is UTF-16 (it starts with a UTF-16 byte order mark): convert it with `iconv -f utf-16 -t utf-8 {path} > {target}`"
+    return f"a binary file or another encoding? convert it with e.g. `iconv -f cp949 -t utf-8 {path} > {target}`"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections import Counter
 from typing import Mapping, Sequence
 
@@ -202,18 +203,21 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]],
     if not gold:
         raise ValueError("ner_scores got no sentences")
     kw = dict(mode="strict", scheme=IOB2, zero_division=0)
+    with warnings.catch_warnings():   # no entity at all: numpy's "mean of empty slice" inside seqeval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = classification_report(gold, pred, output_dict=True, **kw)
+    types = [name for name in report if not name.endswith(" avg")]
     out = {"entity_f1": 100.0 * f1_score(gold, pred, **kw),
            "entity_precision": 100.0 * precision_score(gold, pred, **kw),
            "entity_recall": 100.0 * recall_score(gold, pred, **kw),
-           "entity_macro_f1": 100.0 * f1_score(gold, pred, average="macro", **kw)}
+           # no entity in gold or prediction: 0 like the micro scores (seqeval's mean over no types is NaN)
+           "entity_macro_f1": 100.0 * f1_score(gold, pred, average="macro", **kw) if types else 0.0}
     flat_gold = [t for s in gold for t in s]
     flat_pred = [t for s in pred for t in s]
     tags = [t for t in (tags or sorted(set(flat_gold + flat_pred))) if t != "O"]
     out["char_f1"] = 100.0 * float(sk_f1(flat_gold, flat_pred, labels=tags, average="macro", zero_division=1)) if tags else 100.0
-    report = classification_report(gold, pred, output_dict=True, **kw)
-    for name, row in sorted(report.items()):
-        if not name.endswith(" avg"):
-            out[f"entity_f1/{name}"] = 100.0 * row["f1-score"]
+    for name in sorted(types):
+        out[f"entity_f1/{name}"] = 100.0 * report[name]["f1-score"]
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data.jsonfile import json_or_lines
+from data.jsonfile import encoding_fix, json_or_lines
 from data.padding import pad_batch
 
 __all__ = [
@@ -108,13 +108,16 @@ def _parse_squad(path: str | Path) -> tuple[list[Paragraph], list[Example]]:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 JSON file") from None
+        raise ValueError(f"{path} is not UTF-8 JSON ({e.reason}; {encoding_fix(path)}); pass a SQuAD 1.1 / "
+                         f"KorQuAD 1.0 JSON file") from None
     try:
         root = json_or_lines(text)   # JSON lines: `datasets`' to_json() of squad_kor_v1 / squad
     except ValueError as e:
         raise ValueError(f"{path} is not UTF-8 JSON ({e}); pass a SQuAD 1.1 / KorQuAD 1.0 JSON file") from None
     if isinstance(root, dict) and isinstance(root.get("data"), list) and _flat(root["data"]):
         root = root["data"]
+    if isinstance(root, dict) and _flat([root]):   # JSON lines of one question read as one JSON document
+        root = [root]
     if isinstance(root, list) and _flat(root):
         root = _nest(root)
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
@@ -199,7 +202,11 @@ def split_by_article(examples: Sequence[Example] | str | Path, dev_fraction: flo
         raise ValueError(f"dev_fraction={dev_fraction} must be strictly between 0 and 1")
     titles = sorted({e.title for e in examples})
     if len(titles) < 2:
-        raise ValueError(f"split_by_article needs at least 2 articles, got {len(titles)}")
+        raise ValueError(f"split_by_article needs at least 2 articles, got {len(titles)}"
+                         + (f" (every question has the title {titles[0]!r})" if titles else "")
+                         + ": a held-out fraction takes whole articles (questions grouped by title); pass the "
+                         "evaluation questions as a file of their own (--eval_file), or give the articles "
+                         "their titles (the flat JSON-lines layout: a \"title\" per question)")
     random.Random(seed).shuffle(titles)
     num_dev = min(len(titles) - 1, max(1, round(dev_fraction * len(titles))))
     dev_titles = set(titles[:num_dev])

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from data.jsonfile import encoding_fix
 from data.padding import pad_batch
 from models.heads import IGNORE_INDEX
 
@@ -63,7 +64,7 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             lines = [raw.rstrip("\r\n") for raw in f]
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {layout}") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}; {encoding_fix(path)}); {layout}") from None
     klue = any(line[:1].isspace() and line[1:2] == "\t" or line.startswith("##") and "\t" in line for line in lines)
     if not klue and any(line.strip() and (len(parts := line.split("\t")) != 2 or len(parts[0]) != 1)
                         for line in lines):
@@ -82,7 +83,8 @@ def load_klue_ner(path: str | Path) -> list[NERSentence]:
     line_no = 0
     for line_no, line in enumerate(lines, start=1):
         if line.startswith("##"):
-            if "\t" in line and not chars:
+            if "\t" in line:           # '## guid<TAB>sentence' names the next sentence (also without a blank line)
+                close(line_no)
                 guid = line[2:].split("\t", 1)[0].strip() or None
             continue
         if not line.strip():

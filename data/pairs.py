@@ -27,7 +27,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from data.jsonfile import json_or_lines
+from data.jsonfile import encoding_fix, json_or_lines
 from data.padding import pad_batch
 
 __all__ = ["NLI_LABELS", "PairExample", "load_klue_nli", "load_klue_sts", "SentencePairDataset", "hash_split"]
@@ -63,7 +63,8 @@ def _read_records(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); expected KLUE JSON or a TSV with a header") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}; {encoding_fix(path)}); expected KLUE JSON or a "
+                         f"TSV with a header") from None
     if text[:1] not in ("[", "{", ""):
         return _read_tsv_records(path, text)
     try:
@@ -71,7 +72,7 @@ def _read_records(path: Path) -> list[dict]:
     except ValueError as e:
         raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e}); expected KLUE JSON") from None
     if isinstance(data, dict):
-        data = data.get("data", data)
+        data = data.get("data", [data])   # a lone object: JSON lines of one example
     if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path} is not a non-empty JSON list of objects; expected KLUE JSON")
     return data

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from data.jsonfile import json_lines_keys, text_key
+from data.jsonfile import encoding_fix, json_lines_keys, text_key
 from data.metrics import recall_at_k
 from data.mrc import Example, Paragraph, _parse_squad, load_squad
 from data.padding import pad_batch
@@ -218,6 +218,13 @@ def read_text_file(path: str | Path) -> tuple[list[str], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist; pass a UTF-8 file with one "
                                 "passage per line, or 'id<TAB>text' lines")
+    try:
+        return _read_text_lines(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {encoding_fix(path)}") from None
+
+
+def _read_text_lines(path: Path) -> tuple[list[str], list[str]]:
     ids: list[str] = []
     texts: list[str] = []
     tsv: bool | None = None
@@ -303,13 +310,23 @@ class EncodeDataset(torch.utils.data.Dataset):
 
 
 def read_pairs_tsv(path: str | Path) -> list:
-    """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as Pairs."""
+    """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as Pairs. A file that is not
+    UTF-8, or holds JSON (a KorQuAD file whose name does not end in .json), raises ValueError naming the fix."""
+    try:
+        return _read_pairs_lines(Path(path))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); {encoding_fix(path)}") from None
+
+
+def _read_pairs_lines(path: Path) -> list:
     pairs = []
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
+            if not pairs and "\t" not in line and line.lstrip()[:1] in ("{", "["):
+                raise ValueError(_json_pairs_problem(path, line))
             parts = line.split("\t")
             if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
                 raise ValueError(f"{path}:{line_no}: expected 'query<TAB>passage' (2 non-empty fields), "
@@ -320,6 +337,20 @@ def read_pairs_tsv(path: str | Path) -> list:
     if not pairs:
         raise ValueError(f"{path} holds no query<TAB>passage lines")
     return pairs
+
+
+def _json_pairs_problem(path: Path, first_line: str) -> str:
+    """Why a JSON file (its first non-blank line given) is not a pairs TSV, and its fix."""
+    keys = json_lines_keys(first_line.encode("utf-8") + b"\n") or []
+    if not keys or {"question", "context"} <= set(keys) or "data" in keys:   # SQuAD / KorQuAD, nested or flat
+        copy = path.with_suffix(".json").name if path.suffix.lower() != ".json" else f"{path.stem}.squad.json"
+        return (f"{path} holds JSON, not 'query<TAB>passage' lines: a KorQuAD / SQuAD file (nested, or the flat JSON "
+                f"lines of `datasets`) is read as one only when its name ends in .json; pass it under such a name, "
+                f"e.g. `cp {path} {copy}`")
+    q = next((k for k in ("query", "question", "anchor") if k in keys), keys[0])
+    p = next((k for k in ("passage", "context", "positive", "text", "document") if k in keys and k != q), keys[-1])
+    return (f"{path} holds JSON lines (keys {keys[:5]}), not 'query<TAB>passage' lines; write them out first, e.g. "
+            f"`jq -r '[.{q}, .{p}] | @tsv' {path} > {path.stem}.pairs.tsv`")
 
 
 class QueryView(torch.utils.data.Dataset):
