@@ -22,9 +22,10 @@ their manifests on the file system, printing a progress line: never inside a col
 build longer than the process-group timeout cannot kill the job.
 
 Bad input: a shard that is missing, not a regular file, empty or binary is refused by data.spec;
-a shard without tokens is ValueError. Skipped and counted in manifest["skipped"] (one warning per
-build): lines that are not valid UTF-8 (`non_utf8`), lines longer than MAX_LINE_BYTES
-(`too_long_line`), lines that give no tokens (`no_tokens`). A damaged cache (manifest, offsets,
+a shard without tokens is ValueError; a shard whose tokens are mostly [UNK] (a tokenizer that misses its
+text) is warned about, its [UNK] tokens counted in manifest["counts"]["unknown"]. Skipped and counted in
+manifest["skipped"] (one warning per build): lines that are not valid UTF-8 (`non_utf8`), lines longer
+than MAX_LINE_BYTES (`too_long_line`), lines that give no tokens (`no_tokens`). A damaged cache (manifest, offsets,
 token ids) is ValueError naming the cache and the fix: delete that directory to rebuild it.
 
 The build streams: byte ranges of the shard go to a process pool (each worker reads, decodes and
@@ -70,6 +71,7 @@ CHUNK_BYTES = 1 << 20  # the largest piece of a file a worker tokenizes at once
 MIN_CHUNK_BYTES = 1 << 16
 BYPASS_MIN_BYTES = 4 << 20  # a build of this much text sets up the tokenizer's normalizer bypass (~0.4 s)
 MANIFEST = "manifest.json"
+UNKNOWN_WARN_FRACTION = 0.2  # a build warns when more of a shard's tokens are [UNK] (a trained vocabulary: a few %)
 CACHE_ENV = "CORPUS_CACHE_DIR"  # optional: directory for caches instead of beside the corpus
 POLL_SECONDS = 1.0
 WAIT_REPORT_SECONDS = 30.0
@@ -476,14 +478,15 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
     ranges = _chunk_bounds(corpus, size, chunk)
     tasks = ((str(corpus), a, b, dtype) for a, b in ranges)
     t0 = time.perf_counter()
-    n_tok = n_sent = n_docs = n_lines = max_id = 0
+    n_tok = n_sent = n_docs = n_lines = max_id = n_unk = 0
+    unk = tokenizer.unk_id  # None: a byte-level BPE has no unknown token
     skipped: collections.Counter = collections.Counter()
     pending_break = True  # the first sentence starts a document
     with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "sent_offsets.bin", "wb") as fsent, \
             open(tmp / "doc_offsets.bin", "wb") as fdoc:
 
         def consume(r: dict) -> None:
-            nonlocal n_tok, n_sent, n_docs, n_lines, pending_break, max_id
+            nonlocal n_tok, n_sent, n_docs, n_lines, pending_break, max_id, n_unk
             lengths = r["lengths"]
             if len(lengths):
                 new_doc = r["new_doc"].copy()
@@ -494,6 +497,7 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                 (n_tok + np.cumsum(lengths) - lengths).astype(np.int64).tofile(fsent)
                 r["ids"].tofile(ftok)
                 max_id = max(max_id, int(r["ids"].max()))
+                n_unk += 0 if unk is None else int(np.count_nonzero(r["ids"] == unk))
                 n_tok += int(lengths.sum())
                 n_sent += len(lengths)
                 pending_break = r["trailing_break"]
@@ -518,8 +522,15 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
                          f"expected UTF-8 text, one sentence per line, a blank line between documents")
     if skipped:
         logger.warning("corpus %s: skipped %s (counted in the cache manifest)", corpus, skipped)
+    if n_unk > UNKNOWN_WARN_FRACTION * n_tok:
+        logger.warning("corpus %s: %.0f%% of its %d tokens are [UNK]: the tokenizer's vocabulary misses this text "
+                       "(a transformers folder that lowercases and strips accents turns Hangul into jamo; another "
+                       "language's vocabulary). Check `python -m data.tokenizer encode --tokenizer DIR TEXT` on a "
+                       "line of it; use a tokenizer trained on such text (`python -m data.tokenizer train`)",
+                       corpus, 100 * n_unk / n_tok, n_tok)
     return {**inputs, "dtype": dtype,
-            "counts": {"lines": n_lines, "sentences": n_sent, "documents": n_docs, "tokens": n_tok},
+            "counts": {"lines": n_lines, "sentences": n_sent, "documents": n_docs, "tokens": n_tok,
+                       "unknown": n_unk},
             "max_token_id": max_id,
             "skipped": skipped,
             "build": {"seconds": round(seconds, 3), "tokens_per_s": round(n_tok / max(seconds, 1e-9)),
@@ -891,7 +902,8 @@ def _cli(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             if args.num_workers < 0:
                 ap.error(f"--num_workers must be >= 0, got {args.num_workers}")
-            if not (Path(args.tokenizer) / "tokenizer.json").is_file():
+            tj = Path(args.tokenizer)  # a folder or its tokenizer.json, as KoTokenizer.load takes
+            if not ((tj / "tokenizer.json").is_file() or (tj.is_file() and tj.suffix == ".json")):
                 ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there; "
                          f"{missing_tokenizer_hint(args.tokenizer)}")
             cs = resolve(args.corpus_path)

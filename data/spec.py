@@ -6,8 +6,9 @@ A spec is one part or several separated by commas; each part is
     a glob                     `traindata/*`, `wiki/**/*.dat` (`**` recurses): the files it matches, sorted
 and may end in `:WEIGHT` (Megatron-style blending, `wiki/:0.7,news/*.dat:0.3`): the part's share of
 the samples. Without weights every shard contributes its own samples (proportional to size).
-Either every part has a weight or none does. Our own files beside the shards (caches, their
-locks, trained tokenizers, sample indexes) are never taken as shards.
+Either every part has a weight or none does. A part naming an existing file or directory is that path,
+whatever `,`, `:NUMBER` or glob characters (`wiki[ko].dat`) its name holds. Our own files beside the
+shards (caches, their locks, trained tokenizers, sample indexes) are never taken as shards.
 
 This is the one place where specs are resolved: the launchers, `python -m data.tokenizer train`,
 `python -m data.corpus build|info` and the benchmarks all call `resolve`. Bad specs raise
@@ -18,6 +19,7 @@ from __future__ import annotations
 import codecs
 import glob
 import math
+import os
 import re
 import stat
 from collections.abc import Sequence
@@ -125,6 +127,9 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
     except UnicodeDecodeError as e:
         return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
                 f"convert it with e.g. `iconv -f cp949 -t utf-8`")
+    if b"\n" not in head and head.count(b"\r") > 1:  # read by \n, it would be one line: one sentence, one document
+        return (f"ends its lines with a carriage return alone (classic Mac OS line endings), so it would be read as "
+                f"one line; convert it with `tr '\\r' '\\n' < {path} > {Path(path).stem}.lf{Path(path).suffix}`")
     return structured_problem(path, head)
 
 
@@ -135,10 +140,13 @@ def structured_problem(path: Path, head: bytes) -> str | None:
     if keys is None:
         return None
     text = text_key(keys)
+    target = Path(path).with_suffix(".dat").name
+    if target == Path(path).name:  # `> dump.dat` would empty the input before jq reads it
+        target = f"{Path(path).stem}.text.dat"
     return (f"holds JSON lines (its first line is an object with the key(s) {keys[:5]}), not text: its "
             f"lines would be trained on as they are, braces, keys and escapes included; write the text out "
             f"first, one sentence per line and a blank line between documents, e.g. "
-            f"`jq -r '.{text}, \"\"' {path} > {Path(path).with_suffix('.dat').name}` (each record's text, then "
+            f"`jq -r '.{text}, \"\"' {path} > {target}` (each record's text, then "
             f"a blank line)")
 
 
@@ -197,8 +205,13 @@ def split_parts(spec: str) -> list[tuple[str, float | None]]:
     return out
 
 
+def _is_pattern(part: str) -> bool:
+    """A glob, unless the part names an existing path (`wiki[ko].dat`, a folder `set[1]`)."""
+    return bool(_GLOB_CHARS.search(part)) and not Path(part).exists()
+
+
 def _expand(part: str) -> list[Path]:
-    if _GLOB_CHARS.search(part):
+    if _is_pattern(part):
         hits = [Path(h) for h in sorted(glob.glob(part, recursive=True))]
         files: list[Path] = []
         for h in hits:
@@ -225,7 +238,18 @@ def _expand(part: str) -> list[Path]:
 
 
 def _directory_shards(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob(f"*{SHARD_SUFFIX}") if p.is_file() and not is_artifact(p)), key=str)
+    """Every *.dat file under root, symlinked subdirectories included (as `root/**/*.dat` takes them;
+    Path.rglob leaves them out), each real directory once (a symlink loop ends there)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found.extend(p for p in (Path(top, f) for f in files if f.endswith(SHARD_SUFFIX))
+                     if p.is_file() and not is_artifact(p))
+    return sorted(found, key=str)
 
 
 def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) -> CorpusSpec:
@@ -242,7 +266,7 @@ def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) ->
     for text in texts:
         for part, weight in split_parts(text):
             shards = []
-            explicit = not _GLOB_CHARS.search(part) and not Path(part).is_dir()
+            explicit = not _is_pattern(part) and not Path(part).is_dir()
             for shard in _expand(part):
                 if check_text:
                     problem = text_file_problem(shard)

@@ -99,7 +99,23 @@ def lacks_tokenizer_json(folder: str | Path) -> bool:
 
 
 def missing_tokenizer_hint(folder: str | Path) -> str:
-    """What to do about a folder without tokenizer.json: train one, or let transformers write it."""
+    """What to do about a folder without tokenizer.json: train one, or let transformers write it; for a
+    file of a tokenizer folder (its vocab.txt, tokenizer.json), pass the folder."""
+    path = Path(folder)
+    if path.is_file():
+        if (path.parent / "tokenizer.json").is_file():
+            return (f"--tokenizer takes a folder, not one of its files: pass the folder that holds it: "
+                    f"--tokenizer {path.parent}")
+        if lacks_tokenizer_json(path.parent):
+            return missing_tokenizer_hint(path.parent)
+    if lacks_tokenizer_json(folder) and (path / "vocab.txt").is_file() and not any(
+            (path / n).is_file() for n in ("tokenizer_config.json", "config.json")):
+        # nothing names its class for AutoTokenizer, and BertTokenizerFast's defaults lowercase and strip
+        # accents (Hangul becomes jamo: all [UNK])
+        return (f"it is a vocab.txt without tokenizer.json: write one into a new folder with `python -c \"from "
+                f"transformers import BertTokenizerFast as T; T.from_pretrained('{folder}', do_lower_case=False, "
+                f"strip_accents=False).save_pretrained('{folder}.tokenizer')\"` (cased: lowercasing splits Hangul into "
+                f"jamo), then pass --tokenizer {folder}.tokenizer")
     if lacks_tokenizer_json(folder):
         return (f"it is a transformers tokenizer without tokenizer.json: write one into a new folder with "
                 f"`python -c \"from transformers import AutoTokenizer as T; "
@@ -478,6 +494,13 @@ class KoTokenizer:
         self.morpheme = morpheme
         self.splitter = MorphemeSplitter(morpheme) if morpheme else None
         vocab = tokenizer.get_vocab()
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        if all(t in special or t in SPECIAL_TOKENS or t.startswith("[unused") for t in vocab):
+            # e.g. transformers 5's BertTokenizerFast(vocab_file=...) (a keyword it ignores) saves one
+            raise ValueError(f"its vocabulary holds only the special tokens {sorted(vocab, key=vocab.get)[:8]}, no "
+                             f"piece of text: every text would be [UNK]. Write it from the vocab.txt with "
+                             f"`BertTokenizerFast.from_pretrained(FOLDER_OF_VOCAB_TXT, do_lower_case=False, "
+                             f"strip_accents=False)` and save_pretrained, or train one with `{_TRAIN_HINT}`")
         self.foreign: bool = any(vocab.get(tok) != i for i, tok in enumerate(SPECIAL_TOKENS))
         self.roles: dict[str, int] = (special_roles(vocab, named or {}) if self.foreign else
                                       dict(zip(ROLES, range(len(SPECIAL_TOKENS)))))
@@ -514,6 +537,8 @@ class KoTokenizer:
         tj = path / "tokenizer.json" if path.is_dir() else path
         if not tj.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}; {missing_tokenizer_hint(path)}")
+        if tj is path and path.suffix != ".json":  # a vocab.txt: its folder was meant
+            raise FileNotFoundError(f"{path} is not a tokenizer.json; {missing_tokenizer_hint(path)}")
         again = f"train the tokenizer again with `{_TRAIN_HINT}`"
         try:
             text = tj.read_text(encoding="utf-8")
