@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.metrics import ner_scores
-from data.ner import NERDataset, align, clean_tags, label_list, load_klue_ner, to_chars, to_tokens
+from data.ner import NERDataset, NERSentence, align, clean_tags, label_list, load_klue_ner, to_chars, to_tokens
 from tests.pretrain_util import COMMON, KLUE, tiny_pretrain
 from tests.test_tasks import assert_falls, eval_line, train_losses
 from tests.trainer_util import launch
@@ -223,6 +223,20 @@ def test_ner_two_processes_equal_one(env):
 
     held = hash_split(load_klue_ner(NER), lambda s: s.guid, 0.1)[1][:40]
     assert [p.guid for p in predicted] == [s.guid for s in held] and [p.text for p in predicted] == [s.text for s in held]
+
+    # the checkpoint records its tags: evaluated alone on a file with fewer entity types (its other
+    # entities untagged), the model keeps its tag ids and predicts what it predicted in training
+    from types import SimpleNamespace
+
+    from trainer.tasks.ner import write_predictions
+
+    ps_only = [NERSentence(s.guid, s.text, [t if t.endswith("-PS") else "O" for t in s.tags]) for s in held]
+    write_predictions(SimpleNamespace(sentences=ps_only), [s.tags for s in ps_only], env.out / "ps_only.tsv")
+    launch("train.py", ["--model_name", "ner1_ps", "--model", str(env.cfg), "--output_dir", str(env.out), *COMMON,
+                        "--train_mode", "ner", "--eval_file", str(env.out / "ps_only.tsv"), "--checkpoint",
+                        str(env.out / "ner1" / "final"), "--doc_stride", "32", "--num_steps", "0"])
+    again = load_klue_ner(env.out / "ner1_ps" / "predictions.tsv")
+    assert [s.tags for s in again] == [s.tags for s in predicted]
 
 
 @pytest.mark.slow

@@ -97,6 +97,21 @@ def test_classify_from_exported_checkpoint(env):
                                       "--eval_file", str(NSMC_TEST), "--max_eval_examples", "50", "--num_steps", "0"])
     assert eval_line(proc.stdout)["accuracy"] == pytest.approx(acc, abs=1e-4)
     assert {"loss.tsv": (kept_run / "loss.tsv").read_bytes(), "final": tree_digest(kept_run / "final")} == kept
+    # evaluating only, every weight must come from the checkpoint: a head of another size (other
+    # labels) or none at all (a pretrained encoder) is refused instead of scored at random values
+    for start, extra, said in [(final, ["--num_labels", "3"], "classifier_head.classifier.weight [3, 32] (checkpoint [2, 32])"),
+                               (env.pre / "final", [], "classifier_head.classifier.weight [2, 32] (not taken from the checkpoint)")]:
+        proc = run_task(env, "cls_refused", ["--train_mode", "classify", "--checkpoint", str(start), "--eval_file",
+                                             str(NSMC_TEST), "--max_eval_examples", "50", "--num_steps", "0", *extra],
+                        check=False)
+        assert proc.returncode != 0 and said in proc.stderr and "evaluating only" in proc.stderr, proc.stderr[-2000:]
+        assert "[eval]" not in proc.stdout
+    # training, such a head starts fresh and the run says so
+    proc = run_task(env, "cls_3", ["--train_mode", "classify", "--checkpoint", str(final), "--train_file",
+                                   str(NSMC_TRAIN), "--max_train_examples", "32", "--max_eval_examples", "8",
+                                   "--num_labels", "3", "--num_steps", "1", "--train_batch_size", "8"])
+    assert ("left as initialised (this run trains them): classifier_head.classifier.weight [3, 32] "
+            "(checkpoint [2, 32])") in proc.stdout
 
     # the fine-tuned classifier exports as BertForSequenceClassification: same logits on NSMC reviews
     transformers = pytest.importorskip("transformers")

@@ -121,9 +121,21 @@ class Start:
             return self.path.parent
         return None
 
+    def train_mode(self) -> str | None:
+        """The train_mode it was trained with: meta.json's, or an exported model's metadata; None
+        without --checkpoint or for a transformers folder."""
+        if self.meta is not None:
+            return self.meta.get("train_mode") or self.meta["args"].get("train_mode")
+        if self.path is None or self.path.suffix != ".safetensors":
+            return None
+        try:
+            return read_safetensors(self.path, metadata_only=True)[1].get("train_mode") or None
+        except CheckpointError:
+            return None
+
     def label_names(self) -> list[str] | None:
         """The names of the classes of the classifier it holds: those a classify run numbered its label
-        names by (meta.json, or the exported model.safetensors' metadata), or a transformers config's
+        names by, or the tags of a NER run (meta.json, or the exported model.safetensors' metadata), or a transformers config's
         id2label where it names them (not transformers' default LABEL_i); else None."""
         if self.meta is not None:
             return self.meta.get("label_names")
@@ -524,7 +536,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def read_label_names(path: Path) -> list[str] | None:
-    """The class names an exported classify model was trained with (its metadata), or None."""
+    """The class names (NER: tags) an exported classify (NER) model was trained with (its metadata), or None."""
     try:
         return label_names_in(read_safetensors(path, metadata_only=True)[1])
     except CheckpointError:

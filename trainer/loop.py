@@ -132,19 +132,17 @@ def _run(args: Namespace, ctx, rd) -> dict:
                 raise SystemExit(str(e)) from None
             ctx.log(f"[checkpoint] resumed {resume_path} at step {state.step} "
                           f"(epoch {state.epoch}, sample {state.samples_in_epoch})")
-        elif resume_kind == "step":
-            try:
-                engine.load_weights(checkpoint.read_step_weights(resume_path), resume_path)
-            except checkpoint.CheckpointError as e:  # damaged shards
-                raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
-            ctx.log(f"[checkpoint] initialised matching weights from {resume_path} "
-                          f"({resume_meta['args']['train_mode']} checkpoint)")
         else:
             try:
-                engine.load_weights(_exported_weights(resume_path), resume_path)
-            except checkpoint.CheckpointError as e:  # a damaged model.safetensors
+                weights = (checkpoint.read_step_weights(resume_path) if resume_kind == "step"
+                           else _exported_weights(resume_path))
+            except checkpoint.CheckpointError as e:  # damaged shards or a damaged model.safetensors
                 raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
-            ctx.log(f"[checkpoint] initialised matching weights from {resume_path}")
+            drop = tuple(task.fresh_weights)  # a head the task knows to mean other labels
+            fresh = engine.load_weights({k: v for k, v in weights.items() if not k.startswith(drop)}, resume_path)
+            _check_fresh_weights(args, task, resume_path, fresh, ctx.log)
+            what = f" ({resume_meta['args']['train_mode']} checkpoint)" if resume_kind == "step" else ""
+            ctx.log(f"[checkpoint] initialised matching weights from {resume_path}{what}")
     if full_resume and task.dataset is not None and ctx.is_main:
         _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state, ctx.world_size)
         _note_schedule_change(args, resume_meta, state.step, ctx.log)
@@ -152,7 +150,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None,
             "num_samples": len(task.dataset) if task.dataset is not None else None}
-    if getattr(task, "label_names", None):  # classify's label names, index i naming class i (export's id2label)
+    if getattr(task, "label_names", None):  # classify's label names, NER's tags: index i naming class i
         meta["label_names"] = task.label_names
     sampler = None
     if task.dataset is not None:
@@ -284,6 +282,26 @@ def _same_path(before: str | None, cwd: str | None, now: str | None) -> bool:
         return before == now
     old = Path(before) if Path(before).is_absolute() or cwd is None else Path(cwd) / before
     return old.resolve() == Path(now).resolve()
+
+
+def _check_fresh_weights(args, task, source: Path, fresh: dict[str, tuple], log) -> None:
+    """The model's entries --checkpoint did not provide (`Engine.load_weights`): an evaluation-only
+    run (nothing to train) refuses to score them at their random initial values; a training run
+    names them (a new task head is expected; a head of another size means other labels)."""
+    if not fresh:
+        return
+    shown = ", ".join(f"{k} {list(m)}" + (f" (checkpoint {list(c)})" if c else " (not taken from the checkpoint)")
+                      for k, (m, c) in list(fresh.items())[:6]) + (f" and {len(fresh) - 6} more" if len(fresh) > 6 else "")
+    other_size = any(c is not None for _, c in fresh.values())
+    hint = (" Its head has another size than this run's: other labels in the files than the checkpoint was "
+            "trained on" + (" (pass --num_labels with the checkpoint's class count to score it as it is)"
+                            if args.train_mode == "classify" else "") + "." if other_size else "")
+    if args.num_steps == 0 or task.dataset is None:
+        raise SystemExit(f"--checkpoint {source}: evaluating only (nothing to train), but the {args.train_mode} "
+                         f"model's {shown} would keep random initial values: the checkpoint holds no trained "
+                         f"{args.train_mode} model for these files.{hint} Fine-tune one first (--train_file), or "
+                         f"point --checkpoint at a {args.train_mode} run's checkpoint or final/")
+    log(f"[checkpoint] left as initialised (this run trains them): {shown}" + (f".{hint}" if other_size else ""))
 
 
 def _exported_weights(path) -> dict[str, torch.Tensor]:

@@ -229,13 +229,20 @@ class Engine(ABC):
     def load(self, ckpt_dir: Path) -> None:
         """Read what `save` wrote (collective)."""
 
-    def load_weights(self, weights: dict[str, torch.Tensor], source: Path | str = "") -> None:
+    def load_weights(self, weights: dict[str, torch.Tensor], source: Path | str = "") -> dict[str, tuple]:
         """Initialise the model from the weights of another run or task (collective; every rank
         passes the same full tensors): those whose name and shape match, `checkpoint.matching_weights`
-        (at least the encoder's, else SystemExit naming `source`). Optimizer state stays fresh."""
+        (at least the encoder's, else SystemExit naming `source`). Optimizer state stays fresh.
+        Returns the model's entries it left as initialised: name -> (the model's shape, the
+        checkpoint's shape or None where it has no such entry)."""
         from trainer import checkpoint
 
-        self._set_weights(checkpoint.matching_weights(weights, self.weight_shapes(), source))
+        own = self.weight_shapes()
+        matched = checkpoint.matching_weights(weights, own, source)
+        fresh = {k: (tuple(shape), tuple(weights[k].shape) if k in weights else None)
+                 for k, shape in own.items() if k not in matched}
+        self._set_weights(matched)  # (torch's set_model_state_dict adds the model's own entries to it)
+        return fresh
 
     def weight_shapes(self) -> dict[str, torch.Size]:
         """Name -> full (unsharded) shape of every entry of the model's state dict."""

@@ -26,6 +26,8 @@ class Task:
     # --unpad auto opts a task in: "train" = length-bucketed training micro-batches (its samples
     # need input_ids), "eval" = `predict` runs length-sorted batches and restores the order
     unpad: tuple[str, ...] = ()
+    # prefixes of model weights not to take from --checkpoint (a head that means other labels there)
+    fresh_weights: tuple[str, ...] = ()
 
     def __init__(self, args: Namespace, ctx: DistContext, start=None):
         """start: the resolved --checkpoint (`checkpoint.Start`; the loop resolves it once and has

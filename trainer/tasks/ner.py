@@ -52,6 +52,18 @@ class NERTask(Task):
                              f"{len(train)}); raise --eval_fraction or pass --eval_file")
         self.tokenizer = self.load_tokenizer()
         self.labels = label_list(train or evals)
+        known = self.start.label_names() if self.start.train_mode() == "ner" else None
+        if known and set(self.labels) <= set(known):  # the checkpoint's tagger: its tag ids, as trained
+            self.labels = list(known)
+        elif known and not train:
+            raise SystemExit(f"--train_mode ner: --eval_file {args.eval_file} has tags {sorted(set(self.labels) - set(known))} "
+                             f"that --checkpoint {self.start.path} was not trained on (its tags: {known}); evaluate it on "
+                             f"a file of its entity types, or fine-tune it on these (--train_file)")
+        elif known:
+            self.ctx.log(f"[ner] the files' tags differ from those of --checkpoint {self.start.path} ({known}): "
+                         f"the tag layer starts fresh")
+            self.fresh_weights = ("tag_head.", "crf.")
+        self.label_names = self.labels  # recorded in the checkpoints: an evaluation of them reads the same ids
         L, stride = args.max_seq_length, args.doc_stride
         try:
             self.dataset = NERDataset(train, self.tokenizer, self.labels, L, stride) if train else None
