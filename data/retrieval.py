@@ -309,6 +309,29 @@ class EncodeDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def is_squad_file(path: str | Path) -> bool:
+    """Whether an ict --train_file/--eval_file is KorQuAD / SQuAD JSON (nested, or `datasets`' flat JSON
+    lines) rather than query<TAB>passage lines: a .json name, or JSON inside whatever the name (a .jsonl,
+    a dump without a suffix) whose first record is SQuAD-like. JSON lines of pairs are not
+    (read_pairs_tsv names their fix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    first_line = text.split(b"\n", 1)[0]
+    if text[:1] == b"[":  # a JSON list of records, not a TSV query such as "[notice] ..."
+        return text[1:].lstrip()[:1] == b"{" and b"\t" not in first_line
+    if text[:1] != b"{" or b"\t" in first_line:
+        return False
+    keys = json_lines_keys(head if b"\n" in head else head + b"\n")
+    return keys is None or "data" in keys or {"question", "context"} <= set(keys)
+
+
 def read_pairs_tsv(path: str | Path) -> list:
     """``query<TAB>passage`` lines (a ``query<TAB>passage`` header is skipped) as Pairs. A file that is not
     UTF-8, or holds JSON (a KorQuAD file whose name does not end in .json), raises ValueError naming the fix."""

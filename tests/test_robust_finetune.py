@@ -15,7 +15,7 @@ from data.classification import load_classification_tsv, number_labels, resolve_
 from data.metrics import ner_scores
 from data.mrc import load_squad, split_by_article
 from data.ner import load_klue_ner
-from data.retrieval import read_pairs_tsv, read_text_file
+from data.retrieval import is_squad_file, read_pairs_tsv, read_text_file
 
 NSMC = "id\tdocument\tlabel\n1\t재밌다\t1\n2\t별로다\t0\n"
 
@@ -93,8 +93,8 @@ def test_not_utf8_task_files_name_their_fix(tmp_path):
 
 
 def test_ict_pairs_file_holding_json_names_the_fix(tmp_path):
-    """ict reads a KorQuAD file as such only under a .json name; `datasets`' flat .jsonl (or JSON lines of pairs)
-    read as TSV said only 'got 1 field(s)'."""
+    """ict takes a KorQuAD file under any name (`datasets`' flat .jsonl was read as TSV: 'got 1 field(s)');
+    JSON lines of pairs, read as TSV, name their fix; a TSV query starting with '[' or '{' stays a TSV."""
     flat = tmp_path / "squad_kor_v1.jsonl"
     flat.write_text(json.dumps({"id": "1", "title": "서울", "context": "서울은 한국의 수도이다.", "question": "수도는?",
                                 "answers": {"text": ["서울"], "answer_start": [0]}}, ensure_ascii=False) + "\n",
@@ -110,6 +110,14 @@ def test_ict_pairs_file_holding_json_names_the_fix(tmp_path):
     tsv = tmp_path / "ok.tsv"
     tsv.write_text("[공지] 수도는?\t서울은 수도다\n", encoding="utf-8")       # a query starting with '[' is text
     assert [(p.query, p.passage) for p in read_pairs_tsv(tsv)] == [("[공지] 수도는?", "서울은 수도다")]
+    braces = tmp_path / "braces.tsv"
+    braces.write_text("{공지} 수도는?\t서울은 수도다\n", encoding="utf-8")
+    nested = tmp_path / "korquad"   # the nested layout, pretty-printed, without a suffix
+    nested.write_text(json.dumps({"version": "1", "data": []}, indent=2), encoding="utf-8")
+    squad_list = tmp_path / "squad_list.txt"
+    squad_list.write_text('[{"question": "q", "context": "c"}]', encoding="utf-8")
+    assert [is_squad_file(p) for p in (flat, nested, squad_list, tmp_path / "x.json")] == [True] * 4
+    assert [is_squad_file(p) for p in (dump, tsv, braces)] == [False] * 3
 
 
 def _klue(guid: str, text: str, tags: list[str]) -> str:

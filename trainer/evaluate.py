@@ -411,10 +411,10 @@ def _check_data(task: str, argv_job: list[str]) -> None:
     from data.ner import load_klue_ner
     from data.pairs import load_klue_nli, load_klue_sts
 
-    from data.retrieval import read_pairs_tsv
+    from data.retrieval import is_squad_file, read_pairs_tsv
 
     reader = {"classify": lambda p: load_classification_tsv(p, limit=10), "mrc": load_squad,
-              "ict": lambda p: load_squad(p) if p.lower().endswith(".json") else read_pairs_tsv(p),
+              "ict": lambda p: load_squad(p) if is_squad_file(p) else read_pairs_tsv(p),
               "ner": load_klue_ner, "nli": load_klue_nli, "sts": load_klue_sts}[mode]
     for flag in ("--train_file", "--eval_file"):
         path = flags.get(flag)

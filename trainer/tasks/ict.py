@@ -5,12 +5,11 @@ KorQuAD questions against every (deduplicated) paragraph of the KorQuAD file."""
 from __future__ import annotations
 
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.retrieval import QueryView, read_pairs_tsv
+from data.retrieval import QueryView, is_squad_file, read_pairs_tsv
 from trainer.dist import DistContext
 from trainer.tasks.base import Task, shard_range
 
@@ -29,7 +28,7 @@ class ICTTask(Task):
         try:
             train_pairs = []
             held_out, eval_path = None, args.eval_file
-            if args.train_file and Path(args.train_file).suffix.lower() == ".json":
+            if args.train_file and is_squad_file(args.train_file):
                 examples = load_squad(args.train_file)
                 if not args.eval_file:
                     examples, held_out = split_by_article(examples, args.eval_fraction, seed=args.seed)
