@@ -157,3 +157,13 @@ def test_classic_mac_line_endings_are_refused(tiny_corpus, tmp_path):
     crlf = tmp_path / "crlf.dat"
     crlf.write_bytes(text.replace(b"\n", b"\r\n"))
     assert resolve(str(crlf)).shards == (crlf,)
+
+
+def test_blank_only_shard_is_empty(tmp_path):
+    """A shard of blank lines only is empty: skipped in a directory (as a zero-byte one) instead of stopping
+    the run part-way through the cache build ('has no tokens'); named alone, refused at once."""
+    (tmp_path / "a.dat").write_text("첫 문장\n둘째 문장\n", encoding="utf-8")
+    (tmp_path / "b.dat").write_text("\n  \n\r\n\t\n", encoding="utf-8")
+    assert [p.name for p in resolve(str(tmp_path)).shards] == ["a.dat"]
+    with pytest.raises(SpecError, match=r"b\.dat: is empty \(blank lines only\)"):
+        resolve(str(tmp_path / "b.dat"))
