@@ -212,6 +212,9 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     return p
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, NFS, Lustre)
+
+
 def _hub_hint(spec: str) -> str:
     from models.config import hub_id_hint  # (models imports torch: only on this error path)
 
@@ -325,9 +328,18 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         value = getattr(args, name)
         if value and not Path(value).is_file():
             _fail(parser, f"--{name} {value}: no such file")
+    if args.tokenizer and Path(args.tokenizer).name == "tokenizer.json" and Path(args.tokenizer).is_file():
+        # the file itself (as KoTokenizer.load and `data.corpus build` take it): the run records, exports and
+        # compares its tokenizer as the folder (pretokenizer.json, vocab.txt, ... beside tokenizer.json)
+        args.tokenizer = str(Path(args.tokenizer).parent)
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         from data.tokenizer import missing_tokenizer_hint
 
+        given = Path(args.tokenizer)
+        if given.is_file() and given.suffix == ".json":  # e.g. Tokenizer.save("my_tokenizer.json")
+            _fail(parser, f"--tokenizer {given}: a tokenizer file is read as tokenizer.json in its folder (beside "
+                          f"its pretokenizer.json, vocab.txt, ...); copy it to a new folder as DIR/tokenizer.json "
+                          f"and pass --tokenizer DIR")
         _fail(parser, f"--tokenizer {args.tokenizer}: no tokenizer.json there; "
                       f"{missing_tokenizer_hint(args.tokenizer)}{_hub_hint(args.tokenizer)}")
     if args.tokenizer:
@@ -342,8 +354,18 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         _fail(parser, f"--model_name {args.model_name!r}: must be a plain folder name (not empty, '.' or '..', no "
                       f"'/'): the run directory is --output_dir/--model_name; choose the location with --output_dir")
     out = Path(args.output_dir)
+    for flag, part in [("--output_dir", part) for part in out.parts] + [("--model_name", args.model_name)]:
+        if len(os.fsencode(part)) > NAME_MAX:
+            _fail(parser, f"{flag}: {part[:40]}... is {len(os.fsencode(part))} bytes long; a file or folder name "
+                          f"may have at most {NAME_MAX} bytes (in UTF-8; a Hangul syllable takes 3): pick a "
+                          f"shorter {flag}")
     for path in (out, out / args.model_name):
-        if path.exists() and not path.is_dir():
+        try:
+            is_file = path.exists() and not path.is_dir()
+        except OSError as e:  # no permission to look there, a path longer than the system allows, ...
+            _fail(parser, f"--output_dir/--model_name: cannot use {path}: {e.strerror}; "
+                          f"pick another --output_dir or --model_name")
+        if is_file:
             _fail(parser, f"--output_dir/--model_name: {path} exists and is not a directory; "
                           f"pick another --output_dir or --model_name")
     from models import load_config

@@ -85,6 +85,13 @@ def _run(args: Namespace, ctx, rd) -> dict:
     full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
     start.check_config(load_config(args.model).to_dict())
     existing = checkpoint.list_checkpoints(rd)
+    # a step-N of the user's (no meta.json: not a checkpoint) would be replaced by that step's save
+    strays = sorted(p.name for p in rd.iterdir() if checkpoint.STEP_DIR.match(p.name)
+                    and not (p / checkpoint.META).is_file()) if rd.is_dir() and args.num_steps > 0 else []
+    if strays:
+        raise SystemExit(f"{rd} holds {', '.join(strays)}, which {'is' if len(strays) == 1 else 'are'} not a "
+                         f"checkpoint of this trainer (no {checkpoint.META}); saving that step would replace it. "
+                         f"Move it out of {rd}, or pick another --model_name/--output_dir")
     if resume_path is None and existing:
         raise SystemExit(f"{rd} already holds checkpoints ({existing[-1].name} is the latest) and would be "
                          f"overwritten; resume it with --checkpoint auto, or pick another --model_name/--output_dir")
@@ -109,6 +116,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
         checkpoint.check_no_earlier_final(rd, args.model_name)
     if args.num_steps > 0 and not any(p.name == checkpoint.FINAL for p in newer):
         checkpoint.check_final(rd)
+    _check_same_tokenizer(args, start)
     seed_everything(args.seed)  # identical initial weights on every rank
     task = tasks.build(args, ctx, start)
     engine = engines.create(args, ctx)
@@ -149,6 +157,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
             "tokenizer": str(task.tokenizer_dir) if task.tokenizer_dir else None,
+            "tokenizer_ids": tokenizer_ids(task.tokenizer) if getattr(task, "tokenizer", None) else None,
             "num_samples": len(task.dataset) if task.dataset is not None else None}
     if getattr(task, "label_names", None):  # classify's label names, NER's tags: index i naming class i
         meta["label_names"] = task.label_names
@@ -210,6 +219,48 @@ DATA_ORDER_FLAGS = ("seed", "max_seq_length", "objective", "mlm_probability", "w
                     "mlm_packing", "max_steps_per_epoch", "max_train_examples", "max_query_length", "doc_stride")
 # the flags that shape the learning-rate schedule (trainer.engines.base.schedule_lambda)
 SCHEDULE_FLAGS = ("learning_rate", "warmup_steps", "num_steps", "scheduler_num_steps", "lr_schedule", "decay_steps")
+
+
+def tokenizer_ids(tok) -> str:
+    """A digest of what decides the token ids a model is trained on: the vocabulary (token -> id) and the
+    morpheme analyzer. Unlike the fingerprint (the serialised tokenizer.json) it does not change with the
+    `tokenizers` version that writes the file."""
+    import hashlib
+    import json
+
+    body = json.dumps([sorted(tok.tokenizer.get_vocab(with_added_tokens=True).items()), tok.morpheme],
+                      ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _check_same_tokenizer(args: Namespace, start: checkpoint.Start) -> None:
+    """A step-N records the token ids it was trained on (`tokenizer_ids`); the folder it names (or
+    --tokenizer) may since hold another tokenizer (trained again into the same folder, another
+    machine's folder of that name): its ids would not match the trained embeddings. SystemExit
+    before any work; a tokenizer that is gone or unreadable is left to the task's messages."""
+    recorded = (start.meta or {}).get("tokenizer_ids")
+    path = Path(args.tokenizer) if args.tokenizer else start.tokenizer()
+    if not recorded or path is None or not (path / "tokenizer.json").is_file():
+        return
+    from data.tokenizer import KoTokenizer, TokenizerError
+
+    try:
+        tok = KoTokenizer.load(path)
+    except (TokenizerError, FileNotFoundError):
+        return
+    if tokenizer_ids(tok) != recorded:
+        folder = start.tokenizer()
+        if folder is not None and folder.resolve() == path.resolve():  # the folder it names was trained again
+            what = f"its tokenizer folder {path} (recorded in meta.json) holds now"
+            fix = (f"the folder was trained again or replaced since. Put that tokenizer back into {path} (the run's "
+                   f"final/ folder holds a copy when it got that far), or move {path} away and pass a copy of the "
+                   f"original with --tokenizer DIR")
+        else:
+            what = f"--tokenizer {path} holds"
+            fix = f"pass the tokenizer it was trained with ({folder}) or leave --tokenizer out"
+        raise SystemExit(f"--checkpoint {start.path} was trained with another tokenizer than {what} (vocabulary or "
+                         f"morpheme analyzer differ: vocab {tok.vocab_size}, morpheme {tok.morpheme or 'none'}), so "
+                         f"token ids would not match the trained embeddings; {fix}")
 
 
 def _keep_resumed_batch(args: Namespace, meta: dict, ctx) -> None:

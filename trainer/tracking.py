@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 REPORTERS = ("tensorboard", "mlflow", "wandb")
 TRACKERS = ("mlflow", "wandb")  # the ones this module starts (TensorBoard is the Logger's own)
@@ -198,10 +198,32 @@ class _MLflowRun:
         self.client, self.run_id, self.uri = client, run_id, uri
         self.experiment_id, self.experiment, self.resumed = experiment_id, experiment, resumed
         self.reopened = reopened  # by log_to_run: the run's status is its training's, not ours
+        self.foreign_artifacts: str | None = None  # set by `start`: artifacts are not logged there
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str], resume: dict | None,
-              log) -> _MLflowRun:
+              log, local: bool = False) -> _MLflowRun:
+        """`local`: `uri` is the run directory's own store (default_tracking_uri), which moves and is
+        copied with the run directory."""
+        tracked = cls._start(uri, experiment, run_name, tags, resume, log, local)
+        if local:
+            # a run directory moved or copied elsewhere keeps, in its store, the artifact location of
+            # where the store was created: logging there would write into the old (or the original
+            # run's) directory, outside this run's
+            artifact_uri = tracked.client.get_run(tracked.run_id).info.artifact_uri or ""
+            here = Path(uri[len("sqlite:///"):]).parent.resolve()
+            where = (Path(unquote(urlparse(artifact_uri).path)) if urlparse(artifact_uri).scheme in ("", "file")
+                     else None)  # as_uri() quoted it: a space or Hangul in --model_name
+            if where is not None and here not in where.resolve().parents:
+                tracked.foreign_artifacts = artifact_uri
+                log(f"[tracking] MLflow: run {tracked.run_id} keeps its artifacts in {artifact_uri}, outside this "
+                    f"run directory (it was moved or copied); its artifacts (final/'s config.json, args.json, "
+                    f"eval.json: all kept in the run directory) are not logged there")
+        return tracked
+
+    @classmethod
+    def _start(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str], resume: dict | None,
+               log, local: bool) -> _MLflowRun:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -223,7 +245,15 @@ class _MLflowRun:
                              f"restore --experiment-id {exp.experiment_id}`) or pick another --experiment_name")
         run = None
         if resume and resume.get("run_id"):
-            if resume.get("tracking_uri") != uri:
+            # the run directory's own store, moved or copied with it: the same run, if it is in there
+            moved = (local and resume.get("tracking_uri") != uri
+                     and str(resume.get("tracking_uri", "")).endswith(f"/{run_name}/mlruns/mlflow.db"))
+            if moved:
+                try:
+                    moved = client.get_run(resume["run_id"]).info.lifecycle_stage == "active"
+                except MlflowException:
+                    moved = False
+            if resume.get("tracking_uri") != uri and not moved:
                 log(f"[tracking] the checkpoint's MLflow run {resume['run_id']} is in {resume.get('tracking_uri')}; "
                     f"starting a new run in {uri} (pass --tracking_uri {resume.get('tracking_uri')} to continue it)")
             else:
@@ -283,7 +313,8 @@ class _MLflowRun:
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
     def artifact(self, path: Path, artifact_dir: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_dir or None)
+        if self.foreign_artifacts is None:
+            self.client.log_artifact(self.run_id, str(path), artifact_dir or None)
 
     def close(self, status: str, exit_code: int) -> None:
         if not self.reopened:
@@ -421,8 +452,10 @@ def start(args: argparse.Namespace, run_dir: Path, resume_meta: dict | None, pro
             resume = previous if same_run else None
             if name == "mlflow":
                 branch = {"resumed_from_run": previous["run_id"]} if previous and not same_run else {}
-                trackers.append(_MLflowRun.start(mlflow_uri(args, run_dir), experiment_name(args, "mlflow"),
-                                                 args.model_name, tags | branch, resume, log))
+                uri = mlflow_uri(args, run_dir)
+                trackers.append(_MLflowRun.start(uri, experiment_name(args, "mlflow"), args.model_name,
+                                                 tags | branch, resume, log,
+                                                 local=uri == default_tracking_uri(run_dir)))
             else:
                 trackers.append(_WandbRun.start(experiment_name(args, "wandb"), args.model_name, run_dir, tags,
                                                 resume, log))
