@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import json
 import math
@@ -78,7 +79,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep_weights", action="store_true", help="keep each fine-tune's final/ (default: removed)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    tasks = a.tasks.split(",") if a.tasks else list(SUITES[a.suite])
+    # "" (an empty shell variable) is no task, not the whole suite; a task named twice runs once
+    tasks = list(dict.fromkeys(a.tasks.split(","))) if a.tasks is not None else list(SUITES[a.suite])
     unknown = [t for t in tasks if t not in SUITES[a.suite]]
     if unknown:
         p.error(f"--tasks {unknown} not in suite {a.suite} ({', '.join(SUITES[a.suite])})")
@@ -91,15 +93,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def recipes(tasks: list[str], overrides: list[str], data_dir: str, parser) -> dict[str, dict]:
     out = {t: {k: (v.format(data=data_dir) if isinstance(v, str) else v) for k, v in RECIPES[t].items()} for t in tasks}
+    from trainer.args import flag_applies, get_parse_args
+
+    # the launcher's parser takes abbreviations (num_step for num_steps): a misspelt FLAG would act
+    # under another name, beside the recipe's own value; only a flag's full name is taken here
+    flags = {s[2:] for action in get_parse_args()._actions for s in action.option_strings if s.startswith("--")}
     parsed = []
     for item in overrides:
         m = re.fullmatch(r"(\w+)\.(\w+)=(.*)", item)
         if not m or (m.group(1) not in RECIPES and m.group(1) != "all"):
             parser.error(f"--set {item!r}: expected TASK.FLAG=VALUE with TASK one of {sorted(RECIPES)} or all")
+        if m.group(2) not in flags:
+            near = difflib.get_close_matches(m.group(2), flags, n=1)
+            parser.error(f"--set {item!r}: {m.group(2)} is not a flag of the launchers (train.py --help lists "
+                         f"them){f'; did you mean {near[0]}?' if near else ''}")
         parsed.append(m.groups())
     # all.FLAG first, then TASK.FLAG: a task's own setting wins whatever the order on the command line
     given: dict[str, set[str]] = {t: set() for t in tasks}
-    from trainer.args import flag_applies
 
     for task, flag, value in sorted(parsed, key=lambda p: p[0] != "all"):
         for t in tasks if task == "all" else [task] if task in tasks else []:
@@ -147,24 +157,14 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
     cfg_json = folder / "config.json"
     hf = cfg_json.is_file() and is_hf_config(json.loads(cfg_json.read_text()))
     slot = work / "checkpoints" / re.sub(r"[^\w.-]+", "_", label)
+    convert = None  # a transformers folder's Source, written into `slot` once its tokenizer is checked
     try:
         if hf:
             from trainer.export import load_source  # every family it reads; it names what it refuses
 
-            src = load_source(folder)
-            if is_main and not (slot / checkpoint.WEIGHTS).is_file():
-                tmp = slot.with_name(slot.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                checkpoint.save_weights(src.state, tmp / checkpoint.WEIGHTS, {"train_mode": "", "step": ""})
-                src.config.to_json(tmp / "config.json")
-                for name in TOKENIZER_FILES:
-                    if src.tokenizer_dir and (src.tokenizer_dir / name).is_file():
-                        shutil.copy2(src.tokenizer_dir / name, tmp / name)
-                shutil.rmtree(slot, ignore_errors=True)
-                os.replace(tmp, slot)
+            convert = load_source(folder)
             resolved = {"checkpoint": str(slot / checkpoint.WEIGHTS), "model": str(slot / "config.json"),
-                        "tokenizer": str(slot) if src.tokenizer_dir else None, "config": src.config}
+                        "tokenizer": str(slot) if convert.tokenizer_dir else None, "config": convert.config}
         else:
             if path.is_dir() and not (path / checkpoint.META).is_file() and (path / "final" / checkpoint.WEIGHTS).is_file():
                 spec = str(path / "final")          # a run directory: its final/ (as trainer.export reads it)
@@ -192,16 +192,48 @@ def prepare(spec: str, work: Path, label: str, is_main: bool) -> dict:
                             "config": ModelConfig.from_json(src_dir / "config.json")}
     except (FileNotFoundError, ValueError, KeyError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"checkpoint {spec}: {e}") from None
-    if not resolved["tokenizer"] or not (Path(resolved["tokenizer"]) / "tokenizer.json").is_file():
+    tokenizer = convert.tokenizer_dir if convert is not None else resolved["tokenizer"]  # the source's own
+    if not tokenizer or not (Path(tokenizer) / "tokenizer.json").is_file():
         fix = (missing_tokenizer_hint(folder) if lacks_tokenizer_json(folder) else
                "put tokenizer.json beside the weights")
         raise SystemExit(f"checkpoint {spec}: its tokenizer ({resolved['tokenizer']}) is missing; every task "
                          f"tokenizes with the checkpoint's tokenizer: {fix}")
     try:
-        check_vocab_size(KoTokenizer.load(resolved["tokenizer"]), resolved["config"].vocab_size)
+        check_vocab_size(KoTokenizer.load(tokenizer), resolved["config"].vocab_size)
     except ValueError as e:
         raise SystemExit(f"checkpoint {spec}: mismatched tokenizer: {e}") from None
+    if convert is not None and is_main:
+        try:
+            _convert(convert, folder, slot, TOKENIZER_FILES)
+        except ValueError as e:  # safety.UnsafeWrite: a folder there that is not an earlier conversion of ours
+            raise SystemExit(f"checkpoint {spec}: {e}") from None
     return resolved
+
+
+def _convert(src, folder: Path, slot: Path, tokenizer_files: tuple[str, ...]) -> None:
+    """Write the transformers folder `folder` (read as `src`) into `slot` in our format, unless `slot`
+    already holds the conversion of these very files (their sizes and times, recorded in its marker):
+    a folder whose weights or tokenizer changed since is converted again. A `slot` that is not an
+    earlier conversion of ours (a user's folder, the source itself) is refused, never replaced."""
+    from trainer import checkpoint, safety
+
+    files = [Path(src.info["path"]), folder / "config.json",
+             *((src.tokenizer_dir / name) for name in tokenizer_files)]
+    stamp = {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    safety.check_replaceable(slot, fix="use another --output_dir", source=folder)
+    try:
+        done = json.loads((slot / safety.MARKER).read_text()).get("source_files") == stamp
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if done and (slot / checkpoint.WEIGHTS).is_file():
+        return
+    with safety.staged_dir(slot, fix="use another --output_dir", source=folder,
+                           info={"by": "python -m trainer.evaluate", "source_files": stamp}) as tmp:
+        checkpoint.save_weights(src.state, tmp / checkpoint.WEIGHTS, {"train_mode": "", "step": ""})
+        src.config.to_json(tmp / "config.json")
+        for name in tokenizer_files:
+            if (src.tokenizer_dir / name).is_file():
+                shutil.copy2(src.tokenizer_dir / name, tmp / name)
 
 
 # --- runs ----------------------------------------------------------------------------------------

@@ -94,10 +94,13 @@ class Source:
 
 
 # --- reading ---------------------------------------------------------------------------
-def _tokenizer_dir(candidates: list[Path | str | None]) -> Path | None:
-    for c in candidates:
-        if c and (Path(c) / "tokenizer.json").is_file():
-            return Path(c)
+def _tokenizer_dir(candidates: list[Path | str | None], cwd: str | None = None) -> Path | None:
+    """The first candidate holding tokenizer.json; a relative one (as a run records its --tokenizer)
+    is looked for here, then in the run's working directory `cwd`."""
+    for c in filter(None, candidates):
+        for d in [Path(c), *([Path(cwd) / c] if cwd and not Path(c).is_absolute() else [])]:
+            if (d / "tokenizer.json").is_file():
+                return d
     return None
 
 
@@ -119,7 +122,7 @@ def load_source(src: str | Path) -> Source:
         meta = checkpoint.read_meta(src)
         args = meta.get("args", {})
         return Source(checkpoint.read_step_weights(src), ModelConfig.from_dict(meta["model_config"]),
-                      _tokenizer_dir([meta.get("tokenizer"), args.get("tokenizer")]),
+                      _tokenizer_dir([meta.get("tokenizer"), args.get("tokenizer")], args.get("cwd")),
                       {"path": str(src), "kind": "step", "step": meta.get("step"),
                        "train_mode": args.get("train_mode"), "objective": args.get("objective"),
                        "label_names": meta.get("label_names")})
@@ -137,7 +140,7 @@ def load_source(src: str | Path) -> Source:
     metadata = checkpoint.read_safetensors(weights, metadata_only=True)[1]
     step = metadata.get("step", "")
     return Source(checkpoint.load_weights(weights), ModelConfig.from_json(config_path),
-                  _tokenizer_dir([weights.parent, args.get("tokenizer")]),
+                  _tokenizer_dir([weights.parent, args.get("tokenizer")], args.get("cwd")),
                   {"path": str(weights), "kind": "weights", "step": int(step) if step.isdigit() else None,
                    "train_mode": args.get("train_mode"), "objective": args.get("objective"),
                    "label_names": checkpoint.label_names_in(metadata)})
@@ -580,8 +583,21 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
                                  f"pick another output folder, e.g. {out.parent / 'hf'}")
     safety.check_replaceable(out, overwrite=overwrite, source=Path(src))  # before reading the source
     source = load_source(src)
-    if tokenizer is not None:
-        source.tokenizer_dir = Path(tokenizer)
+    if tokenizer is not None:  # a tokenizer folder, or its tokenizer.json (as --tokenizer takes elsewhere)
+        tokenizer = Path(tokenizer)
+        source.tokenizer_dir = tokenizer.parent if tokenizer.is_file() and tokenizer.name == "tokenizer.json" \
+            else tokenizer
+    if source.tokenizer_dir is not None:  # before anything is written: ids the embeddings never saw are no export
+        from data.tokenizer import KoTokenizer, check_vocab_size
+
+        try:
+            check_vocab_size(KoTokenizer.load(source.tokenizer_dir), source.config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"the tokenizer {source.tokenizer_dir} does not fit this model: {str(e).split('; ')[0]}; "
+                             f"pass --tokenizer with the tokenizer the model was trained with") from None
+    else:
+        print(f"[export] warning: no tokenizer found for {src}: the export holds none (its README says so); "
+              f"pass --tokenizer DIR to include it", file=sys.stderr, flush=True)
     target, why = hf_target(source.config) if fmt == "auto" else (None, "--format ours was asked for")
     summary = {"source": source.info, "target": target or "ours", "reason": why}
     with safety.staged_dir(out, overwrite=overwrite, source=Path(src),

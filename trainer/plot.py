@@ -130,14 +130,19 @@ def event_file_damage(path: Path) -> str | None:
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
-    """TensorBoard's debiased exponential moving average (weight 0 = unchanged)."""
+    """TensorBoard's debiased exponential moving average (weight 0 = unchanged). A non-finite value
+    (a NaN or inf loss) stays as it is and is left out of the average, as TensorBoard does: the
+    curve goes on after it instead of being NaN from there on."""
     if weight <= 0 or len(values) == 0:
         return values
     out = np.empty_like(values)
-    last = 0.0
+    last, count = 0.0, 0
     for i, v in enumerate(values):
-        last = weight * last + (1 - weight) * v
-        out[i] = last / (1 - weight ** (i + 1))
+        if not np.isfinite(v):
+            out[i] = v
+            continue
+        last, count = weight * last + (1 - weight) * v, count + 1
+        out[i] = last / (1 - weight ** count)
     return out
 
 
@@ -170,7 +175,14 @@ def run_names(runs: list[Path]) -> list[str]:
     get their parent directory's name in front."""
     base = [(r.parent if r.name == "tensorboard" else r) for r in runs]
     names = [b.name for b in base]
-    return [f"{b.parent.name}/{b.name}" if names.count(b.name) > 1 else b.name for b in base]
+    names = [f"{b.parent.name}/{b.name}" if names.count(b.name) > 1 else b.name for b in base]
+    unique: list[str] = []
+    for name in names:  # still the same (a run given twice, a/x/run and b/x/run): numbered, none dropped
+        label, k = name, 2
+        while label in unique:
+            label, k = f"{name}~{k}", k + 1
+        unique.append(label)
+    return unique
 
 
 def replaceable(png: Path) -> bool:
@@ -198,7 +210,16 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path, smoothing: float = 0.
     names = names or run_names(runs)
     if len(names) != len(runs):
         raise ValueError(f"{len(names)} names for {len(runs)} runs")
+    if len(set(names)) != len(names):  # the legend (and the data) is keyed by name: a run would vanish
+        raise ValueError(f"--names {' '.join(names)}: each run needs its own name "
+                         f"({', '.join(sorted({n for n in names if names.count(n) > 1}))} given more than once)")
     data = {name: read_scalars(r) for name, r in zip(names, runs)}
+    for name, scalars in data.items():
+        for tag, (steps, values) in scalars.items():
+            bad = ~np.isfinite(values)
+            if bad.any():  # matplotlib leaves them out of the curve without a word
+                logger.warning("warning: %s: %s has %d non-finite value(s) (NaN/inf, first at step %d), not drawn",
+                               name, tag, int(bad.sum()), int(steps[bad][0]))
     constant = constant_series(data)
     layout = figure_layout(set().union(*(d.keys() for d in data.values())) - set(constant))
     out_dir = Path(out_dir)
