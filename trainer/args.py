@@ -99,7 +99,7 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--eval_samples", type=int, default=1000,
                    help="pretrain: validation samples (a fixed set with fixed masks, sharded over the processes)")
     g.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (tokenizer.json); default <corpus>.tokenizer beside the corpus, "
+                   help="tokenizer directory (tokenizer.json; or the path of that tokenizer.json); default <corpus>.tokenizer beside the corpus, "
                         "trained there with the model's vocab_size if missing")
     g.add_argument("--morpheme", choices=("none", "mecab", "kiwi"), default="none",
                    help="morpheme-aware pre-tokenization when a tokenizer is trained automatically; with "
