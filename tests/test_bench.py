@@ -68,6 +68,7 @@ def test_finetune_throughput_quick():
     assert "unpadded" in out, out
 
 
+@pytest.mark.slow  # 14 s: the suite stays under 10 minutes on 2 cores
 @needs_shared
 def test_quality_quick(tmp_path):
     out = bench("quality.py", "--quick", "--out", str(tmp_path / "quality"))

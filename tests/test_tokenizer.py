@@ -82,7 +82,7 @@ def test_bad_inputs(tmp_path):
         train_tokenizer([tmp_path / "missing.dat"], 100, tmp_path / "t")
     empty = tmp_path / "empty.dat"
     empty.write_bytes(b"\n\n  \n")
-    with pytest.raises(ValueError, match="no text"):
+    with pytest.raises(ValueError, match=r"is empty \(blank lines only\)"):
         train_tokenizer([empty], 100, tmp_path / "t")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         KoTokenizer.load(tmp_path / "nothing")
