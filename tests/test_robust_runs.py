@@ -8,37 +8,14 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import NSMC_CORPUS
 from tests.launch_util import env, train_args, tree_digest
-from tests.test_bad_input import DIST_ENV
+from tests.test_safety import _main
 from tests.trainer_util import REPO, write_config
-
-
-def _main(argv: list[str], monkeypatch, capsys, cwd: Path | None = None) -> tuple[int, str]:
-    """trainer.loop.main in this process: (exit code, 0 when it returned; stdout + stderr)."""
-    from trainer.loop import main
-
-    for name in DIST_ENV:  # setenv first: monkeypatch then also removes what dist.init sets
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    if cwd is not None:
-        monkeypatch.chdir(cwd)
-    try:
-        main(0, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    assert not torch.distributed.is_initialized()
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture()

@@ -24,8 +24,9 @@ from tests.trainer_util import REPO, read_tsv, write_config
 from trainer import safety
 
 
-def _main(argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """trainer.loop.main in this process: (exit code, 0 when it returned; stdout + stderr)."""
+def _main(argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> tuple[int, str]:
+    """trainer.loop.main in this process (in `cwd` when given): (exit code, 0 when it returned; stdout + stderr)."""
     from trainer.loop import main
 
     for name in DIST_ENV:  # setenv first: monkeypatch then also removes what dist.init sets
@@ -33,6 +34,8 @@ def _main(argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = Non
         monkeypatch.delenv(name)
     for name, value in (env or {}).items():
         monkeypatch.setenv(name, value)
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
     try:
         main(0, argv)
         code = 0
