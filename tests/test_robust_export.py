@@ -240,3 +240,15 @@ def test_plot_runs_of_the_same_name_are_all_drawn(nan_run, tmp_path):
         ["out/bert", "out/bert~2", "x/run", "x/run~2"]
     plotted = plot_runs([nan_run, nan_run / "tensorboard"], tmp_path / "png")
     assert len(plotted["loss"]["train/loss"]) == 2
+
+
+def test_evaluate_reads_whole_classify_files_before_any_run(tmp_path):
+    """A bad row far down a classify file (a tab inside its text) stops trainer.evaluate before its first run,
+    as a bad row near the top does (only the first 10 rows were read: it stopped after earlier tasks ran)."""
+    from trainer.evaluate import _check_data
+
+    rows = ["id\tdocument\tlabel"] + [f"{i}\t리뷰 {i}\t{i % 2}" for i in range(200)] + ["999\t탭이\t들어간 리뷰\t1"]
+    path = tmp_path / "late_bad_row.tsv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"task nsmc: --train_file .*late_bad_row.tsv:202: 4 tab-separated field"):
+        _check_data("nsmc", ["--train_mode", "classify", "--train_file", str(path)])

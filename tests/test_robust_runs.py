@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,20 @@ def test_launch_script_settings_are_checked_before_torchrun(settings, message):
     proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "--model_name", "x"], cwd=REPO,
                           env=env(**settings), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("env_vars,said", [
+    ({"RANK": "0"}, "WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK='x' is not a number"),
+])
+def test_a_rank_exported_by_hand_names_what_torchrun_would_set(env_vars, said):
+    """RANK set without the rest of torchrun's environment (a job script exporting it): one line naming what is
+    missing and torchrun, not torch's KeyError / ValueError traceback."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", "from trainer import dist; dist.init()"], cwd=REPO, text=True,
+                          capture_output=True, env=clean | env_vars | {"PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 1 and said in proc.stderr and "torchrun" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -59,6 +59,15 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistContext:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    bad = [f"{k}={os.environ[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+           if os.environ.get(k) and not os.environ[k].isdigit()]
+    if missing or bad:  # a RANK exported by hand (a job script): torch would stop with a KeyError / ValueError
+        raise SystemExit(f"RANK={os.environ['RANK']!r} is set, so this process joins a process group, but "
+                         + (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set" if missing else
+                            f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a number")
+                         + ": start the processes with torchrun (or launch/torchrun.sh, launch/slurm.sbatch), which "
+                           "sets them all, or unset RANK to train in one process")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
