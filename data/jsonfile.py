@@ -52,7 +52,12 @@ def encoding_fix(path: str | Path) -> str:
             utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
     except OSError:
         utf16 = False
-    target = f"{path.stem}.utf8{path.suffix}"
     if utf16:
-        return f"it is UTF-16 (it starts with a UTF-16 byte order mark): convert it with `iconv -f utf-16 -t utf-8 {path} > {target}`"
-    return f"a binary file or another encoding? convert it with e.g. `iconv -f cp949 -t utf-8 {path} > {target}`"
+        return f"it is UTF-16 (it starts with a UTF-16 byte order mark): convert it with {iconv_command(path, 'utf-16')}"
+    return f"a binary file or another encoding? convert it with e.g. {iconv_command(path, 'cp949')}"
+
+
+def iconv_command(path: str | Path, encoding: str) -> str:
+    """`iconv` from `encoding` to UTF-8, writing a new file beside `path` (never onto it)."""
+    path = Path(path)
+    return f"`iconv -f {encoding} -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"

@@ -329,7 +329,12 @@ def is_squad_file(path: str | Path) -> bool:
     if text[:1] != b"{" or b"\t" in first_line:
         return False
     keys = json_lines_keys(head if b"\n" in head else head + b"\n")
-    return keys is None or "data" in keys or {"question", "context"} <= set(keys)
+    return keys is None or _squad_keys(keys)
+
+
+def _squad_keys(keys: list[str]) -> bool:
+    """The keys of a JSON file's first record are SQuAD's: nested (`data`) or flat (question, context)."""
+    return "data" in keys or {"question", "context"} <= set(keys)
 
 
 def read_pairs_tsv(path: str | Path) -> list:
@@ -365,11 +370,10 @@ def _read_pairs_lines(path: Path) -> list:
 def _json_pairs_problem(path: Path, first_line: str) -> str:
     """Why a JSON file (its first non-blank line given) is not a pairs TSV, and its fix."""
     keys = json_lines_keys(first_line.encode("utf-8") + b"\n") or []
-    if not keys or {"question", "context"} <= set(keys) or "data" in keys:   # SQuAD / KorQuAD, nested or flat
-        copy = path.with_suffix(".json").name if path.suffix.lower() != ".json" else f"{path.stem}.squad.json"
+    if not keys or _squad_keys(keys):   # SQuAD / KorQuAD, nested or flat
         return (f"{path} holds JSON, not 'query<TAB>passage' lines: a KorQuAD / SQuAD file (nested, or the flat JSON "
-                f"lines of `datasets`) is read as one only when its name ends in .json; pass it under such a name, "
-                f"e.g. `cp {path} {copy}`")
+                f"lines of `datasets`) is read by data.mrc.load_squad; ict's --train_file and --eval_file take it as "
+                f"such under any name (`is_squad_file`)")
     q = next((k for k in ("query", "question", "anchor") if k in keys), keys[0])
     p = next((k for k in ("passage", "context", "positive", "text", "document") if k in keys and k != q), keys[-1])
     return (f"{path} holds JSON lines (keys {keys[:5]}), not 'query<TAB>passage' lines; write them out first, e.g. "

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.jsonfile import json_lines_keys, text_key
+from data.jsonfile import iconv_command, json_lines_keys, text_key
 
 SHARD_SUFFIX = ".dat"
 SNIFF_BYTES = 1 << 16
@@ -119,7 +119,7 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
         return compressed
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows' "Unicode" (UTF-16) text
         return (f"is UTF-16 text (it starts with a UTF-16 byte order mark), not UTF-8: convert it with "
-                f"`iconv -f utf-16 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`")
+                f"{iconv_command(path, 'utf-16')}")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character may be cut at the end
         if b"\0" in head:

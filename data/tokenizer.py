@@ -98,6 +98,13 @@ def lacks_tokenizer_json(folder: str | Path) -> bool:
             and any((folder / n).is_file() for n in ("vocab.txt", "sentencepiece.bpe.model", "spiece.model")))
 
 
+def tokenizer_folder(path: str | Path) -> Path:
+    """The tokenizer folder `path` names: itself, or the folder of the tokenizer.json file it points at
+    (a run records, exports and compares its tokenizer as that folder: pretokenizer.json, vocab.txt beside)."""
+    path = Path(path)
+    return path.parent if path.name == "tokenizer.json" and path.is_file() else path
+
+
 def missing_tokenizer_hint(folder: str | Path) -> str:
     """What to do about a folder without tokenizer.json: train one, or let transformers write it; for a
     file of a tokenizer folder (its vocab.txt, tokenizer.json), pass the folder."""

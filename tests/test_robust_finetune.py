@@ -99,8 +99,9 @@ def test_ict_pairs_file_holding_json_names_the_fix(tmp_path):
     flat.write_text(json.dumps({"id": "1", "title": "서울", "context": "서울은 한국의 수도이다.", "question": "수도는?",
                                 "answers": {"text": ["서울"], "answer_start": [0]}}, ensure_ascii=False) + "\n",
                     encoding="utf-8")
-    with pytest.raises(ValueError, match=r"squad_kor_v1.jsonl holds JSON, not 'query<TAB>passage' lines.*ends in "
-                                         r"\.json.*`cp .*squad_kor_v1.jsonl squad_kor_v1.json`"):
+    with pytest.raises(ValueError, match=r"squad_kor_v1.jsonl holds JSON, not 'query<TAB>passage' lines: a KorQuAD / "
+                                         r"SQuAD file .*data.mrc.load_squad; ict's --train_file and --eval_file take "
+                                         r"it as such under any name"):
         read_pairs_tsv(flat)
     assert [e.question for e in load_squad(flat)] == ["수도는?"]       # what the file is
     dump = tmp_path / "pairs.jsonl"

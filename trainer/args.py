@@ -328,10 +328,10 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
         value = getattr(args, name)
         if value and not Path(value).is_file():
             _fail(parser, f"--{name} {value}: no such file")
-    if args.tokenizer and Path(args.tokenizer).name == "tokenizer.json" and Path(args.tokenizer).is_file():
-        # the file itself (as KoTokenizer.load and `data.corpus build` take it): the run records, exports and
-        # compares its tokenizer as the folder (pretokenizer.json, vocab.txt, ... beside tokenizer.json)
-        args.tokenizer = str(Path(args.tokenizer).parent)
+    if args.tokenizer:  # its tokenizer.json file (as KoTokenizer.load and `data.corpus build` take it): its folder
+        from data.tokenizer import tokenizer_folder
+
+        args.tokenizer = str(tokenizer_folder(args.tokenizer))
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         from data.tokenizer import missing_tokenizer_hint
 

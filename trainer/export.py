@@ -583,13 +583,11 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
                                  f"pick another output folder, e.g. {out.parent / 'hf'}")
     safety.check_replaceable(out, overwrite=overwrite, source=Path(src))  # before reading the source
     source = load_source(src)
-    if tokenizer is not None:  # a tokenizer folder, or its tokenizer.json (as --tokenizer takes elsewhere)
-        tokenizer = Path(tokenizer)
-        source.tokenizer_dir = tokenizer.parent if tokenizer.is_file() and tokenizer.name == "tokenizer.json" \
-            else tokenizer
-    if source.tokenizer_dir is not None:  # before anything is written: ids the embeddings never saw are no export
-        from data.tokenizer import KoTokenizer, check_vocab_size
+    from data.tokenizer import KoTokenizer, check_vocab_size, tokenizer_folder
 
+    if tokenizer is not None:  # a tokenizer folder, or its tokenizer.json (as --tokenizer takes elsewhere)
+        source.tokenizer_dir = tokenizer_folder(tokenizer)
+    if source.tokenizer_dir is not None:  # before anything is written: ids the embeddings never saw are no export
         try:
             check_vocab_size(KoTokenizer.load(source.tokenizer_dir), source.config.vocab_size)
         except ValueError as e:

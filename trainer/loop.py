@@ -146,7 +146,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
                            else _exported_weights(resume_path))
             except checkpoint.CheckpointError as e:  # damaged shards or a damaged model.safetensors
                 raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
-            drop = tuple(task.fresh_weights)  # a head the task knows to mean other labels
+            drop = task.fresh_weights  # prefixes of a head the task knows to mean other labels
             fresh = engine.load_weights({k: v for k, v in weights.items() if not k.startswith(drop)}, resume_path)
             _check_fresh_weights(args, task, resume_path, fresh, ctx.log)
             what = f" ({resume_meta['args']['train_mode']} checkpoint)" if resume_kind == "step" else ""
