@@ -8,7 +8,8 @@ comma list of these with optional `:weight`s). Every shard gets its own cache
     sent_offsets.bin  int64 (num_sentences + 1,): token offset where each sentence starts
     doc_offsets.bin   int64 (num_documents + 1,): sentence index where each document starts
     manifest.json     inputs, counts, skipped lines by reason, build time (written last)
-The hash covers the shard's size + mtime_ns, the tokenizer fingerprint and FORMAT_VERSION, so
+The hash covers the shard's size + mtime_ns, the tokenizer fingerprint and FORMAT_VERSION (and
+in morpheme mode data.tokenizer.MORPHEME_SPLIT_VERSION), so
 adding a shard builds only that shard, a changed shard rebuilds alone, and a new tokenizer gets
 new caches; old caches are left in place (`python -m data.corpus info` lists them as stale).
 `Corpus` memory-maps the shard caches side by side without copying; documents never cross
@@ -61,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from data.spec import CACHE_ENTRY_SUFFIX, CorpusSpec, SpecError, resolve, text_file_problem
-from data.tokenizer import KoTokenizer, decode_lines, missing_tokenizer_hint
+from data.tokenizer import MORPHEME_SPLIT_VERSION, KoTokenizer, decode_lines, missing_tokenizer_hint
 
 logger = logging.getLogger(__name__)
 
@@ -308,12 +309,15 @@ def _inputs(corpus_path: str | Path, tokenizer: KoTokenizer) -> dict:
     return {"format_version": FORMAT_VERSION,
             "corpus": {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                          "morpheme": tokenizer.morpheme}}
+                          "morpheme": tokenizer.morpheme,
+                          **({"split": MORPHEME_SPLIT_VERSION} if tokenizer.morpheme else {})}}
 
 
 def _cache_hash(inputs: dict) -> str:
     key = {"v": inputs["format_version"], "size": inputs["corpus"]["size"],
            "mtime_ns": inputs["corpus"]["mtime_ns"], "tok": inputs["tokenizer"]["fingerprint"]}
+    if "split" in inputs["tokenizer"]:  # morpheme mode's pre-tokenization changed: new caches (plain ones keep theirs)
+        key["split"] = inputs["tokenizer"]["split"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -880,7 +884,9 @@ def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: Cache
             row["current"] = {"cache": str(d), **m["counts"], "skipped": m.get("skipped", {}),
                               "tokenizer": m["tokenizer"]["fingerprint"]}
         else:
-            why = "shard changed since" if not fresh else "another tokenizer"
+            why = ("shard changed since" if not fresh else "an older morpheme pre-tokenization"
+                   if m["tokenizer"].get("morpheme") and m["tokenizer"].get("split") != MORPHEME_SPLIT_VERSION
+                   else "another tokenizer")
             row["stale"].append(f"{d.name} ({why})")
     return row
 

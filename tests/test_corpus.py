@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -304,3 +305,33 @@ def test_morpheme_tokenizer_cache_multiprocess(tiny_corpus, tmp_path, monkeypatc
     cache = load_or_build(p, KoTokenizer.load(tmp_path / "tok"), num_workers=2, progress=False)
     assert cache.manifest["tokenizer"]["morpheme"] == "mecab"
     assert as_docs(cache) == reference(p, tok)  # mecab applied inside the worker processes
+
+
+def test_morpheme_caches_of_the_older_pre_tokenization_are_rebuilt(tiny_corpus, tmp_path):
+    """Morpheme mode's pre-tokenization changed (MORPHEME_SPLIT_VERSION): its caches get a new key,
+    an older one is listed as stale, why said; a plain tokenizer's cache key stays what it was."""
+    pytest.importorskip("mecab")
+    from data.tokenizer import MORPHEME_SPLIT_VERSION, train_tokenizer
+
+    p = tmp_path / "m.dat"
+    p.write_bytes(b"\n".join(tiny_corpus.read_bytes().split(b"\n")[:200]) + b"\n")
+    train_tokenizer([p], 600, tmp_path / "tok", morpheme="mecab")
+    tok = KoTokenizer.load(tmp_path / "tok")
+    cache = load_or_build(p, tok, num_workers=1, progress=False)
+    assert cache.manifest["tokenizer"]["split"] == MORPHEME_SPLIT_VERSION
+    old = corpus_mod._inputs(p, tok)
+    del old["tokenizer"]["split"]
+    older = cache.path.with_name(f"{p.name}.{corpus_mod._cache_hash(old)}.cache")
+    assert older != cache.path
+    shutil.copytree(cache.path, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["tokenizer"]["split"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    row = corpus_mod.shard_info(p, tok)
+    assert row["current"]["cache"] == str(cache.path)
+    assert row["stale"] == [f"{older.name} (an older morpheme pre-tokenization)"]
+    plain = corpus_mod._inputs(p, KoTokenizer(tok.tokenizer, None))
+    assert "split" not in plain["tokenizer"]
+    key = {"v": plain["format_version"], "size": plain["corpus"]["size"], "mtime_ns": plain["corpus"]["mtime_ns"],
+           "tok": plain["tokenizer"]["fingerprint"]}
+    assert corpus_mod._cache_hash(plain) == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

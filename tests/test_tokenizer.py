@@ -145,6 +145,29 @@ def test_morpheme_offsets_with_odd_spacing(mecab_tokenizer):
     assert np.all(np.diff([a for a, _ in offsets]) > 0)
 
 
+
+@pytest.mark.parametrize("form", ["nfd", "bom", "zero_width", "soft_hyphen_and_tab"])
+def test_morpheme_mode_reads_text_as_the_normalizer_leaves_it(mecab_tokenizer, tiny_corpus, form):
+    """The analyzer cut decomposed (NFD) Hangul where the NFC text has other morphemes (91 of 300
+    NSMC lines got other ids), and a BOM or zero-width joiner before a word made its first morpheme a
+    continuation ("##영화"), one inside a word a lone "##". It reads the normalized text now: the ids
+    are those of the clean line, the offsets still index the original text."""
+    import unicodedata
+
+    tok = KoTokenizer.load(mecab_tokenizer)
+    lines = [ln for ln in tiny_corpus.read_text(encoding="utf-8").splitlines() if ln.strip()][-120:]
+    change = {"nfd": lambda t: unicodedata.normalize("NFD", t), "bom": lambda t: "\ufeff" + t,
+              "zero_width": lambda t: t.replace(" ", " \u200d").replace("다", "\u200b다"),
+              "soft_hyphen_and_tab": lambda t: t.replace(" ", "\t\u00ad")}[form]
+    for clean in lines:
+        text = change(clean)
+        ids, offsets = tok.encode_with_offsets(text)
+        assert ids == tok.encode(clean) == tok.encode(text) == tok.encode_batch([text])[0], text
+        for piece, (a, b) in zip(tok.convert_ids_to_tokens(ids), offsets):
+            if piece != "[UNK]":  # the piece is the original text's span, normalized
+                assert tok.tokenizer.normalizer.normalize_str(text[a:b]) == piece.removeprefix("##")
+
+
 ODD_LINES = [
     "탭\t이 있는 줄", "전각\u3000공백", "제어\x07문자", "널\x00문자", "대체\ufffd문자", "폭 없는\u200d결합",
     "\u1100\u1161\u11a8 풀어 쓴 한글", "e\u0301 결합 부호", "이모지 😀 줄", "漢字 섞인 줄", "사용자 영역 \ue000",
