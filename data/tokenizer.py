@@ -54,6 +54,10 @@ REQUIRED_ROLES = ("pad", "cls", "sep", "mask")
 # a transformers folder's files that describe its tokenizer (copied with tokenizer.json)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", PRETOKENIZER_FILE, "special_tokens_map.json",
                    "tokenizer_config.json")
+# files that make a folder a model's (a run's final/ or step-N/, an export, a transformers folder): its tokenizer
+# belongs to its weights, and `train --overwrite` does not replace it
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json", "meta.json")
 
 
 def special_roles(vocab: dict[str, int], named: dict[str, str]) -> dict[str, int]:
@@ -832,7 +836,11 @@ def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, morpheme: str 
     characters, ties by code point)."""
     from data.spec import resolve
 
-    shards = list(resolve(inputs if not isinstance(inputs, Path) else str(inputs)).shards)
+    spec = resolve(inputs if not isinstance(inputs, Path) else str(inputs))
+    shards = list(spec.shards)
+    if spec.weighted:  # the same spec as a run's --corpus_path, where the weights sample training rows
+        logger.warning("the sampling weights in %s do not apply to tokenizer training: it reads every line of "
+                       "every shard (or --sample_lines lines spread evenly over them)", spec.text)
     if vocab_size_problem(vocab_size):
         raise ValueError(vocab_size_problem(vocab_size))
     if sample_lines is not None and sample_lines < 1:
@@ -880,8 +888,10 @@ def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, morpheme: str 
     continued = {t[len(_CONT):] for t in probe.get_vocab() if t.startswith(_CONT) and len(t) == len(_CONT) + 1}
     for c in [c for c in chars if c.isspace()]:
         del chars[c]
-    # the alphabet plus its "##" forms must leave room for merges
-    limit = min(3000, max(100, (vocab_size - len(SPECIAL_TOKENS)) // 3))
+    # the alphabet plus its "##" forms must leave room for merges (a third each), and must fit in a small
+    # vocabulary at all: at most half of what the special tokens leave (vocab_size 8: one character)
+    room = vocab_size - len(SPECIAL_TOKENS)
+    limit = min(3000, max(100, room // 3), room // 2)
     alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:limit])
     fixed = [_CONT + c for c in alphabet if c in continued]
     # pass 2: the vocabulary
@@ -961,6 +971,11 @@ def _train_cli_problem(args: argparse.Namespace) -> str | None:
     if out.exists() and not out.is_dir():
         return f"--out {out}: exists and is not a directory; pick a new directory"
     present = [name for name in TOKENIZER_FILES if (out / name).exists()]
+    model = next((name for name in MODEL_FILES if (out / name).exists()), None)
+    if present and model:  # even with --overwrite: the weights there read the ids of the tokenizer beside them
+        return (f"--out {out}: holds a model ({model}) beside its tokenizer ({', '.join(present)}); its embeddings "
+                f"were trained on that tokenizer's ids, so replacing it would leave the model reading wrong ids "
+                f"(--overwrite does not apply to a model's folder); pick a new directory for this tokenizer")
     if present and not args.overwrite:
         return (f"--out {out}: already holds {'a tokenizer' if 'tokenizer.json' in present else 'tokenizer files'} "
                 f"({', '.join(present)}) that this would replace; pick a new directory or add --overwrite to "

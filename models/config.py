@@ -104,6 +104,12 @@ class ModelConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
         if self.model_type == "modernbert":
             self._check_modernbert()
+        if self.is_moe and self.moe_layer_interval > self.num_distinct_layers:
+            raise ValueError(f"moe_layer_interval ({self.moe_layer_interval}) leaves none of the "
+                             f"{self.num_distinct_layers} distinct layer(s) a Switch FFN (layer j gets one when "
+                             f"(j + 1) % moe_layer_interval == 0), so n_experts {self.n_experts} would train a "
+                             f"dense model; set \"moe_layer_interval\" to at most {self.num_distinct_layers} "
+                             f"(1 = every layer), or \"n_experts\": 1 for a dense model")
         if self.model_type == "mix_lm":
             if self.kernel_size < 3 or self.kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size must be odd and >= 3 for mix_lm, got {self.kernel_size}")
@@ -200,7 +206,9 @@ class ModelConfig:
                              f"{_json_type(d)} at the top level; see configs/small_config.json")
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+            meant = [f"{k} -> {OURS_BY_HF_KEY[k]}" for k in unknown if OURS_BY_HF_KEY.get(k) in known]
+            hint = f" (transformers' names; ours: {', '.join(meant)})" if meant else ""
+            raise ValueError(f"unknown model config key(s) {unknown}{hint}; known keys: {sorted(known)}")
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -213,8 +221,42 @@ class ModelConfig:
     def from_json(cls, path_or_text: str | Path) -> "ModelConfig":
         """Reads a JSON file path (or a JSON string starting with '{')."""
         s = str(path_or_text)
-        text = s if s.lstrip().startswith("{") else Path(s).read_text()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(s) if not s.lstrip().startswith("{") else parse_json(s))
+
+
+# transformers' config.json names of our keys (a hand-written config mixing the two is told which is ours)
+OURS_BY_HF_KEY = {"num_attention_heads": "num_heads", "intermediate_size": "ff_dim", "hidden_act": "act_fn",
+                  "max_position_embeddings": "max_position_embedding", "layer_norm_eps": "LN_eps",
+                  "hidden_dropout_prob": "dropout_prob", "norm_eps": "LN_eps", "hidden_activation": "act_fn",
+                  "num_experts": "n_experts", "num_hidden_groups": "layer_group"}
+
+
+def parse_json(text: str, source: str = "the model config") -> Any:
+    """A JSON document; ValueError naming the line and what JSON does not allow (comments, trailing
+    commas, single quotes) rather than the decoder's bare message. A repeated key is refused by name:
+    json keeps the last value silently, so an edit further up would do nothing."""
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{source}: key {key!r} appears twice (values {json.dumps(seen[key])} and "
+                                 f"{json.dumps(value)}; JSON keeps only the last); keep one of them")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=no_repeats)
+    except json.JSONDecodeError as e:
+        line = text.removeprefix("\ufeff").splitlines()[e.lineno - 1].strip() if text.strip() else ""
+        raise ValueError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                         + (f" ({line[:60]!r})" if line else " (the file is empty)")
+                         + "; JSON has no comments (// or #), no trailing comma after the last item and only "
+                           "double-quoted strings: see configs/small_config.json") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """`parse_json` of a file (UTF-8, with or without the byte-order mark some editors write)."""
+    return parse_json(Path(path).read_text(encoding="utf-8-sig"), source=str(path))
 
 
 def _json_type(value: Any) -> str:
@@ -234,12 +276,8 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     if p.is_file():
         from .hf_compat import config_from_hf, is_hf_config
 
-        text = p.read_text()
-        try:
-            hf = is_hf_config(json.loads(text))
-        except ValueError:
-            hf = False  # not JSON: from_json names the problem
-        return config_from_hf(json.loads(text)) if hf else ModelConfig.from_json(p)
+        d = read_json(p)
+        return config_from_hf(d) if is_hf_config(d) else ModelConfig.from_dict(d)
     named = CONFIG_DIR / f"{name_or_path}_config.json"
     if named.is_file():
         return ModelConfig.from_json(named)

@@ -470,9 +470,25 @@ def modernbert_to_hf_state(state: dict[str, Tensor], config: ModelConfig) -> tup
     return out, sorted(set(state) - used)
 
 
+# keys every config.json of the families we read has (save_pretrained writes them all) and ours never
+HF_CONFIG_KEYS = frozenset({"num_attention_heads", "intermediate_size", "max_position_embeddings"})
+
+
 def is_hf_config(d: dict) -> bool:
-    """A `transformers` config.json (written by save_pretrained), not our ModelConfig JSON."""
-    return isinstance(d, dict) and ("transformers_version" in d or "architectures" in d)
+    """A `transformers` config.json, not our ModelConfig JSON: written by save_pretrained (its
+    `transformers_version`, `architectures`), or one without those two (hand-written or trimmed) whose
+    `model_type` is not ours ("bert", "roberta", ...) or is "modernbert" with transformers' key names.
+    A config of our "transformer" / "mix_lm" types is ours, whatever keys it holds (a key of theirs is
+    then named as unknown, with our name for it)."""
+    if not isinstance(d, dict):
+        return False
+    if "transformers_version" in d or "architectures" in d:
+        return True
+    model_type = d.get("model_type", "transformer")
+    if not isinstance(model_type, str) or model_type in ("transformer", "mix_lm"):
+        return False
+    unknown = set(d) - {f.name for f in dataclasses.fields(ModelConfig)}
+    return bool(unknown) and (model_type != "modernbert" or bool(unknown & HF_CONFIG_KEYS))
 
 
 def config_from_hf(d: dict) -> ModelConfig:

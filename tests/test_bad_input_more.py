@@ -274,8 +274,6 @@ TOKENIZER_CLI = [
      "--input: {m}: the directory holds no *.dat file"),
     ("vocab_size_4", "train --input {corpus} --vocab_size 4 --out {tmp}/t", 2,
      "--vocab_size: vocab_size=4 is too small: a tokenizer holds the 6 special tokens"),
-    ("vocab_too_small_for_alphabet", "train --input {corpus} --vocab_size 50 --out {tmp}/t", 1,
-     "more than vocab_size=50 (the alphabet alone is large); increase --vocab_size"),
     ("num_threads_0", "train --input {corpus} --vocab_size 2000 --out {tmp}/t --num_threads 0", 2,
      "--num_threads must be >= 1, got 0"),
     ("out_is_a_file", "train --input {corpus} --vocab_size 2000 --out {corpus}", 2, "exists and is not a directory"),

@@ -34,6 +34,8 @@ PARTIAL_DIR = re.compile(r"^\.step-(\d+)\.(tmp|old)$")  # left behind by a crash
 META = "meta.json"
 WEIGHTS = "model.safetensors"
 HF_BIN = "pytorch_model.bin"  # the weights of transformers folders saved before safetensors
+# the shard indexes of transformers folders saved with save_pretrained(max_shard_size=...) (trainer.export reads them)
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
@@ -70,15 +72,20 @@ def resolve(spec: str | None, run_dir: Path) -> tuple[Path | None, str]:
             f"use a complete one ({', '.join(p.name for p in done) or 'none in ' + str(partial.parent)}) "
             f"or --checkpoint auto")
     if path.is_file():
-        if path.suffix == ".safetensors" or path.name == HF_BIN:
+        if path.suffix == ".safetensors" or path.name in (HF_BIN, *HF_INDEXES):
             return path, "weights"
         path = path.parent
+        # a file deeper inside a step-N (step-N/dcp/__0_0.distcp, step-N/rng/rank0.pt, ...): that step-N
+        step = next((p for p in path.parents if STEP_DIR.match(p.name) and (p / META).is_file()), None)
+        if not (path / META).is_file() and step is not None:
+            path = step
     if (path / META).is_file():
         return path, "step"
     if (path / WEIGHTS).is_file():
         return path / WEIGHTS, "weights"
-    if (path / HF_BIN).is_file() and (path / "config.json").is_file():  # a transformers folder (older format)
-        return path / HF_BIN, "weights"
+    for name in (HF_BIN, *HF_INDEXES):  # a transformers folder (older format, or sharded weights)
+        if (path / name).is_file() and (path / "config.json").is_file():
+            return path / name, "weights"
     found = list_checkpoints(path)
     if found:
         return found[-1], "step"

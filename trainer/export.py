@@ -147,11 +147,44 @@ def load_source(src: str | Path) -> Source:
 
 
 def _hf_weights_file(folder: Path) -> Path:
-    for name in (checkpoint.WEIGHTS, checkpoint.HF_BIN):
+    """The folder's weights: model.safetensors, pytorch_model.bin, or the index of their shards (what
+    save_pretrained(max_shard_size=...) writes for a model larger than that)."""
+    for name in (checkpoint.WEIGHTS, checkpoint.HF_BIN, *checkpoint.HF_INDEXES):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(f"{folder}: a transformers folder without model.safetensors or pytorch_model.bin "
-                            f"(sharded checkpoints: save it again with save_pretrained(..., max_shard_size='100GB'))")
+                            f"(nor the index of their shards, {' / '.join(checkpoint.HF_INDEXES)})")
+
+
+def _read_hf_file(weights: Path) -> dict[str, Tensor]:
+    if weights.suffix == ".bin":
+        try:
+            return torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: name it
+            raise checkpoint.CheckpointError(f"{weights}: cannot be read ({type(e).__name__}: {e})") from None
+    return checkpoint.read_safetensors(weights)[0]
+
+
+def _read_hf_weights(weights: Path) -> dict[str, Tensor]:
+    """A transformers weights file, or all the shards an index (`*.index.json`) names, as one state dict."""
+    if not weights.name.endswith(".index.json"):
+        return _read_hf_file(weights)
+    try:
+        weight_map = json.loads(weights.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise checkpoint.CheckpointError(f"{weights}: not a shard index of transformers (a JSON object with a "
+                                         f"\"weight_map\" of tensor name -> shard file: {e!r}); save the model "
+                                         f"again with save_pretrained") from None
+    missing = [name for name in shards if not (weights.parent / name).is_file()]
+    if missing:
+        raise checkpoint.CheckpointError(f"{weights} names {len(shards)} shard(s) and {len(missing)} are missing "
+                                         f"beside it ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                                         f"copy the whole folder again")
+    state: dict[str, Tensor] = {}
+    for name in shards:
+        state.update(_read_hf_file(weights.parent / name))
+    return state
 
 
 def _warn_left_out(weights: Path, why: str) -> None:
@@ -189,13 +222,7 @@ def _load_hf_source(config_path: Path, weights: Path | None = None) -> Source:
     hf_config = json.loads(config_path.read_text())
     config = hf_compat.config_from_hf(hf_config)
     weights = weights or _hf_weights_file(config_path.parent)
-    if weights.suffix == ".bin":
-        try:
-            hf_state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file: name it
-            raise checkpoint.CheckpointError(f"{weights}: cannot be read ({type(e).__name__}: {e})") from None
-    else:
-        hf_state = checkpoint.read_safetensors(weights)[0]
+    hf_state = _read_hf_weights(weights)
     family = hf_config["model_type"]
     arch = (hf_config.get("architectures") or [None])[0]
     projection = None  # ELECTRA's embeddings_project (our factorized embeddings' projection)

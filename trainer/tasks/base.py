@@ -225,6 +225,14 @@ class Task:
         try:
             check_vocab_size(tok, self.config.vocab_size)
         except ValueError as e:
+            if folder is not None and Path(path).resolve() == folder.resolve():
+                # the tokenizer beside the weights (a transformers or exported folder): neither of the usual
+                # fixes applies, the weights' vocabulary is fixed
+                raise SystemExit(
+                    f"--checkpoint {args.checkpoint}: the tokenizer beside its weights ({path}/tokenizer.json) has "
+                    f"{tok.vocab_size} tokens but the weights have {self.config.vocab_size} embedding rows "
+                    f"(vocab_size of its config.json), so it is not the tokenizer this model was trained with; put "
+                    f"the model's own tokenizer.json there, or pass it with --tokenizer DIR") from None
             raise SystemExit(f"{e} (tokenizer {path}, model {args.model})") from None
         if tok.foreign:
             ids = ", ".join(f"{r} {tok.named()[r]}={i}" for r, i in tok.roles.items() if r != "eod")
