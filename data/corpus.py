@@ -336,8 +336,24 @@ def cache_home(corpus_dir: Path, name: str) -> Path:
     beside = corpus_dir / name
     if beside.exists() or _writable(corpus_dir):
         return beside
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ko_pretrain" / "corpus"
-    return root / folder / name
+    return _fallback_root() / folder / name
+
+
+def _fallback_root() -> Path:
+    """Where the caches of read-only corpus directories go (unless $CORPUS_CACHE_DIR is set)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ko_pretrain" / "corpus"
+
+
+def cache_homes(corpus_dir: Path) -> list[Path]:
+    """Every directory where caches of the shards of corpus_dir may be: beside them, under
+    $CORPUS_CACHE_DIR and under the fallback for read-only directories (`info` lists them all: a
+    cache built while the directory was read-only, or with CORPUS_CACHE_DIR set, is not beside it)."""
+    folder = hashlib.sha256(str(corpus_dir.resolve()).encode()).hexdigest()[:12]
+    homes = [corpus_dir]
+    if os.environ.get(CACHE_ENV):
+        homes.append(Path(os.environ[CACHE_ENV]) / folder)
+    homes.append(_fallback_root() / folder)
+    return homes
 
 
 def cache_dir_for(corpus_path: str | Path, tokenizer: KoTokenizer) -> Path:
@@ -432,19 +448,25 @@ class _TokenizerPool:
         self._pool = None
         self._env = os.environ.get("TOKENIZERS_PARALLELISM")
 
-    def run(self, tasks: Iterable[tuple], consume: Callable[[dict], None]) -> None:
-        """consume(_tokenize_range(task)) for each task, in order; 2 per worker in flight."""
+    def start(self) -> None:
+        """Fork the workers (once). Called before the builder opens a cache's files: a worker forked
+        while they are open would hold them as long as the pool lives (a failed build's removed files
+        then keep their disk space, and the error reported no free space)."""
         if self.total_bytes >= BYPASS_MIN_BYTES:
             self.tokenizer.prepare_batch_encoding()  # once here, not in every forked worker
+        if self.num_workers > 1 and self._pool is None:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no threads in a process that forks
+            self._pool = mp.get_context("fork").Pool(self.num_workers, _worker_init, (self.tokenizer,))
+
+    def run(self, tasks: Iterable[tuple], consume: Callable[[dict], None]) -> None:
+        """consume(_tokenize_range(task)) for each task, in order; 2 per worker in flight."""
+        self.start()
         if self.num_workers <= 1:
             _worker_init(self.tokenizer)
             os.environ.pop("TOKENIZERS_PARALLELISM", None)  # one process: let tokenizers use threads
             for t in tasks:
                 consume(_tokenize_range(t))
             return
-        if self._pool is None:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no threads in a process that forks
-            self._pool = mp.get_context("fork").Pool(self.num_workers, _worker_init, (self.tokenizer,))
         window: collections.deque = collections.deque()
         for t in tasks:
             window.append(self._pool.apply_async(_tokenize_range, (t,)))
@@ -486,8 +508,12 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
     unk = tokenizer.unk_id  # None: a byte-level BPE has no unknown token
     skipped: collections.Counter = collections.Counter()
     pending_break = True  # the first sentence starts a document
-    with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "sent_offsets.bin", "wb") as fsent, \
-            open(tmp / "doc_offsets.bin", "wb") as fdoc:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(_TokenizerPool(tokenizer, num_workers, size))
+        pool.start()  # forked before the files open: the workers hold none of them
+        ftok, fsent, fdoc = (stack.enter_context(open(tmp / f"{n}.bin", "wb"))
+                             for n in ("tokens", "sent_offsets", "doc_offsets"))
 
         def consume(r: dict) -> None:
             nonlocal n_tok, n_sent, n_docs, n_lines, pending_break, max_id, n_unk
@@ -512,11 +538,7 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
             if bar is not None:
                 bar.update(r["bytes"])
 
-        if pool is None:
-            with _TokenizerPool(tokenizer, num_workers, size) as own:
-                own.run(tasks, consume)
-        else:
-            pool.run(tasks, consume)
+        pool.run(tasks, consume)
         np.array([n_tok], dtype=np.int64).tofile(fsent)
         np.array([n_sent], dtype=np.int64).tofile(fdoc)
     seconds = time.perf_counter() - t0
@@ -736,6 +758,13 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
     missing = [i for i, o in enumerate(outs) if not (o / MANIFEST).exists()]
     if not missing:
         return outs
+    if not os.environ.get(CACHE_ENV):  # read-only corpus directories: say where their caches go
+        away = sorted({str(shards[i].parent) for i in missing if outs[i].parent != shards[i].parent})
+        if away:
+            log(f"[corpus] {', '.join(away[:3])}{' ...' if len(away) > 3 else ''} not writable: the shard caches go "
+                f"under {_fallback_root()} instead. A job on other machines finds them there only with "
+                f"{CACHE_ENV}={_fallback_root()} (a directory they all see); else set {CACHE_ENV} to such a "
+                f"directory now")
     workers = num_workers or _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     mine = [missing[k] for k in _my_share([stats[i].st_size for i in missing], rank, world_size)]
     taken = set(mine)
@@ -872,13 +901,35 @@ def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: Cache
     st = shard.stat()
     row: dict = {"shard": str(shard), "bytes": st.st_size, "current": None, "stale": []}
     want = cache_dir_for(shard, tokenizer) if tokenizer is not None else None
-    home = cache_home(shard.parent, shard.name).parent
-    for d in [home / n for n in (listing or CacheListing()).entries(home, shard.name) if n.endswith(".cache")]:
+    listing = listing or CacheListing()
+    found = [home / n for home in cache_homes(shard.parent) for n in listing.entries(home, shard.name)
+             if n.endswith(".cache")]
+    if want is None:  # the one training would open first, when several are current
+        found.sort(key=lambda d: d.parent != cache_home(shard.parent, d.name).parent)
+    row["stale_bytes"], row["building"] = 0, []
+    host = os.uname().nodename
+    for d in [home / n for home in cache_homes(shard.parent) for n in listing.entries(home, shard.name)
+              if ".cache.tmp-" in n]:  # a build's temporary directory: running, or left by a killed build
+        h, _, pid = d.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        name = d.name if d.parent == shard.parent else str(d)
+        if h == host and pid.isdigit() and pid_alive(int(pid)):
+            row["building"].append(f"{name} (process {pid})")
+            continue
+        why = ("left by a killed build on this host: the next build of this shard here removes it" if h == host else
+               f"a build on host {h}: left by a killed build unless one runs there now (delete it then)")
+        row["stale"].append(f"{name} ({why})")
+        with contextlib.suppress(OSError):
+            row["stale_bytes"] += sum(f.stat().st_size for f in d.iterdir())
+    for d in found:
+        name = d.name if d.parent == shard.parent else str(d)  # elsewhere: the path, to find it
         try:
             m = json.loads((d / MANIFEST).read_text())
             fresh = m["corpus"]["size"] == st.st_size and m["corpus"]["mtime_ns"] == st.st_mtime_ns
+            c = m["counts"]
+            size = (int(c["tokens"]) * np.dtype(m["dtype"]).itemsize
+                    + 8 * (int(c["sentences"]) + int(c["documents"]) + 2))
         except (OSError, ValueError, KeyError, TypeError):
-            row["stale"].append(f"{d.name} (damaged or incomplete)")
+            row["stale"].append(f"{name} (damaged or incomplete)")
             continue
         if fresh and (want is None or d == want) and row["current"] is None:
             row["current"] = {"cache": str(d), **m["counts"], "skipped": m.get("skipped", {}),
@@ -886,8 +937,10 @@ def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: Cache
         else:
             why = ("shard changed since" if not fresh else "an older morpheme pre-tokenization"
                    if m["tokenizer"].get("morpheme") and m["tokenizer"].get("split") != MORPHEME_SPLIT_VERSION
-                   else "another tokenizer")
-            row["stale"].append(f"{d.name} ({why})")
+                   else "a copy of the current one, not used" if row["current"] and d.name == Path(
+                       row["current"]["cache"]).name else "another tokenizer")
+            row["stale"].append(f"{name} ({why})")
+            row["stale_bytes"] += size
     return row
 
 
@@ -924,6 +977,7 @@ def _cli(argv: list[str] | None = None) -> int:
         skipped: collections.Counter = collections.Counter()
         print(f"{'shard':<50} {'part':>4} {'MiB':>9} {'documents':>10} {'sentences':>11} {'tokens':>12}  cache")
         listing = CacheListing()
+        elsewhere: collections.Counter = collections.Counter()
         for shard, part in zip(cs.shards, cs.part_of_shard()):
             row = shard_info(shard, tok, listing)
             cur = row["current"]
@@ -933,14 +987,28 @@ def _cli(argv: list[str] | None = None) -> int:
                     total[k] += cur[k]
                 skipped.update(cur["skipped"])
                 total["built"] += 1
+                if Path(cur["cache"]).parent != shard.parent:
+                    elsewhere[str(Path(cur["cache"]).parent.parent)] += 1
+            total["stale"] += len(row["stale"])
+            total["stale_bytes"] += row["stale_bytes"]
             cells = (f"{cur['documents']:>10,} {cur['sentences']:>11,} {cur['tokens']:>12,}  ok" if cur
                      else f"{'-':>10} {'-':>11} {'-':>12}  missing")
             stale = f"; stale: {', '.join(row['stale'])}" if row["stale"] else ""
+            stale += f"; being built: {', '.join(row['building'])}" if row["building"] else ""
             print(f"{str(shard):<50} {part:>4} {row['bytes'] / 2**20:>9.2f} {cells}{stale}")
         weights = ", ".join(f"{p.text}: {p.weight}" for p in cs.parts) if cs.weighted else "none (proportional to size)"
         print(f"\n{len(cs.shards)} shard(s) in {len(cs.parts)} part(s), {total['bytes'] / 2**20:.1f} MiB; weights: "
               f"{weights}\n{total['built']} built: {total['documents']:,} documents, {total['sentences']:,} "
               f"sentences, {total['tokens']:,} tokens; skipped lines: {dict(skipped) or 'none'}")
+        for where, n in elsewhere.items():
+            print(f"{n} of the caches are not beside their shards but under {where} (a read-only corpus directory, "
+                  f"or ${CACHE_ENV}): a job on another machine finds them only with {CACHE_ENV}={where} there (a "
+                  f"directory it sees), else it builds them again")
+        if total["stale"]:
+            print(f"{total['stale']} stale cache(s) or build leftover(s), {total['stale_bytes'] / 2**20:.1f} MiB "
+                  f"(named above): training reads only each shard's current cache. One left by a changed shard is "
+                  f"never read again; one of another tokenizer is read by runs with that tokenizer. Delete those you "
+                  f"do not need with `rm -r <cache>` (a run reading one stops, naming it; others are unaffected)")
         return 0
     except (SpecError, ValueError, FileNotFoundError) as e:
         print(f"python -m data.corpus {args.cmd}: {e}", file=sys.stderr)

@@ -221,14 +221,16 @@ def _blend(part_ranges: list[tuple[int, int]], weights: list[float], seed: int) 
     own samples (whole seeded permutations, repeated when the part is too small)."""
     n = sum(e - s for s, e in part_ranges)
     w = np.asarray(weights, dtype=np.float64) / sum(weights)
-    out = []
-    for i, ((s, e), share) in enumerate(zip(part_ranges, w)):
-        want = int(round(share * n))
+    wants = [int(round(share * n)) for share in w]
+    out = np.empty(sum(wants), dtype=np.int64)  # filled in place: no list of per-repeat arrays
+    at = 0
+    for i, ((s, e), want) in enumerate(zip(part_ranges, wants)):
         rng = np.random.default_rng([seed, 7919, i])
-        reps = -(-want // max(1, e - s))
-        out.extend(s + rng.permutation(e - s) for _ in range(reps))
-        out[-1] = out[-1][:want - (reps - 1) * (e - s)] if reps else out[-1]
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+        for r in range(-(-want // max(1, e - s))):  # a part's share of 0 samples draws nothing
+            take = min(e - s, want - r * (e - s))
+            out[at:at + take] = s + rng.permutation(e - s)[:take]
+            at += take
+    return out
 
 
 _INDEX_VERSION = 1
@@ -305,7 +307,14 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
                 if empty:
                     raise ValueError(f"corpus part(s) {empty} give no {objective} samples (split {split}); a weighted "
                                      f"part needs samples: drop it or give it more text")
-                _blend(ranges, [p.weight for p in corpus.spec.parts], seed).tofile(tmp / "blend.bin")
+                weights = [p.weight for p in corpus.spec.parts]
+                n = sum(e - s for s, e in ranges)
+                starved = [p.text for p in corpus.spec.parts if round(p.weight / sum(weights) * n) == 0]
+                if starved:  # e.g. 0.001 beside 1000: the blend rounds its share of the samples to none
+                    logger.warning("corpus part(s) %s get 0 of the %d %s samples at weights %s (a share below "
+                                   "half a sample): they are not trained on; raise their weight (or drop them)",
+                                   starved, n, objective, weights)
+                _blend(ranges, weights, seed).tofile(tmp / "blend.bin")
             (tmp / "index.json").write_text(json.dumps(stats))
             if d.exists():
                 shutil.rmtree(d)

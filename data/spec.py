@@ -254,6 +254,32 @@ def _directory_shards(root: Path) -> list[Path]:
     return sorted(found, key=str)
 
 
+def _file_key(path: Path) -> tuple[int, int] | Path:
+    """The identity of a file: its device and inode (a hard link or a symlink is the same file), or its
+    resolved path when it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path.resolve()
+    return st.st_dev, st.st_ino
+
+
+def check_disjoint(train: CorpusSpec, held_out: CorpusSpec, train_flag: str = "--corpus_path",
+                   held_out_flag: str = "--eval_corpus") -> None:
+    """Refuse held-out (validation) text that is also training text: a `src_valid.dat` inside the training
+    directory (or matched by its glob) would be trained on, and its validation loss would measure
+    memorisation. Raises SpecError naming the shards and the fix."""
+    keys = {_file_key(s): s for s in train.shards}
+    both = [s for s in held_out.shards if _file_key(s) in keys]
+    if both:
+        names = ", ".join(str(s) for s in both[:3]) + (f" and {len(both) - 3} more" if len(both) > 3 else "")
+        raise SpecError(f"{held_out_flag} {held_out.text}: {len(both)} of its shard(s) are also training shards of "
+                        f"{train_flag} {train.text} ({names}): the model would train on its validation text. Leave "
+                        f"them out of {train_flag} (move the validation file out of the training directory, or name "
+                        f"the training shards with a glob that does not match it, e.g. 'DIR/train*'), or hold out "
+                        f"part of the training text with --eval_fraction instead")
+
+
 def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) -> CorpusSpec:
     """The shards a spec names, grouped by part. A sequence is several specs (e.g. repeated --input).
 
@@ -264,7 +290,7 @@ def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) ->
     if not texts or not any(t.strip() for t in texts):
         raise SpecError(f"empty corpus spec; give a .dat file, a directory of .dat shards or a glob ({FORMAT_HINT})")
     parts: list[Part] = []
-    seen: dict[Path, str] = {}
+    seen: dict[tuple[int, int] | Path, tuple[Path, str]] = {}
     for text in texts:
         for part, weight in split_parts(text):
             shards = []
@@ -278,11 +304,13 @@ def resolve(spec: str | Path | Sequence[str | Path], check_text: bool = True) ->
                         where = "" if explicit else f" (a shard of {part})"
                         error = MissingShard if problem.startswith("no such file") else SpecError
                         raise error(f"{shard}{where}: {problem}")
-                key = shard.resolve()
+                key = _file_key(shard)
                 if key in seen:
-                    raise SpecError(f"{shard} is named twice in the corpus spec (by {seen[key]!r} and {part!r}); "
+                    first, where = seen[key]
+                    same = "" if first.resolve() == shard.resolve() else f"; it is the same file as {first} (a link)"
+                    raise SpecError(f"{shard} is named twice in the corpus spec (by {where!r} and {part!r}{same}); "
                                     f"list every shard once")
-                seen[key] = part
+                seen[key] = (shard, part)
                 shards.append(shard)
             if not shards:
                 raise SpecError(f"{part}: every file it names is empty; expected {FORMAT_HINT}")

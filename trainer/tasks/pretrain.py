@@ -28,12 +28,14 @@ class PretrainTask(Task):
         super().__init__(args, ctx, start)
         from data.corpus import open_corpus
         from data.pretrain import PretrainDataset
-        from data.spec import SpecError, resolve
+        from data.spec import SpecError, check_disjoint, resolve
         from models import build_model
 
         try:
             spec = resolve(args.corpus_path)
             eval_spec = resolve(args.eval_corpus) if args.eval_corpus else None
+            if eval_spec is not None:
+                check_disjoint(spec, eval_spec)
         except SpecError as e:
             raise SystemExit(f"--corpus_path/--eval_corpus: {e}") from None
         self.tokenizer = self.load_tokenizer([str(s) for s in spec.shards])
