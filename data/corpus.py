@@ -744,6 +744,33 @@ def _my_share(sizes: Sequence[int], rank: int, world: int) -> list[int]:
     return [i for i in range(len(sizes)) if owner[i] == rank]
 
 
+def _note_recopied(shards: Sequence[Path], stats: Sequence[os.stat_result], missing: Sequence[int],
+                   tokenizer: KoTokenizer, listing: CacheListing, log: Callable[[str], None]) -> None:
+    """Say when shards about to be cached have a cache of the same size and tokenizer but another
+    modification time: a copy that did not keep the times (`cp` without -p, `rsync` without -t/-a) makes
+    every cache stale, and a corpus of tens of GB is tokenized again while the old caches stay."""
+    moved = []
+    for i in missing:
+        home = cache_dir_for(shards[i], tokenizer).parent
+        for name in listing.entries(home, shards[i].name):
+            if not name.endswith(".cache"):
+                continue
+            try:
+                m = json.loads((home / name / MANIFEST).read_text())
+                if (m["corpus"]["size"] == stats[i].st_size and m["corpus"]["mtime_ns"] != stats[i].st_mtime_ns
+                        and m["tokenizer"]["fingerprint"] == tokenizer.fingerprint):
+                    moved.append(shards[i])
+                    break
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    if moved:
+        log(f"[corpus] {len(moved)} of the {len(missing)} shard(s) to cache have a cache of the same size and "
+            f"tokenizer but another modification time, e.g. {moved[0]} (copied without keeping times: `cp` "
+            f"without -p, `rsync` without -t?). A cache is named by size and time, so they are tokenized again; "
+            f"if their text is unchanged, stop and copy them again keeping the times (`cp -p`, `rsync -a`) to "
+            f"reuse the caches. The old caches stay in place (`python -m data.corpus info` lists them)")
+
+
 def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0, world_size: int = 1,
                   num_workers: int | None = None, progress: bool = True,
                   log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS) -> list[Path]:
@@ -758,7 +785,10 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
     missing = [i for i, o in enumerate(outs) if not (o / MANIFEST).exists()]
     if not missing:
         return outs
-    if not os.environ.get(CACHE_ENV):  # read-only corpus directories: say where their caches go
+    listing = CacheListing()
+    if rank == 0:
+        _note_recopied(shards, stats, missing, tokenizer, listing, log)
+    if not os.environ.get(CACHE_ENV) and rank == 0:  # read-only corpus directories: say where their caches go
         away = sorted({str(shards[i].parent) for i in missing if outs[i].parent != shards[i].parent})
         if away:
             log(f"[corpus] {', '.join(away[:3])}{' ...' if len(away) > 3 else ''} not writable: the shard caches go "
@@ -775,7 +805,6 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
     built = 0
     t0 = last_report = time.monotonic()
     pool = _TokenizerPool(tokenizer, workers, total)
-    listing = CacheListing()
     try:
         while True:
             waiting = []
@@ -1016,4 +1045,8 @@ def _cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    try:
+        sys.exit(_cli())
+    except BrokenPipeError:  # `info SPEC | head`: the reader stopped reading, nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when exiting flushes
+        sys.exit(0)

@@ -141,3 +141,33 @@ def test_a_full_disk_reports_the_space_left_after_cleaning_up(tiny_corpus, tiny_
             "filler", "x.dat", f"{corpus_mod.cache_dir_for(shard, tiny_tokenizer).name}.lock"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_shards_copied_without_their_times_are_named_before_they_are_tokenized_again(two_dirs, tiny_tokenizer):
+    # `cp -r`/`rsync -r` of a corpus and its caches to another cluster changes every shard's mtime: all caches
+    # went stale and the corpus was tokenized again with nothing said (the INFO log is not shown in training)
+    shards = resolve(str(two_dirs / "c")).shards
+    ensure_caches(shards, tiny_tokenizer, progress=False, num_workers=1)
+    for s in shards:
+        os.utime(s, ns=(s.stat().st_atime_ns, s.stat().st_mtime_ns + 5 * 10**9))
+    said = []
+    ensure_caches(shards, tiny_tokenizer, progress=False, num_workers=1, log=said.append)
+    assert any("2 of the 2 shard(s) to cache have a cache of the same size and tokenizer but another "
+               "modification time" in m and "cp -p" in m for m in said), said
+    said.clear()  # a changed text (another size) or a first build: nothing to say
+    shards[0].write_bytes(shards[0].read_bytes() + "추가 문장\n".encode())
+    ensure_caches(shards, tiny_tokenizer, progress=False, num_workers=1, log=said.append)
+    assert said == []
+
+
+def test_info_piped_into_head_ends_quietly(tmp_path):
+    # `python -m data.corpus info 'traindata/*' | head`: thousands of rows, and a BrokenPipeError traceback
+    (tmp_path / "d").mkdir()
+    for i in range(1500):
+        (tmp_path / "d" / f"s{i:04d}.dat").write_text("한 문장입니다\n")
+    proc = subprocess.Popen([sys.executable, "-m", "data.corpus", "info", str(tmp_path / "d")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.readline().startswith(b"shard")
+    proc.stdout.close()  # as head does after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
