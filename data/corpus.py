@@ -924,6 +924,28 @@ def load_or_build(corpus_path: str | Path, tokenizer: KoTokenizer, *, num_worker
     return CorpusCache.open(build_cache(corpus_path, tokenizer, num_workers, progress))
 
 
+_INDEX_ENTRY = re.compile(r"(?P<shard>.+)\.[0-9a-f]{12}\.index")
+
+
+def sample_indexes(shards: Sequence[Path]) -> list[Path]:
+    """The sample index directories (data.pretrain: `<first shard>.<hash>.index`) kept beside these shards
+    (or where their caches go): every corpus, objective, length, split and weights trained with leaves one,
+    and those of tens of GB of text take GBs."""
+    names: dict[Path, set[str]] = collections.defaultdict(set)
+    for s in shards:
+        for home in cache_homes(s.parent):
+            names[home].add(s.name)
+    out = []
+    for home, shard_names in names.items():
+        try:
+            entries = sorted(os.listdir(home))
+        except OSError:
+            continue
+        out.extend(home / n for n in entries if (m := _INDEX_ENTRY.fullmatch(n)) and m["shard"] in shard_names
+                   and (home / n).is_dir())
+    return out
+
+
 def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: CacheListing | None = None) -> dict:
     """A shard's caches: which are current (match its size and mtime; with a tokenizer: that
     tokenizer's) and which are stale (left by an older shard or another tokenizer)."""
@@ -1038,6 +1060,13 @@ def _cli(argv: list[str] | None = None) -> int:
                   f"(named above): training reads only each shard's current cache. One left by a changed shard is "
                   f"never read again; one of another tokenizer is read by runs with that tokenizer. Delete those you "
                   f"do not need with `rm -r <cache>` (a run reading one stops, naming it; others are unaffected)")
+        indexes = sample_indexes(cs.shards)
+        if indexes:
+            size = sum(f.stat().st_size for d in indexes for f in d.iterdir() if f.is_file())
+            print(f"{len(indexes)} sample index(es), {size / 2**20:.1f} MiB, kept with the caches: one per corpus, "
+                  f"objective, --max_seq_length, split and weights trained with; delete those no run needs with "
+                  f"`rm -r` (the next run that needs one builds it again, a few seconds per GB of text): "
+                  f"{', '.join(str(d) for d in indexes[:4])}{' ...' if len(indexes) > 4 else ''}")
         return 0
     except (SpecError, ValueError, FileNotFoundError) as e:
         print(f"python -m data.corpus {args.cmd}: {e}", file=sys.stderr)

@@ -171,3 +171,16 @@ def test_info_piped_into_head_ends_quietly(tmp_path):
     proc.stdout.close()  # as head does after its lines
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+def test_info_lists_the_sample_indexes_that_pile_up(two_dirs, tiny_tokenizer, capsys):
+    # every --max_seq_length, objective, split or weights leaves an index beside the first shard (GBs for tens
+    # of GB of text); info said nothing of them
+    corpus = open_corpus(str(two_dirs / "c"), tiny_tokenizer, progress=False, num_workers=1)
+    for length in (32, 64):
+        PretrainDataset(corpus, tiny_tokenizer, length, objective="mlm")
+    assert _cli(["info", str(two_dirs / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "2 sample index(es)" in out and str(two_dirs / "c" / "s1.dat") in out and "rm -r" in out
+    assert _cli(["info", str(two_dirs / "a")]) == 0  # another corpus's shards: not its indexes
+    assert "sample index" not in capsys.readouterr().out
