@@ -972,10 +972,13 @@ def _train_cli_problem(args: argparse.Namespace) -> str | None:
         return f"--out {out}: exists and is not a directory; pick a new directory"
     present = [name for name in TOKENIZER_FILES if (out / name).exists()]
     model = next((name for name in MODEL_FILES if (out / name).exists()), None)
-    if present and model:  # even with --overwrite: the weights there read the ids of the tokenizer beside them
-        return (f"--out {out}: holds a model ({model}) beside its tokenizer ({', '.join(present)}); its embeddings "
-                f"were trained on that tokenizer's ids, so replacing it would leave the model reading wrong ids "
-                f"(--overwrite does not apply to a model's folder); pick a new directory for this tokenizer")
+    if model:  # even with --overwrite: the tokenizer in a model's folder is read as the one its weights know
+        return (f"--out {out}: holds a model ({model})"
+                + (f" beside its tokenizer ({', '.join(present)}); its embeddings were trained on that tokenizer's "
+                   f"ids, so replacing it would leave the model reading wrong ids (--overwrite does not apply to a "
+                   f"model's folder)" if present else
+                   "; a tokenizer there would be taken for the one its embeddings were trained on")
+                + "; pick a new directory for this tokenizer")
     if present and not args.overwrite:
         return (f"--out {out}: already holds {'a tokenizer' if 'tokenizer.json' in present else 'tokenizer files'} "
                 f"({', '.join(present)}) that this would replace; pick a new directory or add --overwrite to "

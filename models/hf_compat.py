@@ -421,6 +421,9 @@ def modernbert_config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError("this ModernBERT config has no equivalent here: " + ", ".join(problems))
     values = {ours: hf[k] for ours, k in MODERNBERT_CONFIG_KEYS if k in hf}
     values["global_attn_every_n_layers"] = every
+    window = values.get("local_attention")
+    if isinstance(window, int) and not isinstance(window, bool) and window > 2 and window % 2:
+        values["local_attention"] = window - 1  # transformers sees local_attention // 2 each side: 7 is 6's window
     return ModelConfig(model_type="modernbert", ln_pos=0, act_fn=by_hf[act], dropout_prob=float(dropouts.pop()),
                        global_rope_theta=float((rope.get("full_attention") or {}).get(
                            "rope_theta", hf.get("global_rope_theta", 160000.0))),

@@ -78,6 +78,19 @@ def test_transformers_key_names_in_our_config_are_named_with_ours(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("model_type, said", [
+    ("albert", 'ALBERT is "model_type": "transformer" with "layer_group" (shared layers) and "embedding_size"'),
+    ("switch", 'a Switch Transformer is "model_type": "transformer" with "n_experts" > 1'),
+    ("bert", 'BERT is "model_type": "transformer"'),
+])
+def test_model_type_of_a_readme_name_says_which_keys_make_it(tmp_path, model_type, said):
+    """The README's table names configs `albert` and `switch`; a config written with those as its model_type was
+    told only the three valid types."""
+    with pytest.raises(ValueError) as e:
+        load_config(write_config(tmp_path / "mine.json", model_type=model_type))
+    assert f"model_type must be one of ('transformer', 'mix_lm', 'modernbert'), got '{model_type}': {said}" in str(e.value)
+
+
 @pytest.mark.parametrize("overrides, ok", [
     ({"n_experts": 4, "moe_layer_interval": 2}, True),            # layer 1 of 2 is MoE
     ({"n_experts": 4, "moe_layer_interval": 3}, False),           # none of 2 layers
@@ -242,3 +255,29 @@ def test_training_over_a_models_tokenizer_is_refused_even_with_overwrite(tmp_pat
         assert (f"--out {folder}: holds a model (model.safetensors) beside its tokenizer (tokenizer.json, vocab.txt); "
                 f"its embeddings were trained on that tokenizer's ids") in capsys.readouterr().err
     assert tree_digest(folder) == before
+    bare = _hf_folder(tmp_path / "bare", bert_mlm)  # weights without a tokenizer: one written there reads as theirs
+    with pytest.raises(SystemExit):
+        main(["train", "--input", str(small_corpus), "--vocab_size", "2000", "--out", str(bare)])
+    assert (f"--out {bare}: holds a model (model.safetensors); a tokenizer there would be taken for the one its "
+            f"embeddings were trained on; pick a new directory") in capsys.readouterr().err
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_modernbert_folder_with_an_odd_local_window_is_read_as_transformers_computes_it(tmp_path):
+    """transformers attends local_attention // 2 tokens each side, so a folder with local_attention 7 computes
+    the window of 6; it was refused ("local_attention (7) must be even"), a fix its user cannot make."""
+    from trainer.export import build_ours, load_source, ours_outputs
+
+    torch.manual_seed(0)
+    hf = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, local_attention=7, global_attn_every_n_layers=2, pad_token_id=0)).eval()
+    folder = _hf_folder(tmp_path / "hf", hf)
+    assert load_config(folder).local_attention == 6
+    ids = torch.randint(6, 2000, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    _, logits = ours_outputs(build_ours(load_source(folder)), ids, mask)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+    assert (logits - want)[mask.bool()].abs().max() < 1e-5
