@@ -76,6 +76,8 @@ UNKNOWN_WARN_FRACTION = 0.2  # a build warns when more of a shard's tokens are [
 CACHE_ENV = "CORPUS_CACHE_DIR"  # optional: directory for caches instead of beside the corpus
 POLL_SECONDS = 1.0
 WAIT_REPORT_SECONDS = 30.0
+PROGRESS = "progress"  # in a build's temporary directory: the shard's bytes tokenized so far
+PROGRESS_SECONDS = 5.0
 _MANIFEST_KEYS = ("format_version", "corpus", "tokenizer", "dtype", "counts", "skipped")
 
 
@@ -508,6 +510,7 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
     unk = tokenizer.unk_id  # None: a byte-level BPE has no unknown token
     skipped: collections.Counter = collections.Counter()
     pending_break = True  # the first sentence starts a document
+    done = [0, -PROGRESS_SECONDS]  # bytes tokenized, when PROGRESS was last written (first: at once)
     with contextlib.ExitStack() as stack:
         if pool is None:
             pool = stack.enter_context(_TokenizerPool(tokenizer, num_workers, size))
@@ -537,8 +540,13 @@ def _write_cache(corpus: Path, tokenizer: KoTokenizer, tmp: Path, inputs: dict, 
             n_lines += r["lines"]
             if bar is not None:
                 bar.update(r["bytes"])
+            done[0] += r["bytes"]
+            if time.monotonic() - done[1] >= PROGRESS_SECONDS:  # for processes waiting on this shard
+                (tmp / PROGRESS).write_text(str(done[0]))
+                done[1] = time.monotonic()
 
         pool.run(tasks, consume)
+        (tmp / PROGRESS).write_text(str(done[0]))
         np.array([n_tok], dtype=np.int64).tofile(fsent)
         np.array([n_sent], dtype=np.int64).tofile(fdoc)
     seconds = time.perf_counter() - t0
@@ -666,6 +674,7 @@ def _build_locked(corpus: Path, tokenizer: KoTokenizer, out: Path, num_workers: 
         if now != inputs["corpus"]:
             raise ValueError(f"corpus {corpus} changed while its cache was being built (size {inputs['corpus']['size']}"
                              f" -> {now['size']} bytes); nothing was kept. Let whatever writes it finish, then run again")
+        (tmp / PROGRESS).unlink(missing_ok=True)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         if out.exists():  # a directory without manifest: an interrupted rename or a manual copy
             shutil.rmtree(out)
@@ -731,6 +740,27 @@ def build_cache(corpus_path: str | Path, tokenizer: KoTokenizer, num_workers: in
                 if bar is not None:
                     bar.close()
     return out
+
+
+def _bytes_in_progress(outs: Sequence[Path]) -> dict[Path, int]:
+    """Per cache, the bytes of its shard another process has tokenized so far (the largest PROGRESS of its
+    builds' temporary directories; one listing per directory): a process waiting on a large shard sees
+    it move."""
+    by_dir: dict[Path, set[str]] = collections.defaultdict(set)
+    for o in outs:
+        by_dir[o.parent].add(o.name)
+    done: dict[Path, int] = collections.defaultdict(int)
+    for d, names in by_dir.items():
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for n in entries:
+            out = n.rsplit(".tmp-", 1)[0]
+            if ".cache.tmp-" in n and out in names:
+                with contextlib.suppress(OSError, ValueError):
+                    done[d / out] = max(done[d / out], int((d / n / PROGRESS).read_text()))
+    return done
 
 
 def _my_share(sizes: Sequence[int], rank: int, world: int) -> list[int]:
@@ -825,7 +855,8 @@ def ensure_caches(shards: Sequence[Path], tokenizer: KoTokenizer, rank: int = 0,
             order = waiting
             now = time.monotonic()
             if now - last_report >= WAIT_REPORT_SECONDS or last_report == t0:
-                left = sum(stats[i].st_size for i in waiting)
+                done = _bytes_in_progress([outs[i] for i in waiting])
+                left = sum(max(0, stats[i].st_size - done.get(outs[i], 0)) for i in waiting)
                 log(f"[corpus] rank {rank}: waiting for {len(waiting)} shard cache(s) being built by other "
                     f"processes ({left / 2**20:.1f} of {total / 2**20:.1f} MiB left, {now - t0:.0f} s), "
                     f"e.g. {shards[waiting[0]]}")

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +185,28 @@ def test_info_lists_the_sample_indexes_that_pile_up(two_dirs, tiny_tokenizer, ca
     assert "2 sample index(es)" in out and str(two_dirs / "c" / "s1.dat") in out and "rm -r" in out
     assert _cli(["info", str(two_dirs / "a")]) == 0  # another corpus's shards: not its indexes
     assert "sample index" not in capsys.readouterr().out
+
+
+def test_a_process_waiting_on_a_large_shard_sees_its_build_progress(two_dirs, tiny_tokenizer_dir, tiny_tokenizer):
+    # another node builds one large shard for half an hour: the waiting ranks printed "1061.8 of 1061.8 MiB
+    # left" every 30 s until it was done (they looked like hung); the builder now leaves its progress in its
+    # temporary directory and the waiting line counts it
+    shard = two_dirs / "c" / "s1.dat"
+    out = corpus_mod.cache_dir_for(shard, tiny_tokenizer)
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "data.corpus", "build", "--corpus_path", str(shard), "--tokenizer",
+         str(tiny_tokenizer_dir), "--num_workers", "1", "--no_progress"], cwd=REPO, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO), CORPUS_TEST_BUILD_DELAY="s1.dat:3"))
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.parent.glob(f"{out.name}.tmp-*/{corpus_mod.PROGRESS}")):  # tokenized, not yet renamed
+            assert time.monotonic() < deadline and builder.poll() is None
+            time.sleep(0.05)
+        said = []
+        ensure_caches([shard], tiny_tokenizer, progress=False, num_workers=1, log=said.append, poll_seconds=0.1)
+    finally:
+        builder.wait(timeout=60)
+    size = shard.stat().st_size / 2**20
+    assert said and f"waiting for 1 shard cache(s) being built by other processes (0.0 of {size:.1f} MiB left" \
+        in said[0], said
+    assert builder.returncode == 0 and not (out / corpus_mod.PROGRESS).exists()
