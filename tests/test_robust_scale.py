@@ -1,7 +1,7 @@
 """The corpus pipeline as users with real-size data run it: many shards mixed by weight, a src_valid file
 beside the training text, caches built ahead on another machine (read-only directories), killed and
-failed builds, stale caches. Small reproductions of what was measured at scale (see the report of this
-stop in docs/operations.md's table)."""
+failed builds, stale caches. Small reproductions of what was found at scale (thousands of shards, a
+1 GB shard); the refusals and notes are rows of docs/operations.md's "Bad input" table."""
 from __future__ import annotations
 
 import logging
