@@ -252,3 +252,47 @@ def test_evaluate_reads_whole_classify_files_before_any_run(tmp_path):
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"task nsmc: --train_file .*late_bad_row.tsv:202: 4 tab-separated field"):
         _check_data("nsmc", ["--train_mode", "classify", "--train_file", str(path)])
+
+
+def test_pre_ln_export_with_a_roberta_order_tokenizer_numbers_positions_right(tmp_path, tiny_corpus):
+    """A pre-LN model trained with a foreign tokenizer whose <s> is 0 and <pad> 1 (RoBERTa's order)
+    kept our config's pad_token_id 0 (our models never read it), and the RoBERTa-PreLayerNorm export
+    numbered positions by `input_ids != 0`: every <s> was padding to transformers, every position
+    after it one off (hidden states differed by up to 4 on real tokens; --verify, fed ids >= 6, passed).
+    The export takes the pad id from the tokenizer, and --verify feeds special ids too."""
+    from models import ModelConfig, build_model
+    from tests.test_foreign_tokenizer import _wordpiece
+    from trainer import checkpoint
+    from trainer.export import build_ours, export, load_source, ours_outputs
+
+    tok_dir = tmp_path / "roberta_tok"
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_wordpiece(tiny_corpus, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]), bos_token="<s>",
+        cls_token="<s>", pad_token="<pad>", sep_token="</s>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>").save_pretrained(tok_dir)
+    from data.tokenizer import KoTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(TINY_CONFIG | {"ln_pos": 0, "vocab_size": KoTokenizer.load(tok_dir).vocab_size})
+    assert cfg.pad_token_id == 0
+    model = build_model(cfg, "pretrain", objective="mlm")
+    with torch.no_grad():
+        model.encoder.embeddings.position_embeddings.weight.normal_(0.0, 1.0)  # positions matter
+    src = tmp_path / "final"
+    src.mkdir()
+    checkpoint.save_weights(model.state_dict(), src / checkpoint.WEIGHTS, {"step": "3"})
+    cfg.to_json(src / "config.json")
+    summary = export(src, tmp_path / "hf", tokenizer=tok_dir, do_verify=True)
+    assert summary["target"] == "roberta-prelayernorm"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"] == 1
+    assert max(summary["verify"].values()) < 1e-5, summary["verify"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    batch = tok(["이 영화 정말 재밌었어요!", "별로"], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0, 0] == 0 and (batch["input_ids"] == 1).any()  # <s> first, <pad> after the short one
+    real = batch["attention_mask"].bool()
+    h_ours, _ = ours_outputs(build_ours(load_source(src)), batch["input_ids"], batch["attention_mask"],
+                            torch.zeros_like(batch["input_ids"]))
+    with torch.no_grad():
+        h_hf = transformers.AutoModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert (h_hf - h_ours)[real].abs().max() < 1e-5

@@ -508,7 +508,9 @@ def verify(out_dir: Path, source: Source, seed: int = 0) -> dict[str, float]:
     # ModernBERT: longer than the local window, so sliding-window layers differ from global ones
     L = source.config.local_attention + 8 if modern else 16
     B, L = 3, min(L, source.config.max_position_embedding)
-    ids = torch.randint(6, source.config.vocab_size, (B, L), generator=g)
+    pad = source.config.pad_token_id
+    ids = torch.randint(0, source.config.vocab_size - 1, (B, L), generator=g)
+    ids += (ids >= pad).long()  # every id but the pad id: special ids too (a tokenizer's <s> may be 0)
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, L // 2:] = 0
     mask[2, L - 3:] = 0
@@ -615,11 +617,17 @@ def export(src: str | Path, out: str | Path, tokenizer: str | Path | None = None
     if tokenizer is not None:  # a tokenizer folder, or its tokenizer.json (as --tokenizer takes elsewhere)
         source.tokenizer_dir = tokenizer_folder(tokenizer)
     if source.tokenizer_dir is not None:  # before anything is written: ids the embeddings never saw are no export
+        ko = KoTokenizer.load(source.tokenizer_dir)
         try:
-            check_vocab_size(KoTokenizer.load(source.tokenizer_dir), source.config.vocab_size)
+            check_vocab_size(ko, source.config.vocab_size)
         except ValueError as e:
             raise ValueError(f"the tokenizer {source.tokenizer_dir} does not fit this model: {str(e).split('; ')[0]}; "
                              f"pass --tokenizer with the tokenizer the model was trained with") from None
+        if ko.pad_id is not None and ko.pad_id != source.config.pad_token_id:
+            # our models never read pad_token_id (the attention mask says what is padding), so a run with a
+            # foreign tokenizer (RoBERTa's <pad> is 1) keeps the config's 0; transformers' RoBERTa numbers
+            # positions by `input_ids != pad_token_id`, which would take its <s> (0) for padding
+            source.config = dataclasses.replace(source.config, pad_token_id=ko.pad_id)
     else:
         print(f"[export] warning: no tokenizer found for {src}: the export holds none (its README says so); "
               f"pass --tokenizer DIR to include it", file=sys.stderr, flush=True)
