@@ -31,6 +31,7 @@ if [[ "$GPUS" == "0" ]]; then
 else
     NPROC_PER_NODE="${NPROC_PER_NODE:-$GPUS}"
 fi
+source "$REPO/launch/common.sh"  # checks PYTHON, NPROC_PER_NODE, LAUNCHER; check_port_free
 if [[ -z "${RUNNER:-}" ]]; then
     if command -v deepspeed >/dev/null 2>&1; then RUNNER=deepspeed; else RUNNER=torchrun; fi
 fi
@@ -38,8 +39,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 case "$RUNNER" in
     deepspeed)
+        MASTER_PORT="${MASTER_PORT:-29500}"
+        check_port_free 127.0.0.1 "$MASTER_PORT" MASTER_PORT
         # --no_local_rank: the trainer reads LOCAL_RANK from the environment, not a --local_rank flag
-        exec deepspeed --no_local_rank --num_gpus "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29500}" \
+        exec deepspeed --no_local_rank --num_gpus "$NPROC_PER_NODE" --master_port "$MASTER_PORT" \
             "$REPO/$LAUNCHER" --engine deepspeed "$@" ;;
     torchrun)
         exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC_PER_NODE" \

@@ -20,7 +20,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${NNODES:?set NNODES to the number of nodes (the same value on every node)}"
 NODE_RANK="${NODE_RANK:-0}"
+PORT_VAR="$([[ -n "${RDZV_ENDPOINT:-}" ]] && echo RDZV_ENDPOINT || echo MASTER_PORT)"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
+# node 0 normally hosts the rendezvous store: a port held by another program would make every agent wait silently
+if [[ "$NODE_RANK" == 0 && "$RDZV_ENDPOINT" =~ ^(.+):([0-9]+)$ ]]; then
+    check_port_free "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "$PORT_VAR"
+fi
 # --node_rank is not used by c10d (it assigns ranks in arrival order); the rendezvous host is
 # preferred for global rank 0 when its hostname matches RDZV_ENDPOINT.
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \

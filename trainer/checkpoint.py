@@ -180,6 +180,39 @@ class Start:
                                  f"pass --model {folder / 'config.json'} (the checkpoint's config)")
 
 
+# the engine state folders of a step-N, and which engines (at which ZeRO stage) read them
+ENGINE_STATE = {"dcp": "torch", "fairscale": "fairscale", "ds": "deepspeed"}
+
+
+def _reads(engine: str, stage: int) -> str:
+    """The state folder `engine` resumes at `stage` (fairscale's stage 0 is torch DDP: dcp/)."""
+    return {"torch": "dcp", "deepspeed": "ds"}.get(engine) or ("dcp" if stage == 0 else "fairscale")
+
+
+def check_engine(start: Start, engine: str, stage: int, model_name: str) -> None:
+    """SystemExit before any work when a step-N's optimizer state was written by an engine that
+    `engine` at ZeRO `stage` cannot read (each engine reads its own: the torch engine reads every
+    torch stage's). A step-N without any state folder is left to the load's damage message."""
+    if start.meta is None or start.path is None:
+        return
+    held = [sub for sub in ENGINE_STATE if (start.path / sub).is_dir()]
+    if not held or _reads(engine, stage) in held:
+        return
+    meta, args = start.meta, start.meta["args"]
+    by = meta.get("engine") or ENGINE_STATE[held[0]]
+    how = f"{args.get('launcher') or 'its launcher'}{' --zero3' if args.get('zero3') else ''}"
+    same = {"dcp": "--engine torch (any launcher) or --engine fairscale with train.py",
+            "fairscale": "--engine fairscale with train_zero_one.py or train_zero_two.py",
+            "ds": "--engine deepspeed"}[held[0]]
+    raise SystemExit(
+        f"--checkpoint {start.path} was written by --engine {by} ({how}, ZeRO stage {meta.get('stage', '?')}), "
+        f"whose model and optimizer state --engine {engine} at ZeRO stage {stage} cannot read; resume it with "
+        f"{same}. A run does not change engines part-way (each keeps its optimizer state in its own format); "
+        f"the model a run exports (its final/ folder) starts a new run under any engine: --checkpoint RUN/final "
+        f"with another --model_name than {model_name} (weights only: AdamW's moments and the data position "
+        f"start afresh)")
+
+
 def resolve_start(spec: str | None, run_dir: Path) -> Start:
     """`resolve` with a step-N's meta.json read; CheckpointError when either is unusable."""
     path, kind = resolve(spec, run_dir)

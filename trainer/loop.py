@@ -84,6 +84,8 @@ def _run(args: Namespace, ctx, rd) -> dict:
     resume_path, resume_kind, resume_meta = start.path, start.kind, start.meta
     full_resume = resume_meta is not None and resume_meta["args"]["train_mode"] == args.train_mode
     start.check_config(load_config(args.model).to_dict())
+    if full_resume:
+        checkpoint.check_engine(start, args.engine, args.stage, args.model_name)
     existing = checkpoint.list_checkpoints(rd)
     # a step-N of the user's (no meta.json: not a checkpoint) would be replaced by that step's save
     strays = sorted(p.name for p in rd.iterdir() if checkpoint.STEP_DIR.match(p.name)
@@ -152,7 +154,8 @@ def _run(args: Namespace, ctx, rd) -> dict:
             what = f" ({resume_meta['args']['train_mode']} checkpoint)" if resume_kind == "step" else ""
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}{what}")
     if full_resume and task.dataset is not None and ctx.is_main:
-        _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state, ctx.world_size)
+        _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state, ctx.world_size,
+                         bucketed=task.unpads("train"))
         _note_schedule_change(args, resume_meta, state.step, ctx.log)
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
@@ -298,7 +301,8 @@ def _note_schedule_change(args: Namespace, meta: dict, step: int, log) -> None:
         f"schedule applies from there")
 
 
-def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState, world_size: int) -> None:
+def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState, world_size: int,
+                     bucketed: bool = False) -> None:
     """Resuming on other data is allowed (continued pretraining on a new corpus) but no longer
     reproduces the original run: say so, on stderr."""
     saved, changes = meta["args"], []
@@ -318,14 +322,42 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
              if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
     world, accum = meta.get("world_size"), saved.get("gradient_accumulation_steps")
     if world and accum and saved.get("train_batch_size"):
-        before = int(saved["train_batch_size"]) * int(world) * int(accum)
-        now = args.train_batch_size * world_size * args.gradient_accumulation_steps
+        old_split = (int(saved["train_batch_size"]), int(world), int(accum))
+        new_split = (args.train_batch_size, world_size, args.gradient_accumulation_steps)
+        before, now = old_split[0] * old_split[1] * old_split[2], new_split[0] * new_split[1] * new_split[2]
         if before != now:
             order.append(f"global batch {before} -> {now} (--train_batch_size x processes x accumulation)")
+        elif old_split != new_split:  # the same global batch, split otherwise
+            split = old_split, new_split
+            epoch = [_epoch_samples(num_samples, old_split[0] * old_split[1], now, saved.get("max_steps_per_epoch") or 0),
+                     _epoch_samples(num_samples, new_split[0] * new_split[1], now, args.max_steps_per_epoch)]
+            shown = " -> ".join("{} x {} process(es) x {} accumulation".format(*s) for s in split)
+            if bucketed:
+                order.append(f"the same global batch of {now} split otherwise ({shown}): training batches are "
+                             f"grouped by length in windows of global micro-batches (--unpad auto), so the "
+                             f"samples of each step differ")
+            elif epoch[0] != epoch[1]:
+                order.append(f"the same global batch of {now} split otherwise ({shown}): an epoch takes "
+                             f"{epoch[0]} -> {epoch[1]} of the {num_samples} samples (whole global micro-batches "
+                             f"of --train_batch_size x processes), so the epochs end elsewhere")
+            else:
+                print(f"[checkpoint] note: resuming {path} with another split of the same global batch of {now} "
+                      f"samples ({shown}, --train_batch_size x processes x --gradient_accumulation_steps): every "
+                      f"step trains on the same samples in the same order under the same learning rate, so "
+                      f"this continues the run equivalently. The losses are not bit-identical to the original "
+                      f"split's: each micro-batch's loss is averaged over its own tokens, and dropout draws "
+                      f"other masks", file=sys.stderr, flush=True)
     if order:
         print(f"[checkpoint] warning: resuming {path} with other data settings ({'; '.join(order)}): the samples "
               f"from here differ from those the original run would have drawn; pass its values to continue it "
               f"exactly", file=sys.stderr, flush=True)
+
+
+def _epoch_samples(num_samples: int, global_micro: int, global_batch: int, max_steps_per_epoch: int) -> int:
+    """The samples one epoch takes (trainer.sampler.EpochSampler.samples_per_epoch)."""
+    if max_steps_per_epoch:
+        return max_steps_per_epoch * global_batch
+    return num_samples // global_micro * global_micro
 
 
 def _same_path(before: str | None, cwd: str | None, now: str | None) -> bool:
