@@ -19,6 +19,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${NNODES:?set NNODES to the number of nodes (the same value on every node)}"
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]]; then
+    echo "$SCRIPT_NAME: NNODES must be a number of nodes >= 1, or MIN:MAX for an elastic job, got '$NNODES'" >&2
+    exit 2
+fi
 NODE_RANK="${NODE_RANK:-0}"
 PORT_VAR="$([[ -n "${RDZV_ENDPOINT:-}" ]] && echo RDZV_ENDPOINT || echo MASTER_PORT)"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"

@@ -79,6 +79,15 @@ def test_a_rendezvous_port_held_by_another_program_is_named_at_once(held_port, s
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("nnodes", ["two", "0", "2:"])
+def test_multinode_sh_checks_nnodes_before_torchrun(nnodes):
+    """torchrun answered NNODES=two with a ValueError traceback."""
+    proc = subprocess.run(["bash", str(REPO / "launch" / "multinode.sh"), "--model_name", "x"], cwd=REPO,
+                          env=env(NNODES=nnodes, NPROC_PER_NODE="1"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"NNODES must be a number of nodes >= 1, or MIN:MAX for an elastic job, got '{nnodes}'" in proc.stderr
+
+
 def test_slurm_sbatch_outside_a_job_and_on_a_node_without_slurm_conf(tmp_path):
     """Outside a job: 'SLURM_JOB_NODELIST: unbound variable'. On a node where scontrol cannot run (no
     slurm.conf there) the rendezvous host was empty; older releases set SLURM_NNODES only ('unbound
@@ -158,3 +167,14 @@ def test_the_same_global_batch_split_otherwise_is_called_equivalent(area, monkey
     assert "warning: resuming" in out and "an epoch takes 1288 -> 1289 of the 1289 samples" in out, out
     assert "equivalently" not in out
 
+
+
+def test_an_optimizer_step_larger_than_the_data_warns(area, monkeypatch, capsys):
+    """--gradient_accumulation_steps beyond the data (64 x 21 = 1344 samples a step, 1280 an epoch) trained
+    silently on steps that repeat samples; only a micro-batch larger than the data was refused."""
+    code, out = _main(0, _args(area, "run", "--num_steps", "1", "--train_batch_size", "64",
+                               "--gradient_accumulation_steps", "21"), monkeypatch, capsys)
+    assert code == 0, out
+    assert ("one optimizer step takes 1344 samples (--train_batch_size 64 x 1 process(es) x "
+            "--gradient_accumulation_steps 21), more than the 1280 of an epoch" in out), out
+    assert "Lower --gradient_accumulation_steps to at most 20" in out

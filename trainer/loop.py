@@ -173,6 +173,14 @@ def _run(args: Namespace, ctx, rd) -> dict:
                                    lengths=task.train_lengths())
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        step_samples = sampler.global_micro * args.gradient_accumulation_steps
+        if step_samples > sampler.samples_per_epoch and args.num_steps > 0 and ctx.is_main:
+            print(f"[train] warning: one optimizer step takes {step_samples} samples (--train_batch_size "
+                  f"{args.train_batch_size} x {ctx.world_size} process(es) x --gradient_accumulation_steps "
+                  f"{args.gradient_accumulation_steps}), more than the {sampler.samples_per_epoch} of an epoch: every "
+                  f"step draws on two epochs or more and sees some samples twice. Lower --gradient_accumulation_steps "
+                  f"to at most {max(1, sampler.samples_per_epoch // sampler.global_micro)} (or the batch size), or use "
+                  f"more data", file=sys.stderr, flush=True)
     if newer and ctx.is_main:
         aside = checkpoint.move_aside(rd, newer, resume_meta["step"])
         ctx.log(f"[checkpoint] resuming step {resume_meta['step']} of a run that went further: moved "
