@@ -352,9 +352,12 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
                 print(f"[checkpoint] note: resuming {path} with another split of the same global batch of {now} "
                       f"samples ({shown}, --train_batch_size x processes x --gradient_accumulation_steps): every "
                       f"step trains on the same samples in the same order under the same learning rate, so "
-                      f"this continues the run equivalently. The losses are not bit-identical to the original "
-                      f"split's: each micro-batch's loss is averaged over its own tokens, and dropout draws "
-                      f"other masks", file=sys.stderr, flush=True)
+                      f"this continues the run equivalently. " + (
+                          "The micro-batches are the same, so are the gradients, up to rounding (dropout draws "
+                          "other masks)" if old_split[0] == new_split[0] else
+                          "The losses are not bit-identical to the original split's: each micro-batch's loss is "
+                          "averaged over its own tokens, and dropout draws other masks"),
+                      file=sys.stderr, flush=True)
     if order:
         print(f"[checkpoint] warning: resuming {path} with other data settings ({'; '.join(order)}): the samples "
               f"from here differ from those the original run would have drawn; pass its values to continue it "
