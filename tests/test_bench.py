@@ -31,6 +31,7 @@ def rows(table: str) -> set[str]:
     return {line.split("  ")[0] for line in table.splitlines() if "  " in line}
 
 
+@pytest.mark.slow
 def test_model_throughput_with_every_ablation():
     out = bench("model_throughput.py", "--config", str(TINY), "--modernbert", str(TINY_MODERNBERT), "--seq_len", "32",
                 "--quick", "--only", "transformer", "--full_last_layer", "--separate_embedding_grad",
@@ -55,6 +56,7 @@ def test_gpu_mfu_cpu_smoke():
             f"{m}, device reads"} <= rows(out), out
 
 
+@pytest.mark.slow
 def test_gpu_mfu_cpu_smoke_compiled_layers():
     """--compile layers: our layers compiled in place as the trainer's --compile does."""
     out = bench("gpu_mfu.py", "--device", "cpu", "--config", str(TINY), "--modernbert", "none", "--no_hf",

@@ -160,7 +160,9 @@ def test_the_same_global_batch_split_otherwise_is_called_equivalent(area, monkey
     assert ("another split of the same global batch of 8 samples (4 x 1 process(es) x 2 accumulation -> 8 x 1 "
             "process(es) x 1 accumulation" in out and "continues the run equivalently" in out), out
     assert "warning" not in out
-    assert losses(area["out"] / "split") == pytest.approx(losses(area["out"] / "whole"), abs=2e-3)
+    assert "the gradients are the same up to rounding" in out and "Switch" not in out
+    # a step's loss is the mean over all its masked tokens whatever the split (trainer.loop.token_weights)
+    assert losses(area["out"] / "split") == pytest.approx(losses(area["out"] / "whole"), rel=1e-5)
     code, out = _main(0, _args(area, "split", "--num_steps", "4", "--train_batch_size", "1",
                                "--gradient_accumulation_steps", "8", "--checkpoint", "auto"), monkeypatch, capsys)
     assert code == 0, out

@@ -181,9 +181,22 @@ def test_mixed_precision_runs(setup):
             assert rows[0]["loss_scale"] > 1
 
 
-def test_gradient_accumulation(setup):
-    rd, _ = _run(setup, "accum", "train_zero_one.py", 2, ["--gradient_accumulation_steps", "2", "--num_steps", "3"])
-    assert len(losses(rd)) == 3
+def test_every_split_of_the_global_batch_trains_alike(setup, runs):
+    """The global batch of 8 as 2 processes x 4 (DDP), 1 process x 8, and ZeRO-1 on 2 processes x 2 x
+    accumulation 2: the MLM loss of a step is the mean over all its masked tokens (each micro-batch's
+    weighted by its share, trainer.loop.token_weights), so the three follow one trajectory: losses and
+    gradient norms equal to 1e-5 relative over 4 steps. Before, each micro-batch's loss was a mean over
+    its own tokens and the runs differed from the first step on (3e-3 on the loss, 2e-2 by step 8)."""
+    steps = ["--num_steps", "4"]
+    one, _ = _run(setup, "one_by_8", "train.py", 1, ["--train_batch_size", "8", *steps])
+    accum, proc = _run(setup, "accum", "train_zero_one.py", 2, ["--train_batch_size", "2",
+                                                                 "--gradient_accumulation_steps", "2", *steps])
+    assert "batch=2x2x2" in proc.stdout
+    ddp = read_tsv(runs["ddp"] / "loss.tsv")[:4]
+    for other in (read_tsv(one / "loss.tsv"), read_tsv(accum / "loss.tsv")):
+        assert [r["step"] for r in other] == [r["step"] for r in ddp]
+        for key in ("loss", "mlm_loss", "mlm_acc", "grad_norm"):
+            assert [r[key] for r in other] == pytest.approx([r[key] for r in ddp], rel=1e-5, abs=1e-6), key
 
 
 def test_auto_batch_size_prints_its_decision(setup):

@@ -155,7 +155,7 @@ def _run(args: Namespace, ctx, rd) -> dict:
             ctx.log(f"[checkpoint] initialised matching weights from {resume_path}{what}")
     if full_resume and task.dataset is not None and ctx.is_main:
         _warn_other_data(args, resume_meta, resume_path, len(task.dataset), state, ctx.world_size,
-                         bucketed=task.unpads("train"))
+                         bucketed=task.unpads("train"), moe=task.config.is_moe)
         _note_schedule_change(args, resume_meta, state.step, ctx.log)
 
     meta = {"args": public_args(args), "model_config": task.config.to_dict(), "train_mode": args.train_mode,
@@ -310,7 +310,7 @@ def _note_schedule_change(args: Namespace, meta: dict, step: int, log) -> None:
 
 
 def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state: TrainState, world_size: int,
-                     bucketed: bool = False) -> None:
+                     bucketed: bool = False, moe: bool = False) -> None:
     """Resuming on other data is allowed (continued pretraining on a new corpus) but no longer
     reproduces the original run: say so, on stderr."""
     saved, changes = meta["args"], []
@@ -352,12 +352,11 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
                 print(f"[checkpoint] note: resuming {path} with another split of the same global batch of {now} "
                       f"samples ({shown}, --train_batch_size x processes x --gradient_accumulation_steps): every "
                       f"step trains on the same samples in the same order under the same learning rate, so "
-                      f"this continues the run equivalently. " + (
-                          "The micro-batches are the same, so are the gradients, up to rounding (dropout draws "
-                          "other masks)" if old_split[0] == new_split[0] else
-                          "The losses are not bit-identical to the original split's: each micro-batch's loss is "
-                          "averaged over its own tokens, and dropout draws other masks"),
-                      file=sys.stderr, flush=True)
+                      f"this continues the run equivalently: the gradients are the same up to rounding (a "
+                      f"step's loss is the mean over all its tokens whatever the split; dropout draws other "
+                      f"masks" + (", and Switch experts route each micro-batch on its own: their capacity and "
+                                  "router loss follow the micro-batch size)" if moe and old_split[0] != new_split[0]
+                                  else ")"), file=sys.stderr, flush=True)
     if order:
         print(f"[checkpoint] warning: resuming {path} with other data settings ({'; '.join(order)}): the samples "
               f"from here differ from those the original run would have drawn; pass its values to continue it "
@@ -508,6 +507,43 @@ def _stop_bad_steps(engine, state: TrainState, rd, meta: dict, last_loss: float,
                f"{again} (or raise --max_bad_steps)", code=3)
 
 
+def token_weights(task, micros: list[dict], world_size: int,
+                  device: torch.device) -> list[dict[str, torch.Tensor]] | None:
+    """For each micro-batch of a step (on the device), loss name -> its weight: the micro-batch's
+    tokens for that loss (Task.loss_tokens) x micro-batches in the step (all processes) / the step's
+    tokens. A loss that is a mean over its micro-batch's tokens (MLM), so weighted and averaged over the
+    micro-batches and processes as the engines do, is the mean over all the step's tokens: the step's
+    gradient is one batch's, whatever the split into --train_batch_size x processes x accumulation
+    (unweighted, micro-batches with fewer masked tokens weighed more per token). One all-reduce of a
+    few numbers per step, on the device (no host sync). None: nothing to weight (one micro-batch in
+    all, or no such loss)."""
+    counts = [task.loss_tokens(b) for b in micros]
+    names = sorted(counts[0]) if counts else []
+    if not names or len(micros) * world_size == 1:
+        return None
+    local = torch.stack([torch.stack([torch.as_tensor(c[n], device=device) for n in names]) for c in counts]).float()
+    total = dist.all_reduce(local.sum(0), "sum")                 # (K,) the step's tokens per loss
+    w = local * (len(micros) * world_size) / total.clamp_min(1)  # (accum, K)
+    return [dict(zip(names, row)) for row in w]
+
+
+def weighted(out: dict, weights: dict[str, torch.Tensor]) -> dict:
+    """The model's outputs with each token-mean loss (and its accuracy, "<x>_acc" of "<x>_loss") times its
+    weight, and "loss" changed by as much: what the engines average is then a mean over the step's tokens
+    (and so is what the logs show)."""
+    out = dict(out)
+    for name, w in weights.items():
+        if name not in out:
+            continue
+        loss = out[name]
+        out[name] = loss * w
+        out["loss"] = out["loss"] + (out[name] - loss)
+        acc = name.removesuffix("_loss") + "_acc"
+        if acc in out:
+            out[acc] = out[acc] * w
+    return out
+
+
 def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd, meta: dict,
            sampler: EpochSampler) -> None:
     batches = _micro_batches(args, ctx, task, sampler, state)
@@ -527,15 +563,18 @@ def _train(args, ctx, task, engine, model, state: TrainState, logger: Logger, rd
     try:
         while state.step < args.num_steps:
             finite = torch.ones((), dtype=torch.bool, device=ctx.device)  # read once per step, no sync per micro-batch
-            for micro in range(accum):
-                batch = task.to_device(next(batches))
+            micros = [task.to_device(next(batches)) for _ in range(accum)]
+            weights = token_weights(task, micros, ctx.world_size, ctx.device)
+            for micro, batch in enumerate(micros):
                 with engine.accumulate(sync=micro == accum - 1):
                     with engine.autocast():
                         out = model(**batch)
+                    out = weighted(out, weights[micro]) if weights else out
                     engine.backward(out["loss"] / accum)
                 meter.add(out, task.count_tokens(batch), args.train_batch_size)
                 last_loss = out["loss"].detach()
                 finite &= torch.isfinite(last_loss)
+            del micros
             lr = engine.lr()  # the rate this step applies
             result = engine.step()
             state.step += 1

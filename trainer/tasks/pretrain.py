@@ -96,6 +96,11 @@ class PretrainTask(Task):
         from models.tasks import pretrain_hints
         return batch | pretrain_hints(batch, self.args.objective)
 
+    @staticmethod
+    def loss_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
+        """The MLM loss is a mean over the predicted tokens of its micro-batch: their number (see Task)."""
+        return {"mlm_loss": sum((v != -100).sum() for k, v in batch.items() if k.endswith("mlm_labels"))}
+
     # -- validation --------------------------------------------------------------------
     def validation_metrics(self) -> list[str]:
         if self.eval_dataset is None:
