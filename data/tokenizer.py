@@ -593,6 +593,12 @@ class KoTokenizer:
         # ours: {"morpheme": ...} alone, as before foreign tokenizers were read (caches keep their names)
         h.update(json.dumps({"morpheme": morpheme, **({"roles": self.roles} if self.foreign else {})}).encode())
         self.fingerprint: str = h.hexdigest()[:16]
+        # what decides the ids of a text: the same for a copy whose tokenizer.json differs only in what
+        # encode() never applies (an export's [CLS] A [SEP] template, the decoder, another library version)
+        ids_spec = {k: v for k, v in self._spec.items() if k not in ("post_processor", "decoder", "version",
+                                                                     "truncation", "padding")}
+        self.ids_key: str = hashlib.sha256(json.dumps(
+            [ids_spec, morpheme, self.roles], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
         self._bypass: NormalizerBypass | None | bool = None  # built once encode_batch has seen enough texts
         self._encoded = 0
 

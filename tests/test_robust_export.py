@@ -296,3 +296,27 @@ def test_pre_ln_export_with_a_roberta_order_tokenizer_numbers_positions_right(tm
         h_hf = transformers.AutoModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     assert (h_hf - h_ours)[real].abs().max() < 1e-5
+
+
+def test_an_export_starts_a_run_with_the_tokenizer_it_was_trained_with(tmp_path, tiny_corpus, tiny_tokenizer_dir,
+                                                                        monkeypatch, capsys):
+    """`--checkpoint EXPORT --tokenizer ORIGINAL` was refused as "not the tokenizer the checkpoint was
+    trained with": the export's tokenizer.json carries the [CLS] A [SEP] template, so its serialised
+    fingerprint differs although every id is the same. What decides the ids is compared now; a tokenizer
+    that encodes otherwise (same vocabulary, lowercasing) is still refused."""
+    from tests.test_safety import _main
+    from trainer.export import export
+
+    export(_final(tmp_path, tiny_tokenizer_dir), tmp_path / "hf")
+    args = ["--corpus_path", str(tiny_corpus), "--max_seq_length", "64", "--train_batch_size", "4", "--num_steps",
+            "1", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "out"), "--checkpoint",
+            str(tmp_path / "hf"), "--model", str(tmp_path / "hf" / "config.json")]
+    code, out = _main(args + ["--model_name", "same", "--tokenizer", str(tiny_tokenizer_dir)], monkeypatch, capsys)
+    assert code == 0 and "initialised matching weights" in out, out
+    lower = tmp_path / "lower"
+    shutil.copytree(tiny_tokenizer_dir, lower)
+    spec = json.loads((lower / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Lowercase"}
+    (lower / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    code, out = _main(args + ["--model_name", "other", "--tokenizer", str(lower)], monkeypatch, capsys)
+    assert code != 0 and f"--tokenizer {lower} (vocab 2000" in out and "is not the tokenizer" in out, out

@@ -135,7 +135,7 @@ class Task:
         given = Path(args.tokenizer)
         if ckpt_tok is not None:
             mine, theirs = _load_tokenizer(given), _load_tokenizer(ckpt_tok)
-            if mine.fingerprint != theirs.fingerprint:
+            if mine.ids_key != theirs.ids_key:  # (an export's copy, with its [CLS] A [SEP] template, is the same)
                 raise SystemExit(
                     f"--tokenizer {given} (vocab {mine.vocab_size}, fingerprint {mine.fingerprint}) is not the "
                     f"tokenizer --checkpoint {args.checkpoint} was trained with ({ckpt_tok}: vocab "
