@@ -277,8 +277,15 @@ def _json_type(value: Any) -> str:
 
 def load_config(name_or_path: str | Path) -> ModelConfig:
     """"bert-base" -> configs/bert-base_config.json; anything else is a path to a JSON file (ours, or
-    a `transformers` ModernBERT config.json) or a folder holding a config.json."""
+    a `transformers` ModernBERT config.json), a folder holding a config.json, or a step-N checkpoint
+    (meta.json's model_config)."""
     p = Path(name_or_path)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "meta.json").is_file():
+        try:  # a step-N checkpoint: the config it was trained with
+            return ModelConfig.from_dict(read_json(p / "meta.json")["model_config"])
+        except (KeyError, TypeError):
+            raise ValueError(f"{p / 'meta.json'} records no \"model_config\"; it is not a step-N checkpoint of "
+                             f"this trainer (give the config file instead)") from None
     if p.is_dir() and (p / "config.json").is_file():
         p = p / "config.json"
     if p.is_file():

@@ -6,6 +6,7 @@ and that nothing of theirs changed (docs/operations.md)."""
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import subprocess
 import sys
@@ -172,3 +173,26 @@ def test_a_rank_exported_by_hand_names_what_torchrun_would_set(env_vars, said):
                           capture_output=True, env=clean | env_vars | {"PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 1 and said in proc.stderr and "torchrun" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_without_model_a_run_takes_the_checkpoints_config(area, monkeypatch, capsys):
+    """--model defaulted to `small` whatever --checkpoint held: fine-tuning from a final/ folder, or
+    resuming with --checkpoint auto, without repeating --model stopped with "trained with another model
+    config". Without --model the checkpoint's config is used (a step-N's meta.json, final/config.json);
+    a --model that differs is still refused, the message naming both fixes."""
+    out_dir = area["root"] / "out"
+    base = ["--corpus_path", str(area["corpus"]), "--max_seq_length", "64", "--train_batch_size", "4",
+            "--num_workers", "0", "--no_progress", "--output_dir", str(out_dir)]
+    code, out = _main(base + ["--model", str(area["cfg"]), "--tokenizer", str(area["tok"]), "--model_name", "pre",
+                              "--num_steps", "2", "--save_steps", "1"], monkeypatch, capsys)
+    assert code == 0, out
+    code, out = _main(base + ["--model_name", "pre", "--num_steps", "3", "--checkpoint", "auto"], monkeypatch, capsys)
+    assert code == 0 and "resumed" in out and "at step 2" in out, out
+    run = out_dir / "pre"
+    assert json.loads((run / "step-3" / "meta.json").read_text())["model_config"]["hidden_size"] == 32
+    code, out = _main(base + ["--model_name", "next", "--num_steps", "1", "--checkpoint", str(run / "final")],
+                      monkeypatch, capsys)
+    assert code == 0 and "initialised matching weights" in out, out
+    code, out = _main(base + ["--model_name", "other", "--num_steps", "1", "--checkpoint", str(run / "final"),
+                              "--model", "small"], monkeypatch, capsys)
+    assert code != 0 and "leave out --model (the checkpoint's config is the default)" in out, out

@@ -70,9 +70,10 @@ def get_parse_args(stage: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
 
     g = p.add_argument_group("model and task")
-    g.add_argument("--model", default="small",
+    g.add_argument("--model", default=None,
                    help="model config: a name in configs/ (e.g. small, transformer, switch, mix_lm, bert-base, albert-base), "
-                        "a JSON path, or a folder holding a config.json (ours, or a transformers BERT / ModernBERT one)")
+                        "a JSON path, a folder holding a config.json (ours, or a transformers BERT / ModernBERT one) "
+                        "or a step-N checkpoint; default: the config of --checkpoint, else small")
     g.add_argument("--train_mode", choices=TRAIN_MODES, default="pretrain", help="task (see README: Tasks)")
     g.add_argument("--objective", choices=("sop", "ict", "mlm"), default="sop",
                    help="pretrain: MLM plus SOP (sentence order) or ICT (inverse cloze); 'mlm' = MLM only, packed")
@@ -370,6 +371,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser, sta
                           f"pick another --output_dir or --model_name")
     from models import load_config
 
+    if args.model is None:
+        args.model = checkpoint_model(args) or "small"
     try:
         config = load_config(args.model)
     except (ValueError, FileNotFoundError) as e:
@@ -448,6 +451,24 @@ def parse_args(stage: int, argv: list[str] | None = None) -> argparse.Namespace:
     validate_args(args, parser, stage)
     args._parser = parser
     return args
+
+
+def checkpoint_model(args: argparse.Namespace) -> str | None:
+    """Where the config of --checkpoint is, as --model takes it (its step-N, or the folder of its weights
+    holding a config.json); None without a checkpoint or one that cannot be read (its own error comes later)."""
+    if not args.checkpoint:
+        return None
+    from trainer import checkpoint
+
+    try:
+        path, kind = checkpoint.resolve(args.checkpoint, run_dir(args))
+    except (checkpoint.CheckpointError, OSError):
+        return None
+    if kind == "step":
+        return str(path)
+    if kind == "weights" and (path.parent / "config.json").is_file():
+        return str(path.parent)
+    return None
 
 
 def run_dir(args: argparse.Namespace) -> Path:

@@ -165,7 +165,8 @@ class Start:
             shown = config_mismatch(self.meta["model_config"], config)
             if shown:
                 raise SystemExit(f"--checkpoint {self.path} was trained with another model config ({shown}); "
-                                 f"pass the same --model as the checkpoint ({self.meta['args'].get('model')})")
+                                 f"leave out --model (the checkpoint's config is the default) or pass --model "
+                                 f"{self.path}")
         elif self.path is not None and (self.path.parent / "config.json").is_file():
             from models import load_config  # ours or a transformers BERT / ModernBERT config.json
 
@@ -177,7 +178,8 @@ class Start:
             shown = config_mismatch(saved.to_dict(), config)
             if shown:
                 raise SystemExit(f"--checkpoint {self.path} was trained with another model config ({shown}); "
-                                 f"pass --model {folder / 'config.json'} (the checkpoint's config)")
+                                 f"leave out --model (the checkpoint's config is the default) or pass --model "
+                                 f"{folder / 'config.json'}")
 
 
 # the engine state folders of a step-N, and which engines (at which ZeRO stage) read them
