@@ -7,35 +7,18 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-import torch
 
 from tests.launch_util import env, free_port, train_args, tree_digest
-from tests.test_bad_input import DIST_ENV
+from tests.test_safety import _main as safety_main
 from tests.trainer_util import REPO, losses, write_config
 
 
 def _main(stage: int, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """trainer.loop.main(stage) in this process: (exit code, stdout + stderr) (tests/test_safety.py's _main
-    with the launcher's ZeRO stage: train.py 0, train_zero_one.py 1, train_zero_two.py 2)."""
-    from trainer.loop import main
-
-    for name in DIST_ENV:
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    try:
-        main(stage, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    assert not torch.distributed.is_initialized()
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    """trainer.loop.main(stage) in this process (tests/test_safety.py's _main)."""
+    return safety_main(argv, monkeypatch, capsys, stage=stage)
 
 
 @pytest.fixture()

@@ -25,8 +25,9 @@ from trainer import safety
 
 
 def _main(argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> tuple[int, str]:
-    """trainer.loop.main in this process (in `cwd` when given): (exit code, 0 when it returned; stdout + stderr)."""
+          cwd: Path | None = None, stage: int = 0) -> tuple[int, str]:
+    """trainer.loop.main(stage) in this process (in `cwd` when given; stage: the launcher's ZeRO stage,
+    train.py 0, train_zero_one.py 1, train_zero_two.py 2): (exit code, 0 when it returned; stdout + stderr)."""
     from trainer.loop import main
 
     for name in DIST_ENV:  # setenv first: monkeypatch then also removes what dist.init sets
@@ -37,7 +38,7 @@ def _main(argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = Non
     if cwd is not None:
         monkeypatch.chdir(cwd)
     try:
-        main(0, argv)
+        main(stage, argv)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
