@@ -39,6 +39,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 case "$RUNNER" in
     deepspeed)
+        if ! [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
+            echo "launch/deepspeed.sh: the deepspeed runner takes a number of processes (--num_gpus), got" \
+                 "NPROC_PER_NODE=$NPROC_PER_NODE; set NPROC_PER_NODE=N, or RUNNER=torchrun (it takes auto, cpu, gpu)" >&2
+            exit 2
+        fi
         MASTER_PORT="${MASTER_PORT:-29500}"
         check_port_free 127.0.0.1 "$MASTER_PORT" MASTER_PORT
         # --no_local_rank: the trainer reads LOCAL_RANK from the environment, not a --local_rank flag

@@ -91,6 +91,20 @@ def test_slurm_sbatch_outside_a_job_and_on_a_node_without_slurm_conf(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")], cwd=tmp_path, text=True, timeout=60,
                           env=job | {"NPROC_PER_NODE": "0"}, capture_output=True)
     assert proc.returncode == 2 and "NPROC_PER_NODE must be a number of processes >= 1" in proc.stderr
+    # without RDZV_PORT: a port of the job's own, so two jobs whose first node is the same do not meet
+    unset = {k: v for k, v in job.items() if k != "RDZV_PORT"} | {"SLURM_JOB_ID": "4242"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")], cwd=tmp_path, text=True, timeout=60,
+                          env=unset, capture_output=True)
+    assert "rendezvous=c5:29742 " in proc.stdout, (proc.stdout, proc.stderr)
+
+
+def test_deepspeed_runner_names_a_process_count_it_cannot_take(tmp_path):
+    """NPROC_PER_NODE=auto passed launch/common.sh's check, then DeepSpeed's --num_gpus refused it with
+    an argparse traceback; the script says which runner takes what."""
+    proc = subprocess.run(["bash", str(REPO / "launch" / "deepspeed.sh"), "--model_name", "x"], cwd=tmp_path,
+                          env=env(RUNNER="deepspeed", NPROC_PER_NODE="auto"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "the deepspeed runner takes a number of processes" in proc.stderr, proc.stderr
 
 
 # -- resuming ------------------------------------------------------------------------------------------------
