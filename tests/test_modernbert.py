@@ -544,6 +544,7 @@ def test_compiled_layers_with_dropout_give_the_eager_losses():
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-5, (eager, compiled)
 
 
+@pytest.mark.slow  # 14 s; CI keeps test_compile_gives_eager_losses and the dropout case
 def test_compiled_layers_keep_every_variant_a_run_meets(monkeypatch):
     """--compile's layers share one code object, whose variants (padding or none, local or global
     attention, the last layer's query rows, training or validation, static then dynamic lengths)
