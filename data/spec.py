@@ -126,7 +126,7 @@ def text_file_problem(path: Path, sniff_bytes: int = SNIFF_BYTES) -> str | None:
             raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
     except UnicodeDecodeError as e:
         return (f"is not UTF-8 text (byte {e.start}: {e.reason}); a binary file or another encoding? "
-                f"convert it with e.g. `iconv -f cp949 -t utf-8`")
+                f"convert it with e.g. {iconv_command(path, 'cp949')}")
     if st.st_size <= len(head) and not head.strip():  # blank lines only: as empty (skipped in a directory)
         return f"is empty (blank lines only); expected {FORMAT_HINT}"
     if b"\n" not in head and head.count(b"\r") > 1:  # read by \n, it would be one line: one sentence, one document

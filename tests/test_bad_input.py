@@ -138,7 +138,8 @@ CASES = [
     ("corpus_missing", {"corpus_path": "{d}/nope.dat"}, "--corpus_path {d}/nope.dat: no such file"),
     ("corpus_empty", {"corpus_path": "{d}/empty.dat"}, "--corpus_path {d}/empty.dat: is empty"),
     ("corpus_binary", {"corpus_path": "{d}/binary.dat"}, "--corpus_path {d}/binary.dat: is not UTF-8 text"),
-    ("corpus_cp949", {"corpus_path": "{d}/cp949.dat"}, "is not UTF-8 text (byte 0: invalid start byte)"),
+    ("corpus_cp949", {"corpus_path": "{d}/cp949.dat"}, "is not UTF-8 text (byte 0: invalid start byte); a binary file "
+     "or another encoding? convert it with e.g. `iconv -f cp949 -t utf-8 {d}/cp949.dat > cp949.utf8.dat`"),
     ("corpus_directory", {"corpus_path": "{d}/corpus_dir.dat"}, "--corpus_path {d}/corpus_dir.dat: the directory holds no *.dat file"),
     # tokenizer
     ("tokenizer_missing", {"tokenizer": "{d}/no_tokenizer"}, "--tokenizer {d}/no_tokenizer: no tokenizer.json there"),
