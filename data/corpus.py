@@ -331,14 +331,19 @@ def cache_home(corpus_dir: Path, name: str) -> Path:
     """Where our file `name` for a corpus in corpus_dir goes: beside it (or under
     $CORPUS_CACHE_DIR/<hash of corpus_dir>/, or under ~/.cache/ko_pretrain/corpus when the
     directory is read-only and holds none yet)."""
-    # away from the corpus: one folder per corpus directory, so shards of the same name never collide
-    folder = hashlib.sha256(str(corpus_dir.resolve()).encode()).hexdigest()[:12]
+    folder = _dir_key(corpus_dir)
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]) / folder / name
     beside = corpus_dir / name
     if beside.exists() or _writable(corpus_dir):
         return beside
     return _fallback_root() / folder / name
+
+
+def _dir_key(corpus_dir: Path) -> str:
+    """The folder of a corpus directory's caches away from it: one per directory, so shards of the same
+    name never collide."""
+    return hashlib.sha256(str(corpus_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def _fallback_root() -> Path:
@@ -350,7 +355,7 @@ def cache_homes(corpus_dir: Path) -> list[Path]:
     """Every directory where caches of the shards of corpus_dir may be: beside them, under
     $CORPUS_CACHE_DIR and under the fallback for read-only directories (`info` lists them all: a
     cache built while the directory was read-only, or with CORPUS_CACHE_DIR set, is not beside it)."""
-    folder = hashlib.sha256(str(corpus_dir.resolve()).encode()).hexdigest()[:12]
+    folder = _dir_key(corpus_dir)
     homes = [corpus_dir]
     if os.environ.get(CACHE_ENV):
         homes.append(Path(os.environ[CACHE_ENV]) / folder)
@@ -633,6 +638,12 @@ class CacheListing:
         return by_shard.get(shard_name, [])
 
 
+def _build_tag(name: str) -> tuple[str, str]:
+    """(host, pid) of a build's temporary directory `<cache>.tmp-HOST-PID`."""
+    host, _, pid = name.rsplit(".tmp-", 1)[1].rpartition("-")
+    return host, pid
+
+
 def remove_stale_tmp(cache_dir: Path, listing: CacheListing | None = None) -> list[Path]:
     """Remove `<cache>.tmp-HOST-PID` directories of this shard (any hash) left by dead processes of
     this host (a killed build). Those of other hosts, or of live processes, are left alone."""
@@ -643,8 +654,7 @@ def remove_stale_tmp(cache_dir: Path, listing: CacheListing | None = None) -> li
         if ".cache.tmp-" not in name:
             continue
         p = cache_dir.parent / name
-        tag = p.name.rsplit(".tmp-", 1)[1]
-        h, _, pid = tag.rpartition("-")
+        h, pid = _build_tag(name)
         if h == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -984,15 +994,15 @@ def shard_info(shard: Path, tokenizer: KoTokenizer | None = None, listing: Cache
     row: dict = {"shard": str(shard), "bytes": st.st_size, "current": None, "stale": []}
     want = cache_dir_for(shard, tokenizer) if tokenizer is not None else None
     listing = listing or CacheListing()
-    found = [home / n for home in cache_homes(shard.parent) for n in listing.entries(home, shard.name)
-             if n.endswith(".cache")]
+    entries = [home / n for home in cache_homes(shard.parent) for n in listing.entries(home, shard.name)]
+    found = [d for d in entries if d.name.endswith(".cache")]
     if want is None:  # the one training would open first, when several are current
         found.sort(key=lambda d: d.parent != cache_home(shard.parent, d.name).parent)
     row["stale_bytes"], row["building"] = 0, []
     host = os.uname().nodename
-    for d in [home / n for home in cache_homes(shard.parent) for n in listing.entries(home, shard.name)
-              if ".cache.tmp-" in n]:  # a build's temporary directory: running, or left by a killed build
-        h, _, pid = d.name.rsplit(".tmp-", 1)[1].rpartition("-")
+    # a build's temporary directory: running, or left by a killed build
+    for d in [d for d in entries if ".cache.tmp-" in d.name]:
+        h, pid = _build_tag(d.name)
         name = d.name if d.parent == shard.parent else str(d)
         if h == host and pid.isdigit() and pid_alive(int(pid)):
             row["building"].append(f"{name} (process {pid})")
