@@ -216,12 +216,16 @@ def _shard_index(so: np.ndarray, do: np.ndarray, objective: str, max_seq_length:
     return out, stats
 
 
+def blend_counts(part_ranges: list[tuple[int, int]], weights: list[float]) -> list[int]:
+    """The samples `_blend` gives each part: round(w_i / sum(w) * N) of the N samples."""
+    n = sum(e - s for s, e in part_ranges)
+    return [int(round(share * n)) for share in np.asarray(weights, dtype=np.float64) / sum(weights)]
+
+
 def _blend(part_ranges: list[tuple[int, int]], weights: list[float], seed: int) -> np.ndarray:
     """Megatron-style blending: part i gets round(w_i / sum(w) * N) of the N samples, drawn from its
     own samples (whole seeded permutations, repeated when the part is too small)."""
-    n = sum(e - s for s, e in part_ranges)
-    w = np.asarray(weights, dtype=np.float64) / sum(weights)
-    wants = [int(round(share * n)) for share in w]
+    wants = blend_counts(part_ranges, weights)
     out = np.empty(sum(wants), dtype=np.int64)  # filled in place: no list of per-repeat arrays
     at = 0
     for i, ((s, e), want) in enumerate(zip(part_ranges, wants)):
@@ -309,7 +313,7 @@ def build_index(corpus: Corpus, objective: str, max_seq_length: int, split: str 
                                      f"part needs samples: drop it or give it more text")
                 weights = [p.weight for p in corpus.spec.parts]
                 n = sum(e - s for s, e in ranges)
-                starved = [p.text for p in corpus.spec.parts if round(p.weight / sum(weights) * n) == 0]
+                starved = [p.text for p, want in zip(corpus.spec.parts, blend_counts(ranges, weights)) if want == 0]
                 if starved:  # e.g. 0.001 beside 1000: the blend rounds its share of the samples to none
                     logger.warning("corpus part(s) %s get 0 of the %d %s samples at weights %s (a share below "
                                    "half a sample): they are not trained on; raise their weight (or drop them)",

@@ -18,7 +18,7 @@ from trainer.args import parse_args, public_args, run_dir
 from trainer.batch_size import find_batch_size
 from trainer.engines.base import schedule_lambda, schedule_steps
 from trainer.metrics import Logger, MetricMeter, memory_mb
-from trainer.sampler import BatchList, EpochSampler, TrainState
+from trainer.sampler import BatchList, EpochSampler, TrainState, samples_per_epoch
 
 
 class Stop(Exception):
@@ -337,8 +337,9 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
             order.append(f"global batch {before} -> {now} (--train_batch_size x processes x accumulation)")
         elif old_split != new_split:  # the same global batch, split otherwise
             split = old_split, new_split
-            epoch = [_epoch_samples(num_samples, old_split[0] * old_split[1], now, saved.get("max_steps_per_epoch") or 0),
-                     _epoch_samples(num_samples, new_split[0] * new_split[1], now, args.max_steps_per_epoch)]
+            epoch = [samples_per_epoch(num_samples, old_split[0] * old_split[1], now,
+                                       saved.get("max_steps_per_epoch") or 0),
+                     samples_per_epoch(num_samples, new_split[0] * new_split[1], now, args.max_steps_per_epoch)]
             shown = " -> ".join("{} x {} process(es) x {} accumulation".format(*s) for s in split)
             if bucketed:
                 order.append(f"the same global batch of {now} split otherwise ({shown}): training batches are "
@@ -361,13 +362,6 @@ def _warn_other_data(args: Namespace, meta: dict, path, num_samples: int, state:
         print(f"[checkpoint] warning: resuming {path} with other data settings ({'; '.join(order)}): the samples "
               f"from here differ from those the original run would have drawn; pass its values to continue it "
               f"exactly", file=sys.stderr, flush=True)
-
-
-def _epoch_samples(num_samples: int, global_micro: int, global_batch: int, max_steps_per_epoch: int) -> int:
-    """The samples one epoch takes (trainer.sampler.EpochSampler.samples_per_epoch)."""
-    if max_steps_per_epoch:
-        return max_steps_per_epoch * global_batch
-    return num_samples // global_micro * global_micro
 
 
 def _same_path(before: str | None, cwd: str | None, now: str | None) -> bool:

@@ -42,16 +42,13 @@ class EpochSampler:
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.global_micro = micro_batch * world_size
         step_samples = self.global_micro * accumulation
-        if max_steps_per_epoch:
-            self.samples_per_epoch = max_steps_per_epoch * step_samples
-            if self.samples_per_epoch > num_samples:
-                raise ValueError(
-                    f"--max_steps_per_epoch {max_steps_per_epoch} x {step_samples} samples per step "
-                    f"(batch {micro_batch} x accumulation {accumulation} x {world_size} processes) = "
-                    f"{self.samples_per_epoch} exceeds the {num_samples} samples in the data; "
-                    f"lower --max_steps_per_epoch to at most {num_samples // step_samples} or use more data")
-        else:
-            self.samples_per_epoch = (num_samples // self.global_micro) * self.global_micro
+        self.samples_per_epoch = samples_per_epoch(num_samples, self.global_micro, step_samples, max_steps_per_epoch)
+        if max_steps_per_epoch and self.samples_per_epoch > num_samples:
+            raise ValueError(
+                f"--max_steps_per_epoch {max_steps_per_epoch} x {step_samples} samples per step "
+                f"(batch {micro_batch} x accumulation {accumulation} x {world_size} processes) = "
+                f"{self.samples_per_epoch} exceeds the {num_samples} samples in the data; "
+                f"lower --max_steps_per_epoch to at most {num_samples // step_samples} or use more data")
         if self.samples_per_epoch < self.global_micro:
             raise ValueError(
                 f"the data holds {num_samples} samples, fewer than one global batch "
@@ -67,6 +64,14 @@ class EpochSampler:
         for s in range(start, self.samples_per_epoch - self.global_micro + 1, self.global_micro):
             lo = s + self.rank * self.micro_batch
             yield order[lo:lo + self.micro_batch].tolist()
+
+
+def samples_per_epoch(num_samples: int, global_micro: int, step_samples: int, max_steps_per_epoch: int) -> int:
+    """The samples an epoch takes: --max_steps_per_epoch optimizer steps' worth, else every whole global
+    micro-batch (--train_batch_size x processes) of the data."""
+    if max_steps_per_epoch:
+        return max_steps_per_epoch * step_samples
+    return num_samples // global_micro * global_micro
 
 
 def permutation(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -89,10 +89,11 @@ class Task:
     @staticmethod
     def loss_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
         """The losses of the model's output that are a mean over tokens of the micro-batch (name ->
-        how many tokens in this batch, a tensor on its device: no host sync). The loop weights each by its micro-batch's share of the
-        step's tokens (all micro-batches, all processes), so that a step trains on the mean over all
-        of them whatever the split (--train_batch_size x processes x accumulation), as one batch
-        would. {}: every loss is a mean over rows (each micro-batch holds as many)."""
+        how many tokens in this batch, a tensor on its device: no host sync). The loop weights each by
+        its micro-batch's share of the step's tokens (all micro-batches, all processes), so that a step
+        trains on the mean over all of them whatever the split (--train_batch_size x processes x
+        accumulation), as one batch would. {}: every loss is a mean over rows (each micro-batch holds
+        as many)."""
         return {}
 
     @staticmethod
