@@ -18,12 +18,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-LAUNCHER="${LAUNCHER:-train_zero_two.py}"
-case "$LAUNCHER" in
-    train.py|train_zero_one.py|train_zero_two.py) ;;
-    *) echo "launch/deepspeed.sh: LAUNCHER must be train.py, train_zero_one.py or train_zero_two.py, got '$LAUNCHER'" >&2
-       exit 2 ;;
-esac
+LAUNCHER="${LAUNCHER:-train_zero_two.py}"  # (common.sh checks it)
 GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
 if [[ "$GPUS" == "0" ]]; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
@@ -31,11 +26,10 @@ if [[ "$GPUS" == "0" ]]; then
 else
     NPROC_PER_NODE="${NPROC_PER_NODE:-$GPUS}"
 fi
-source "$REPO/launch/common.sh"  # checks PYTHON, NPROC_PER_NODE, LAUNCHER; check_port_free
+source "$REPO/launch/common.sh"  # checks PYTHON, NPROC_PER_NODE, LAUNCHER, sets OMP_NUM_THREADS; check_port_free
 if [[ -z "${RUNNER:-}" ]]; then
     if command -v deepspeed >/dev/null 2>&1; then RUNNER=deepspeed; else RUNNER=torchrun; fi
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 case "$RUNNER" in
     deepspeed)

@@ -65,13 +65,12 @@ class ModelConfig:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
 
         if self.model_type not in MODEL_TYPES:
+            switch = ("a Switch Transformer is \"model_type\": \"transformer\" with \"n_experts\" > 1 "
+                      "(configs/switch_config.json)")
             hint = {"bert": "BERT is \"model_type\": \"transformer\"",
                     "albert": "ALBERT is \"model_type\": \"transformer\" with \"layer_group\" (shared layers) and "
                               "\"embedding_size\" (configs/albert_config.json)",
-                    "switch": "a Switch Transformer is \"model_type\": \"transformer\" with \"n_experts\" > 1 "
-                              "(configs/switch_config.json)",
-                    "moe": "a Switch Transformer is \"model_type\": \"transformer\" with \"n_experts\" > 1 "
-                           "(configs/switch_config.json)"}.get(str(self.model_type).lower().replace("-", "_"))
+                    "switch": switch, "moe": switch}.get(str(self.model_type).lower().replace("-", "_"))
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}"
                              + (f": {hint}" if hint else ""))
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ff_dim",
